@@ -1,0 +1,9 @@
+"""Built-in architectures, registered through the ``routesae`` entry point like any plugin."""
+
+from routesae.architectures.topk import TopKSAE
+from routesae.hookspecs import hookimpl
+
+
+@hookimpl
+def register_architectures(register):
+    register(TopKSAE)

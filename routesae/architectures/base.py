@@ -1,0 +1,227 @@
+"""The architecture contract: what the kernel (trainer, evaluator, steering) needs from an SAE.
+
+An architecture is an ``nn.Module`` subclass of :class:`SAE` with a ``name`` (its registry key)
+and a ``Config`` dataclass. The kernel hands it raw residual-stream activations
+``acts_NLD`` (N tokens, the L layers it reads, D model width) and gets back an
+:class:`SAEOutput`; everything else (normalisation, routing, sparsity) is the architecture's
+business. Single-layer architectures subclass :class:`SingleLayerSAE`, which owns the usual
+encoder/decoder parameters and the per-token standardisation of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from routesae.config import Config, setting
+from routesae.errors import ConfigError, PluginError
+
+STANDARDIZE_EPS = 1e-6  # the reference's epsilon in (h - mu) / (sigma + eps)
+
+
+@dataclass
+class SAEConfig(Config):
+    """Settings every architecture has."""
+
+    latent_size: int = setting(4096, "Number of latents in the dictionary.")
+    normalize: Literal["token", "none"] = setting(
+        "token",
+        "Input normalisation: 'token' standardises each token's activation per layer, (h-mean)/(std+1e-6), "
+        "as the reference does; 'none' feeds the raw residual stream.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.latent_size <= 0:
+            raise ConfigError(f"latent_size must be positive, got {self.latent_size}")
+
+    def layers(self) -> tuple[int, ...]:
+        """The 0-based blocks whose outputs this SAE reads (after :meth:`resolve`)."""
+        raise NotImplementedError
+
+    def resolve(self, n_layers: int) -> SAEConfig:
+        """Fill model-dependent defaults (e.g. the layer) and check them against the model."""
+        raise NotImplementedError
+
+
+def default_single_layer(n_layers: int) -> int:
+    """Block ⌊3n/4⌋−1: the top of the reference's routed range (block 11 of 16, 21 of 30)."""
+    return max(0, (3 * n_layers) // 4 - 1)
+
+
+def check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise ConfigError(
+            f"layer {layer} is outside the model: it has {n_layers} blocks, numbered 0 to {n_layers - 1} "
+            "(block i's output is Hugging Face hidden_states[i+1])"
+        )
+
+
+@dataclass
+class SingleLayerConfig(SAEConfig):
+    layer: int | None = setting(
+        None,
+        "Block whose output the SAE reads, 0-based (block i = HF hidden_states[i+1]; the reference's 1-based "
+        "--layer 12 is our 11). Default: block floor(3n/4)-1.",
+    )
+
+    def layers(self) -> tuple[int, ...]:
+        if self.layer is None:
+            raise ConfigError("layer is not set; call resolve(n_layers) first")
+        return (self.layer,)
+
+    def resolve(self, n_layers: int) -> SingleLayerConfig:
+        layer = default_single_layer(n_layers) if self.layer is None else self.layer
+        check_layer(layer, n_layers)
+        return self.replace(layer=layer)
+
+
+@dataclass
+class Standardization:
+    """Per-token, per-layer (mean, std) used to map SAE space back to the residual stream."""
+
+    mean: Tensor  # [N, L, 1]
+    std: Tensor  # [N, L, 1]
+
+    def undo(self, x_NLD: Tensor) -> Tensor:
+        return x_NLD * (self.std + STANDARDIZE_EPS) + self.mean
+
+
+def standardize(acts_NLD: Tensor, mode: str) -> tuple[Tensor, Standardization | None]:
+    """Per-token standardisation over the model width, as in the reference (Bessel-corrected std)."""
+    if mode == "none":
+        return acts_NLD, None
+    mean = acts_NLD.mean(-1, keepdim=True)
+    std = acts_NLD.std(-1, keepdim=True)
+    return (acts_NLD - mean) / (std + STANDARDIZE_EPS), Standardization(mean, std)
+
+
+@dataclass
+class SAEOutput:
+    """What one forward pass produced; ``target`` and ``x_hat`` live in the SAE's input space."""
+
+    latents: Tensor  # [N, F] (dense; zeros where inactive)
+    x_hat: Tensor  # same shape as target
+    target: Tensor  # what x_hat reconstructs (the normalised input; the routed input for RouteSAE)
+    norm: Standardization | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def normalized_mse(x_hat: Tensor, target: Tensor) -> Tensor:
+    """Mean over vectors of ||x_hat - x||² / ||x||² (the reference's NMSE, per vector then averaged)."""
+    err = (x_hat - target).pow(2).mean(-1)
+    return (err / target.pow(2).mean(-1).clamp_min(torch.finfo(target.dtype).tiny)).mean()
+
+
+class SAE(nn.Module):
+    """Base class of every architecture. See the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, cfg: SAEConfig, d_model: int) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.Config):
+            raise ConfigError(f"{self.name} needs a {self.Config.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.d_model = d_model
+
+    @classmethod
+    def check_contract(cls) -> None:
+        """Called at registration so a broken plugin fails at load time, not mid-training."""
+        if not cls.name:
+            raise PluginError(f"{cls.__qualname__} has no name")
+        if not (isinstance(cls.Config, type) and issubclass(cls.Config, SAEConfig)):
+            raise PluginError(f"{cls.name}: Config must subclass routesae.SAEConfig")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.cfg.layers()
+
+    def forward(self, acts_NLD: Tensor) -> SAEOutput:
+        raise NotImplementedError
+
+    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss and the terms to log. Default: normalised MSE alone."""
+        nmse = normalized_mse(out.x_hat, out.target)
+        return nmse, {"nmse": nmse.detach(), "l0": l0(out.latents)}
+
+    def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
+        """{block: (x_hat_ND in the residual stream, mask_N of tokens to replace)} for splicing."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Hook for per-step bookkeeping (thresholds, statistics). Default: nothing."""
+
+    def normalize_decoder(self) -> None:
+        """Rescale each latent's decoder direction to unit norm."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def l0(latents_NF: Tensor) -> Tensor:
+    return (latents_NF != 0).sum(-1).float().mean().detach()
+
+
+class SingleLayerSAE(SAE):
+    """An SAE on one block: W_enc/W_dec [F, D], b_enc [F], b_dec [D]; subclasses pick the activation.
+
+    Initialised as in the reference: encoder with PyTorch's Linear default, decoder a copy of it
+    (tied init), unit-norm decoder rows, zero biases.
+    """
+
+    Config: ClassVar[type[SAEConfig]] = SingleLayerConfig
+
+    def __init__(self, cfg: SingleLayerConfig, d_model: int) -> None:
+        super().__init__(cfg, d_model)
+        F, D = cfg.latent_size, d_model
+        bound = 1 / math.sqrt(D)
+        self.W_enc = nn.Parameter(torch.empty(F, D).uniform_(-bound, bound))
+        self.W_dec = nn.Parameter(self.W_enc.detach().clone())
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.normalize_decoder()
+
+    def preactivations(self, x_ND: Tensor) -> Tensor:
+        return (x_ND - self.b_dec) @ self.W_enc.T + self.b_enc
+
+    def activation(self, pre_NF: Tensor) -> Tensor:
+        """The architecture's sparsifying nonlinearity (ReLU, TopK, JumpReLU, ...)."""
+        raise NotImplementedError
+
+    def encode(self, x_ND: Tensor) -> Tensor:
+        return self.activation(self.preactivations(x_ND))
+
+    def decode(self, latents_NF: Tensor) -> Tensor:
+        return latents_NF @ self.W_dec + self.b_dec
+
+    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents, x_hat); an architecture with a faster sparse decode overrides this."""
+        z = self.encode(x_ND)
+        return z, self.decode(z)
+
+    def forward(self, acts_NLD: Tensor) -> SAEOutput:
+        x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
+        x = x_NLD[:, 0]
+        z, x_hat = self.encode_decode(x)
+        return SAEOutput(latents=z, x_hat=x_hat, target=x, norm=norm)
+
+    def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
+        x_hat = out.x_hat[:, None]
+        if out.norm is not None:
+            x_hat = out.norm.undo(x_hat)
+        mask = torch.ones(x_hat.shape[0], dtype=torch.bool, device=x_hat.device)
+        return {self.layers[0]: (x_hat[:, 0], mask)}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,96 @@
+"""Config dataclasses that round-trip through JSON and validate themselves.
+
+Every field carries a one-line ``help`` (via :func:`setting`) that is also the CLI help, so a
+setting is documented exactly once. Unknown keys are rejected rather than dropped, because a
+silently ignored typo in a saved config is a wrong experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from routesae.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """``int | None`` -> (int, True); anything else -> (tp, False)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def field_types(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Resolved annotation of each field as (base type, accepts None)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _strip_optional(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _check_value(owner: str, name: str, value: Any, tp: Any, optional: bool) -> Any:
+    """Validate (and gently coerce int->float) one value against its annotation."""
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{owner}: {name} must be set")
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{owner}: {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{owner}: {name} must be {tp.__name__}, got {value!r}")
+    if get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+@dataclass
+class Config:
+    """Base for every config: type checks, Literal checks, strict JSON round-trip."""
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name, (tp, optional) in field_types(type(self)).items():
+            setattr(self, name, _check_value(owner, name, getattr(self, name), tp, optional))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**data)
+        except TypeError as e:  # missing required field
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

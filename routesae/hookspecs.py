@@ -1,0 +1,41 @@
+"""The plugin contract: every hook receives a ``register`` callback.
+
+The host, not the plugin, owns naming, duplicate detection and error messages: a plugin just
+calls ``register(thing)`` for each thing it provides (``register(thing, name="...")`` to pick a
+name other than ``thing.name``). Built-in features use these same hooks.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("routesae")
+hookimpl = pluggy.HookimplMarker("routesae")
+
+
+@hookspec
+def register_architectures(register):
+    """Register SAE architecture classes (subclasses of ``routesae.SAE``)."""
+
+
+@hookspec
+def register_routers(register):
+    """Register routers and layer aggregations used by routed architectures."""
+
+
+@hookspec
+def register_metrics(register):
+    """Register evaluation metrics."""
+
+
+@hookspec
+def register_interpreters(register):
+    """Register interpreter backends that explain latents."""
+
+
+@hookspec
+def register_reporters(register):
+    """Register run reporters (subclasses of ``routesae.reporters.Reporter``)."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add click commands to the ``routesae`` CLI group."""

@@ -1,0 +1,254 @@
+"""The plugin manager: built-ins and third-party packages, discovered through one entry-point group.
+
+pluggy's own ``load_setuptools_entrypoints`` stops at the first plugin that fails to import, so
+entry points are loaded one at a time here: a broken plugin is disabled with a one-line warning
+and everything else keeps working. Environment switches:
+
+* ``ROUTESAE_LOAD_PLUGINS=a,b`` loads only those distributions (empty: built-ins only);
+* ``ROUTESAE_STRICT_PLUGINS=1`` turns a broken plugin into an error (for plugin authors);
+* ``ROUTESAE_TRACE_PLUGINS=1`` prints every hook call.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from routesae import hookspecs
+from routesae.errors import PluginError
+
+ENTRY_POINT_GROUP = "routesae"
+BUILTIN_DISTRIBUTION = "routesae"
+
+#: kind -> the hook through which things of that kind are registered.
+KIND_HOOKS: dict[str, str] = {
+    "architecture": "register_architectures",
+    "router": "register_routers",
+    "metric": "register_metrics",
+    "interpreter": "register_interpreters",
+    "reporter": "register_reporters",
+}
+
+
+@dataclass
+class PluginInfo:
+    """What `routesae plugins` shows for one entry point."""
+
+    name: str
+    distribution: str
+    version: str
+    registered: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "registered": self.registered,
+            "error": self.error,
+        }
+
+
+def _canonical(dist_name: str) -> str:
+    return dist_name.lower().replace("_", "-").replace(".", "-")
+
+
+def _strict() -> bool:
+    return os.environ.get("ROUTESAE_STRICT_PLUGINS", "") not in ("", "0")
+
+
+def _selected_distributions() -> set[str] | None:
+    raw = os.environ.get("ROUTESAE_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {_canonical(part.strip()) for part in raw.split(",") if part.strip()}
+
+
+def _entry_points() -> Iterator[tuple[importlib.metadata.EntryPoint, importlib.metadata.Distribution]]:
+    """Our group's entry points, one per (distribution, name), in a stable order."""
+    seen: set[tuple[str, str]] = set()
+    dists = sorted(importlib.metadata.distributions(), key=lambda d: _canonical(d.metadata["Name"] or ""))
+    for dist in dists:
+        dist_name = _canonical(dist.metadata["Name"] or "")
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or (dist_name, ep.name) in seen:
+                continue
+            seen.add((dist_name, ep.name))
+            yield ep, dist
+
+
+class PluginManager:
+    """Loads plugins and keeps, per kind, a name -> object registry with its provenance."""
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        if _strict() or os.environ.get("ROUTESAE_TRACE_PLUGINS", "") not in ("", "0"):
+            self.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
+            self.pm.enable_tracing()
+        self.infos: dict[str, PluginInfo] = {}
+        self._registries: dict[str, dict[str, tuple[Any, str]]] | None = None
+        if load_entry_points:
+            self._load_entry_points()
+
+    # -- loading -------------------------------------------------------------------------------
+    def _fail(self, info: PluginInfo, error: BaseException) -> None:
+        info.error = f"{type(error).__name__}: {error}"
+        if _strict():
+            raise PluginError(f"plugin {info.name!r} ({info.distribution} {info.version}) failed: {info.error}") from error
+        print(
+            f"routesae: warning: disabled plugin {info.name!r} from {info.distribution} {info.version}: {info.error}",
+            file=sys.stderr,
+        )
+
+    def _load_entry_points(self) -> None:
+        selected = _selected_distributions()
+        for ep, dist in _entry_points():
+            dist_name = dist.metadata["Name"]
+            builtin = _canonical(dist_name) == BUILTIN_DISTRIBUTION
+            if not builtin and selected is not None and _canonical(dist_name) not in selected:
+                continue
+            info = PluginInfo(name=ep.name, distribution=dist_name, version=dist.version)
+            if ep.name in self.infos:
+                other = self.infos[ep.name]
+                self._fail(info, PluginError(f"entry point name already used by {other.distribution}"))
+                self.infos[f"{ep.name} ({dist_name})"] = info
+                continue
+            self.infos[ep.name] = info
+            try:
+                self.pm.register(ep.load(), name=ep.name)
+            except Exception as e:  # an import error, a bad hook signature, ...
+                self._fail(info, e)
+        while True:  # hook implementations whose name matches no hook (typos) surface here
+            try:
+                self.pm.check_pending()
+                break
+            except pluggy.PluginValidationError as e:
+                name = self.pm.get_name(e.plugin) or ""
+                self.pm.unregister(e.plugin)
+                self._fail(self.infos[name], e)
+
+    def register(self, plugin: object, name: str, distribution: str = "(registered in code)", version: str = "") -> None:
+        """Register a plugin object directly (tests, notebooks); undo with :meth:`unregister`."""
+        self.pm.register(plugin, name=name)
+        self.infos[name] = PluginInfo(name=name, distribution=distribution, version=version)
+        self._registries = None
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.infos.pop(name, None)
+        self._registries = None
+
+    # -- registries ----------------------------------------------------------------------------
+    def _collect(self) -> dict[str, dict[str, tuple[Any, str]]]:
+        """Call every plugin's register hooks; a plugin whose hook raises is disabled whole."""
+        registries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KIND_HOOKS}
+        for plugin_name, info in self.infos.items():
+            plugin = self.pm.get_plugin(plugin_name)
+            if plugin is None or info.error:
+                continue
+            found: dict[str, dict[str, Any]] = {kind: {} for kind in KIND_HOOKS}
+            try:
+                for kind, hook_name in KIND_HOOKS.items():
+                    for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                        if impl.plugin is plugin:
+                            impl.function(_registrar(kind, found[kind]))
+            except Exception as e:
+                self._fail(info, e)
+                continue
+            for kind, items in found.items():
+                for name, obj in items.items():
+                    if name in registries[kind]:
+                        owner = self.infos[registries[kind][name][1]]
+                        raise PluginError(
+                            f"two plugins register the {kind} {name!r}: {owner.distribution} "
+                            f"(plugin {owner.name!r}) and {info.distribution} (plugin {info.name!r}); "
+                            "uninstall one, or choose plugins with ROUTESAE_LOAD_PLUGINS"
+                        )
+                    registries[kind][name] = (obj, plugin_name)
+            info.registered = {kind: sorted(items) for kind, items in found.items() if items}
+        return registries
+
+    @property
+    def registries(self) -> dict[str, dict[str, tuple[Any, str]]]:
+        if self._registries is None:
+            self._registries = self._collect()
+        return self._registries
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.registries[kind])
+
+    def get(self, kind: str, name: str) -> Any:
+        """The registered object, or an error that lists what is installed."""
+        try:
+            return self.registries[kind][name][0]
+        except KeyError:
+            available = ", ".join(self.names(kind)) or "none"
+            raise PluginError(f"unknown {kind} {name!r}; installed: {available}") from None
+
+    def provider(self, kind: str, name: str) -> PluginInfo:
+        return self.infos[self.registries[kind][name][1]]
+
+    def plugin_infos(self) -> list[PluginInfo]:
+        self.registries  # noqa: B018 - fills in what each plugin registered
+        return list(self.infos.values())
+
+    def add_commands(self, cli: Any) -> None:
+        """Let each plugin add click commands; a plugin whose hook raises is disabled."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli)
+            except Exception as e:
+                self._fail(self.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, "?", "?"), e)
+
+
+def _registrar(kind: str, into: dict[str, Any]) -> Callable[..., None]:
+    def register(obj: Any, name: str | None = None) -> None:
+        key = name or getattr(obj, "name", None)
+        if not isinstance(key, str) or not key:
+            raise PluginError(f"cannot register {obj!r} as a {kind}: it has no name (pass name=...)")
+        if key in into:
+            raise PluginError(f"the {kind} {key!r} is registered twice by the same plugin")
+        _validate(kind, key, obj)
+        into[key] = obj
+
+    return register
+
+
+def _validate(kind: str, name: str, obj: Any) -> None:
+    """Refuse at registration what the kernel could not use later."""
+    if kind == "architecture":
+        from routesae.architectures.base import SAE
+
+        if not (isinstance(obj, type) and issubclass(obj, SAE)):
+            raise PluginError(f"architecture {name!r} must be a subclass of routesae.SAE, got {obj!r}")
+        obj.check_contract()
+    elif kind == "reporter":
+        from routesae.reporters.base import Reporter
+
+        if not (isinstance(obj, type) and issubclass(obj, Reporter)):
+            raise PluginError(f"reporter {name!r} must be a subclass of routesae.reporters.Reporter, got {obj!r}")
+
+
+_manager: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, loaded on first use."""
+    global _manager
+    if _manager is None:
+        _manager = PluginManager()
+    return _manager
+
+
+def reset_plugin_manager() -> None:
+    """Forget the loaded plugins (tests that change the environment call this)."""
+    global _manager
+    _manager = None
