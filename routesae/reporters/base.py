@@ -1,0 +1,5 @@
+"""The reporter contract (filled in with the trainer)."""
+
+
+class Reporter:
+    name = ""
