@@ -47,6 +47,12 @@ class SAEConfig(Config):
         """Fill model-dependent defaults (e.g. the layer) and check them against the model."""
         raise NotImplementedError
 
+    def name_parts(self) -> list[str]:
+        """Short tags that make a default SAE name readable, e.g. ``["L21", "k32", "F4096"]``."""
+        layers = self.layers()
+        span = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+        return [f"L{span}", f"F{self.latent_size}"]
+
 
 def default_single_layer(n_layers: int) -> int:
     """Block ⌊3n/4⌋−1: the top of the reference's routed range (block 11 of 16, 21 of 30)."""

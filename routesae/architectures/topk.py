@@ -29,6 +29,10 @@ class TopKConfig(SingleLayerConfig):
         if not 0 < self.k < self.latent_size:
             raise ConfigError(f"k must satisfy 0 < k < latent size; got k={self.k}, latent size {self.latent_size}")
 
+    def name_parts(self) -> list[str]:
+        layer, *rest = super().name_parts()
+        return [layer, f"k{self.k}", *rest]
+
 
 class TopKSAE(SingleLayerSAE):
     name = "topk"

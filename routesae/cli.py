@@ -1,0 +1,183 @@
+"""The ``routesae`` command line: a thin layer over the Python API.
+
+Commands are built after the plugins are loaded, so ``--arch`` and the architecture options
+(``--k``, ``--layer``, ...) come from whatever architectures are installed: each config field
+of each registered architecture becomes an option, with the field's help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, get_args, get_origin
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from routesae.config import Config, field_help, field_types
+from routesae.errors import PluginError, RouteSAEError
+from routesae.plugins import PluginManager, get_plugin_manager
+
+
+class RouteSAEGroup(click.Group):
+    """Turns :class:`RouteSAEError` into a short message and exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RouteSAEError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+
+
+def _option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _click_type(tp: Any) -> Any:
+    if get_origin(tp) is Literal:
+        return click.Choice([str(c) for c in get_args(tp)])
+    if tp in (int, float, str):
+        return tp
+    raise PluginError(f"config fields of type {tp!r} cannot be set from the command line")
+
+
+def _field_option(field: dataclasses.Field, tp: Any, extra_help: str = "") -> click.Option:
+    """A click option for a config field; its default is None so we know what the user set."""
+    default = field.default if field.default is not dataclasses.MISSING else None
+    help_text = f"{field_help(field)}{extra_help} [default: {default}]"
+    if tp is bool:
+        flag = field.name.replace("_", "-")
+        return click.Option([f"--{flag}/--no-{flag}", field.name], default=None, help=help_text)
+    return click.Option([_option_name(field.name), field.name], type=_click_type(tp), default=None, help=help_text)
+
+
+def config_options(config_cls: type[Config]) -> list[click.Option]:
+    types = field_types(config_cls)
+    return [_field_option(f, types[f.name][0]) for f in dataclasses.fields(config_cls)]
+
+
+def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> tuple[list[click.Option], dict[str, set[str]]]:
+    """One option per config field across all architectures; returns (options, field -> architectures)."""
+    owners: dict[str, set[str]] = {}
+    first: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for arch_name in pm.names("architecture"):
+        config_cls = pm.get("architecture", arch_name).Config
+        for f in dataclasses.fields(config_cls):
+            tp = field_types(config_cls)[f.name][0]
+            if f.name in reserved:
+                raise PluginError(f"architecture {arch_name!r} has a setting {f.name!r} that clashes with a training option")
+            if f.name in first and first[f.name][1] != tp:
+                raise PluginError(f"architectures disagree on the type of setting {f.name!r} ({arch_name!r} and others)")
+            first.setdefault(f.name, (f, tp))
+            owners.setdefault(f.name, set()).add(arch_name)
+    options = []
+    for name, (f, tp) in sorted(first.items()):
+        archs = owners[name]
+        scope = "" if archs == set(pm.names("architecture")) else f" ({', '.join(sorted(archs))} only)"
+        options.append(_field_option(f, tp, scope))
+    return options, owners
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def make_train_command(pm: PluginManager) -> click.Command:
+    from routesae.train import SAESpec, TrainConfig, train
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    arch_opts, owners = architecture_options(pm, reserved=train_fields)
+    reporters = pm.names("reporter")
+
+    def callback(arch: tuple[str, ...], out: str, overwrite: bool, resume: bool, as_json: bool, report: str, **values: Any) -> None:
+        if overwrite and resume:
+            raise RouteSAEError("--overwrite and --resume contradict each other; pick one")
+        given = {k: v for k, v in values.items() if v is not None}
+        cfg = TrainConfig.from_dict({k: v for k, v in given.items() if k in train_fields})
+        settings = {k: v for k, v in given.items() if k not in train_fields}
+        for name in arch:
+            pm.get("architecture", name)  # unknown names fail here with the installed list
+        for key in settings:
+            if not owners[key] & set(arch):
+                raise RouteSAEError(
+                    f"{_option_name(key)} does not apply to --arch {', '.join(arch)} (it is a setting of {', '.join(sorted(owners[key]))})"
+                )
+        specs = [
+            SAESpec.build(name, **{k: v for k, v in settings.items() if name in owners[k]}) for name in dict.fromkeys(arch)
+        ]
+        chosen = [r.strip() for r in report.split(",") if r.strip()]
+        summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=chosen)
+        if as_json:
+            _print_json(summary)
+
+    params: list[click.Parameter] = [
+        click.Option(
+            ["--arch", "arch"],
+            multiple=True,
+            default=("topk",),
+            show_default=True,
+            help=f"Architecture(s) to train from one harvest; repeat for several. Installed: {', '.join(pm.names('architecture'))}.",
+        ),
+        click.Option(["--out"], required=True, type=click.Path(file_okay=False), help="Run directory (one sub-directory per SAE)."),
+        click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
+        click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout at the end."),
+        click.Option(
+            ["--report"], default="console,jsonl", show_default=True, help=f"Comma-separated reporters. Installed: {', '.join(reporters)}."
+        ),
+        *config_options(TrainConfig),
+        *arch_opts,
+    ]
+    return click.Command(
+        "train",
+        callback=callback,
+        params=params,
+        help="Train one or more SAEs on one model's residual stream, all from one activation harvest.",
+    )
+
+
+def make_plugins_command(pm: PluginManager) -> click.Command:
+    def callback(as_json: bool) -> None:
+        infos = pm.plugin_infos()
+        if as_json:
+            _print_json([i.to_dict() for i in infos])
+            return
+        table = Table(title="routesae plugins")
+        for column in ("plugin", "distribution", "version", "registered", "status"):
+            table.add_column(column)
+        for i in infos:
+            registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in i.registered.items())
+            table.add_row(i.name, i.distribution, i.version, registered or "-", f"[red]{i.error}" if i.error else "ok")
+        Console(width=200 if not sys.stdout.isatty() else None).print(table)
+
+    return click.Command(
+        "plugins",
+        callback=callback,
+        params=[click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable output.")],
+        help="List installed plugins, what each registered, and load errors.",
+    )
+
+
+def make_cli(pm: PluginManager | None = None) -> click.Group:
+    """Build the CLI for the given (default: the process-wide) plugin manager."""
+    pm = pm or get_plugin_manager()
+    cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
+    cli = click.version_option(package_name="routesae")(cli)
+    builders: list[Callable[[PluginManager], click.Command]] = [make_train_command, make_plugins_command]
+    for build in builders:
+        cli.add_command(build(pm))
+    pm.add_commands(cli)
+    return cli
+
+
+def main() -> None:
+    try:
+        cli = make_cli()
+    except RouteSAEError as e:  # e.g. two plugins registering one name
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    cli(prog_name="routesae")

@@ -1,0 +1,439 @@
+"""The trainer: one activation harvest feeds every SAE of a run.
+
+The language-model forward dominates the cost of training an SAE, so a run trains all of its
+SAEs (architecture comparisons, sweeps) from the same shuffled batches. A run directory holds
+``run.json`` (what was asked for and how far training got), one checkpoint directory per SAE
+and ``train_log.jsonl``; a killed run continues with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import routesae
+from routesae.activations import ActivationStream, training_positions
+from routesae.architectures.base import SAE, SAEConfig
+from routesae.checkpoint import (
+    CONFIG_FILE,
+    OPTIMIZER_FILE,
+    WEIGHTS_FILE,
+    load_optimizer,
+    read_json,
+    save_optimizer,
+    save_sae,
+    write_json,
+)
+from routesae.config import Config, setting
+from routesae.data import Corpus, load_corpus
+from routesae.errors import ConfigError, RouteSAEError
+from routesae.lm import LanguageModel
+from routesae.plugins import get_plugin_manager
+from routesae.reporters.base import Reporter, StepReport
+
+MANIFEST_FILE = "run.json"
+
+
+@dataclass
+class TrainConfig(Config):
+    """Settings of a training run (shared by every SAE in it)."""
+
+    model: str = setting("smollm2", "Language model: 'smollm2' (embedded), a local HF directory, or a hub name.")
+    dataset: str = setting("wiki", "Text: 'wiki' (embedded), local .txt/.jsonl/.json/.parquet files or a folder, or a hub dataset.")
+    text_field: str = setting("text", "Field holding the text in record-shaped datasets.")
+    context_length: int = setting(128, "Tokens per sequence fed to the language model.")
+    batch_size: int = setting(16, "Sequences per language-model batch.")
+    tokens: int = setting(200_000, "Training tokens per SAE (BOS and padding positions excluded).")
+    sae_batch_tokens: int = setting(2048, "Tokens per SAE optimisation step.")
+    buffer_tokens: int = setting(16_384, "Shuffle-buffer size in tokens; mixes tokens from many sequences per step.")
+    lr: float = setting(5e-4, "Adam learning rate (betas 0.9, 0.999).")
+    warmup: float = setting(0.05, "Fraction of steps with linear learning-rate warm-up.")
+    decay: float = setting(0.2, "Fraction of final steps with linear decay to zero.")
+    renorm_every: int = setting(10, "Rescale decoder directions to unit norm every this many steps (and at the end).")
+    keep_bos: bool = setting(False, "Train on each sequence's first position too (the reference does; it is an attention sink).")
+    seed: int = setting(42, "Seed for SAE initialisation, data order and shuffling.")
+    checkpoint_every: int = setting(200, "Steps between checkpoints (0: only at the end).")
+    log_every: int = setting(10, "Steps between progress reports.")
+    dead_after_tokens: int = setting(100_000, "A latent counts as dead when it has not fired for this many tokens.")
+    device: str = setting("auto", "Device for the model and SAEs: 'auto' (CUDA when available), 'cpu', 'cuda', ...")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("context_length", "batch_size", "tokens", "sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not (0 <= self.warmup and 0 <= self.decay and self.warmup + self.decay <= 1):
+            raise ConfigError(f"warmup ({self.warmup}) and decay ({self.decay}) must be fractions that sum to at most 1")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train: its architecture, its (unresolved) config and its name in the run."""
+
+    architecture: str
+    config: SAEConfig
+    name: str | None = None
+
+    @classmethod
+    def build(cls, architecture: str, name: str | None = None, **settings: Any) -> SAESpec:
+        arch = get_plugin_manager().get("architecture", architecture)
+        return cls(architecture, arch.Config.from_dict(settings), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
+
+
+def lr_factor(step: int, total_steps: int, warmup: float, decay: float) -> float:
+    """Warm-up / stable / linear-decay multiplier. Unlike the reference, the first step's lr is not 0."""
+    n_warmup, n_decay = int(warmup * total_steps), int(decay * total_steps)
+    if step < n_warmup:
+        return (step + 1) / n_warmup
+    if step < total_steps - n_decay:
+        return 1.0
+    return max(0.0, (total_steps - step) / n_decay)
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A per-SAE seed, so adding an SAE to a run does not change the others' initialisation."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+class TrainedSAE:
+    """An SAE with its optimiser and running statistics inside a run."""
+
+    def __init__(self, name: str, sae: SAE, layer_index: Tensor, lr: float) -> None:
+        self.name = name
+        self.sae = sae
+        self.layer_index = layer_index  # positions of this SAE's layers in the harvested layer axis
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(sae.cfg.latent_size, dtype=torch.long)
+        self.recent: deque[dict[str, float]] = deque(maxlen=10)
+        self.step_seconds = 0.0
+
+    def step(self, acts_NLD: Tensor, lr: float) -> dict[str, float]:
+        start = time.perf_counter()
+        out = self.sae(acts_NLD.index_select(1, self.layer_index))
+        loss, terms = self.sae.loss(out)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        fired = (out.latents != 0).any(0).cpu()
+        self.since_fired += acts_NLD.shape[0]
+        self.since_fired[fired] = 0
+        logged = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
+        self.recent.append(logged)
+        self.step_seconds += time.perf_counter() - start
+        return logged
+
+    def final_terms(self) -> dict[str, float]:
+        keys = self.recent[0].keys() if self.recent else []
+        return {k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}
+
+
+class Trainer:
+    """Train ``specs`` on activations of ``cfg.model`` over ``cfg.dataset``, checkpointing into ``out``."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        specs: list[SAESpec],
+        out: Path | str,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        reporters: list[str] | None = None,
+        lm: LanguageModel | None = None,
+    ) -> None:
+        if not specs:
+            raise ConfigError("nothing to train: give at least one architecture")
+        self.cfg = cfg
+        self.specs = specs
+        self.out = Path(out)
+        self.request = {"train": cfg.to_dict(), "saes": [s.to_dict() for s in specs]}
+        self.progress = self._check_out_dir(overwrite, resume)
+        self.device = cfg.resolved_device()
+        self.lm = lm or LanguageModel.load(cfg.model, device=self.device)
+        self.saes = self._build_saes()
+        self.reporters = self._build_reporters(reporters if reporters is not None else ["console", "jsonl"])
+        self.corpus: Corpus | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _check_out_dir(self, overwrite: bool, resume: bool) -> dict[str, int]:
+        """Refuse to mix runs in one directory; return where training should start."""
+        start = {"step": 0, "tokens": 0, "blocks": 0}
+        if self.out.exists() and not self.out.is_dir():
+            raise RouteSAEError(f"--out {self.out} is a file; give a directory")
+        manifest_path = self.out / MANIFEST_FILE
+        if not manifest_path.exists():
+            if resume:
+                raise RouteSAEError(f"nothing to resume: {self.out} holds no run ({MANIFEST_FILE} is missing)")
+            return start
+        existing = read_json(manifest_path)
+        same = existing.get("request") == self.request
+        if resume:
+            if not same:
+                raise RouteSAEError(
+                    f"cannot resume: {self.out} holds a run with different settings; resume with the same options, "
+                    "or use --overwrite to start over"
+                )
+            if existing.get("status") == "finished":
+                raise RouteSAEError(f"{self.out} holds a finished run; nothing to resume (use --overwrite to retrain)")
+            return existing.get("progress", start)
+        if overwrite:
+            return start
+        if same and existing.get("status") == "finished":
+            raise RouteSAEError(f"{self.out} already holds this finished run; use --overwrite to train it again")
+        if same:
+            raise RouteSAEError(f"{self.out} holds an unfinished run of these settings; continue it with --resume (or --overwrite)")
+        raise RouteSAEError(
+            f"{self.out} already holds a different run; choose another --out, or --overwrite to replace it"
+        )
+
+    def _build_saes(self) -> list[TrainedSAE]:
+        pm = get_plugin_manager()
+        resolved = [(s, s.config.resolve(self.lm.n_layers)) for s in self.specs]
+        self.layers = sorted({layer for _, c in resolved for layer in c.layers()})
+        names = [s.name or "-".join([s.architecture, *c.name_parts()]) for s, c in resolved]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ConfigError(f"two SAEs in this run would share the name {sorted(duplicates)[0]!r}; give them distinct names")
+        trained = []
+        for (spec, config), name in zip(resolved, names):
+            arch = pm.get("architecture", spec.architecture)
+            torch.manual_seed(seed_for(self.cfg.seed, name))
+            sae = arch(config, self.lm.d_model).to(self.device).train()
+            index = torch.tensor([self.layers.index(layer) for layer in config.layers()], device=self.device)
+            trained.append(TrainedSAE(name, sae, index, self.cfg.lr))
+        return trained
+
+    def _build_reporters(self, names: list[str]) -> list[Reporter]:
+        pm = get_plugin_manager()
+        return [pm.get("reporter", name)(self.out) for name in names]
+
+    def _total_steps(self) -> int:
+        return math.ceil(self.cfg.tokens / self.cfg.sae_batch_tokens)
+
+    def _check_data(self, corpus: Corpus) -> None:
+        blocks = corpus.split("train")
+        available = int(training_positions(blocks.attention_mask, self.cfg.keep_bos).sum())
+        if self.cfg.tokens > available:
+            raise RouteSAEError(
+                f"asked for {self.cfg.tokens:,} training tokens but the train split of {self.cfg.dataset!r} holds "
+                f"{available:,} usable tokens (context {self.cfg.context_length}); lower --tokens or use a larger --dataset"
+            )
+
+    def _manifest(self, status: str) -> dict[str, Any]:
+        assert self.corpus is not None
+        return {
+            "routesae_version": routesae.__version__,
+            "request": self.request,
+            "status": status,
+            "progress": self.progress,
+            "model": self.lm.describe(),
+            "data": self.corpus.describe(),
+            "layers": self.layers,
+            "saes": [
+                {"name": t.name, "architecture": t.sae.name, "config": t.sae.cfg.to_dict(), "path": t.name}
+                for t in self.saes
+            ],
+            "train": self.cfg.to_dict(),
+        }
+
+    def _restore(self) -> None:
+        """Load weights and optimiser state of every SAE for ``resume``."""
+        from safetensors.torch import load_file
+
+        for t in self.saes:
+            directory = self.out / t.name
+            t.sae.load_state_dict(load_file(directory / WEIGHTS_FILE, device=str(self.device)))
+            saved_step = load_optimizer(t.optimizer, directory / OPTIMIZER_FILE)
+            if saved_step != self.progress["step"]:
+                raise RouteSAEError(
+                    f"cannot resume: {directory} is at step {saved_step} but {MANIFEST_FILE} says {self.progress['step']}; "
+                    "the checkpoint is inconsistent, use --overwrite to start over"
+                )
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _sae_meta(self, t: TrainedSAE, finished: bool) -> dict[str, Any]:
+        assert self.corpus is not None
+        return {
+            "name": t.name,
+            "model": self.lm.describe(),
+            "hooks": [self.lm.hook_name(layer) for layer in t.sae.layers],
+            "hf_hidden_states_index": [layer + 1 for layer in t.sae.layers],
+            "data": {**self.corpus.describe(), "split": "train", "keep_bos": self.cfg.keep_bos},
+            "training": {
+                **self.cfg.to_dict(),
+                "finished": finished,
+                "steps_done": self.progress["step"],
+                "tokens_done": self.progress["tokens"],
+                "final": t.final_terms(),
+                "dead_fraction": self.dead_fraction(t),
+            },
+        }
+
+    def dead_fraction(self, t: TrainedSAE) -> float:
+        return float((t.since_fired >= self.cfg.dead_after_tokens).float().mean())
+
+    def checkpoint(self, finished: bool = False) -> None:
+        """Each SAE's files first, then the manifest: the manifest never points past what is on disk."""
+        for t in self.saes:
+            directory = self.out / t.name
+            save_sae(t.sae, directory, self._sae_meta(t, finished))
+            save_optimizer(t.optimizer, directory / OPTIMIZER_FILE, self.progress["step"])
+        write_json(self.out / MANIFEST_FILE, self._manifest("finished" if finished else "running"))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to ``cfg.tokens`` tokens; returns the summary (also given to the reporters)."""
+        self.corpus = load_corpus(
+            self.cfg.dataset, self.lm.tokenizer, context_length=self.cfg.context_length, text_field=self.cfg.text_field, seed=self.cfg.seed
+        )
+        self._check_data(self.corpus)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.progress["step"]:
+            self._restore()
+        else:
+            (self.out / "train_log.jsonl").unlink(missing_ok=True)  # a fresh (or overwritten) run starts a fresh log
+        write_json(self.out / MANIFEST_FILE, self._manifest("running"))
+        try:
+            for r in self.reporters:
+                r.start(self._manifest("running"))
+            summary = self._loop()
+            for r in self.reporters:
+                r.finish(summary)
+            return summary
+        finally:
+            for r in self.reporters:
+                r.close()
+
+    def _loop(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total_steps = self._total_steps()
+        stream = ActivationStream(
+            self.lm,
+            self.corpus.split("train"),
+            self.layers,
+            lm_batch_size=cfg.batch_size,
+            sae_batch_tokens=cfg.sae_batch_tokens,
+            buffer_tokens=cfg.buffer_tokens,
+            keep_bos=cfg.keep_bos,
+            seed=cfg.seed + self.progress["step"],
+            start_block=self.progress["blocks"],
+        )
+        start_tokens = self.progress["tokens"]
+        started = time.perf_counter()
+        try:
+            for acts in stream:
+                remaining = cfg.tokens - self.progress["tokens"]
+                if remaining <= 0:
+                    break
+                acts = acts[:remaining].to(self.device, non_blocking=True)
+                step = self.progress["step"]
+                lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay)
+                logged = {t.name: self._step(t, acts, lr, step) for t in self.saes}
+                self.progress = {"step": step + 1, "tokens": self.progress["tokens"] + acts.shape[0], "blocks": stream.blocks_consumed}
+                if (step + 1) % cfg.log_every == 0:
+                    self._report(logged, lr, time.perf_counter() - started, start_tokens)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+        except KeyboardInterrupt:
+            self.checkpoint()
+            raise RouteSAEError(
+                f"interrupted at step {self.progress['step']}; checkpoint saved in {self.out}, continue with --resume"
+            ) from None
+        seconds = time.perf_counter() - started
+        for t in self.saes:
+            t.sae.normalize_decoder()
+        self.checkpoint(finished=True)
+        return self._summary(seconds, self.progress["tokens"] - start_tokens)
+
+    def _step(self, t: TrainedSAE, acts: Tensor, lr: float, step: int) -> dict[str, float]:
+        try:
+            logged = t.step(acts, lr)
+        except FloatingPointError as e:
+            raise RouteSAEError(
+                f"training diverged: SAE {t.name} {e} at step {step}; the last checkpoint in {self.out} is intact. "
+                "Lower --lr, then --resume (or --overwrite)"
+            ) from None
+        if (step + 1) % self.cfg.renorm_every == 0:
+            t.sae.normalize_decoder()
+        t.sae.after_step(step)
+        return logged
+
+    def _report(self, logged: dict[str, dict[str, float]], lr: float, seconds: float, start_tokens: int) -> None:
+        report = StepReport(
+            step=self.progress["step"],
+            total_steps=self._total_steps(),
+            tokens=self.progress["tokens"],
+            total_tokens=self.cfg.tokens,
+            seconds=seconds * self.progress["tokens"] / max(1, self.progress["tokens"] - start_tokens),
+            lr=lr,
+            saes=logged,
+        )
+        for r in self.reporters:
+            r.step(report)
+
+    def _summary(self, seconds: float, tokens: int) -> dict[str, Any]:
+        rate = tokens / seconds if seconds > 0 else 0.0
+        return {
+            "run": str(self.out),
+            "model": self.cfg.model,
+            "layers": self.layers,
+            "tokens": self.progress["tokens"],
+            "steps": self.progress["step"],
+            "seconds": seconds,
+            "tokens_per_s": rate,
+            "saes": [
+                {
+                    "name": t.name,
+                    "architecture": t.sae.name,
+                    "layers": list(t.sae.layers),
+                    "tokens": self.progress["tokens"],
+                    "seconds": seconds,
+                    "tokens_per_s": rate,
+                    "sae_step_seconds": t.step_seconds,
+                    "final": t.final_terms(),
+                    "dead_fraction": self.dead_fraction(t),
+                    "path": str(self.out / t.name),
+                }
+                for t in self.saes
+            ],
+        }
+
+
+def train(
+    specs: list[SAESpec],
+    out: Path | str,
+    cfg: TrainConfig | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    reporters: list[str] | None = None,
+    lm: LanguageModel | None = None,
+) -> dict[str, Any]:
+    """Train SAEs from one activation harvest; see :class:`TrainConfig` for the settings.
+
+    >>> train([SAESpec.build("topk", k=32, layer=21)], "runs/demo", TrainConfig(tokens=200_000))
+    """
+    trainer = Trainer(cfg or TrainConfig(), specs, out, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
+    return trainer.run()
