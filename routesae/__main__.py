@@ -1,0 +1,3 @@
+from routesae.cli import main
+
+main()

@@ -1,0 +1,257 @@
+"""The plugin kernel: discovery through entry points, isolation of broken plugins, duplicates, CLI."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from routesae import hookspecs
+from routesae.architectures.topk import TopKConfig, TopKSAE
+from routesae.cli import make_cli
+from routesae.errors import PluginError
+from routesae.hookspecs import hookimpl
+from routesae.plugins import PluginManager
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+
+
+class WideTopKSAE(TopKSAE):
+    name = "widetopk"
+
+
+class ExtraArchitecture:
+    @hookimpl
+    def register_architectures(self, register):
+        register(WideTopKSAE)
+
+
+class DuplicateTopK:
+    @hookimpl
+    def register_architectures(self, register):
+        register(WideTopKSAE, name="topk")
+
+
+def test_builtins_register_through_their_entry_points():
+    pm = PluginManager()
+    assert "topk" in pm.names("architecture")
+    assert {"console", "jsonl"} <= set(pm.names("reporter"))
+    provider = pm.provider("architecture", "topk")
+    assert (provider.distribution, provider.name) == ("routesae", "architectures")
+
+
+def test_plugin_registered_in_code_is_usable_and_listed():
+    pm = PluginManager()
+    pm.register(ExtraArchitecture(), name="extra")
+    try:
+        assert pm.get("architecture", "widetopk") is WideTopKSAE
+        result = CliRunner().invoke(make_cli(pm), ["plugins", "--json"])
+        assert result.exit_code == 0, result.output
+        listed = {p["name"]: p for p in json.loads(result.output)}
+        assert listed["extra"]["registered"] == {"architecture": ["widetopk"]}
+        help_text = CliRunner().invoke(make_cli(pm), ["train", "--help"]).output
+        assert "widetopk" in help_text
+    finally:
+        pm.unregister("extra")
+    assert "widetopk" not in pm.names("architecture")
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both():
+    pm = PluginManager()
+    pm.register(DuplicateTopK(), name="dupe", distribution="routesae-dupe")
+    try:
+        with pytest.raises(PluginError) as err:
+            pm.names("architecture")
+        assert "routesae-dupe" in str(err.value) and "routesae" in str(err.value).replace("routesae-dupe", "")
+    finally:
+        pm.unregister("dupe")
+
+
+def test_registering_a_non_architecture_is_refused():
+    class Bad:
+        @hookimpl
+        def register_architectures(self, register):
+            register(TopKConfig, name="notanarch")
+
+    pm = PluginManager()
+    pm.register(Bad(), name="bad")
+    try:
+        assert "notanarch" not in pm.names("architecture")
+        assert "must be a subclass of routesae.SAE" in pm.infos["bad"].error
+    finally:
+        pm.unregister("bad")
+
+
+def test_unknown_name_lists_installed():
+    with pytest.raises(PluginError, match="installed: .*topk"):
+        PluginManager().get("architecture", "nope")
+
+
+def _write_package(root: Path, dist: str, module: str, body: str) -> Path:
+    pkg = root / dist
+    (pkg / module).mkdir(parents=True)
+    (pkg / module / "__init__.py").write_text(textwrap.dedent(body))
+    (pkg / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [build-system]
+            requires = ["setuptools>=68"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "{dist}"
+            version = "0.0.1"
+            [project.entry-points.routesae]
+            {module} = "{module}"
+            """
+        )
+    )
+    return pkg
+
+
+@pytest.fixture(scope="module")
+def broken_plugins_site(tmp_path_factory) -> Path:
+    """Real packages, pip-installed into a private site directory: one that fails to import,
+    one whose hook raises, one with a misspelt hook, and one healthy plugin."""
+    root = tmp_path_factory.mktemp("plugin-src")
+    packages = [
+        _write_package(root, "routesae-broken-import", "broken_import", "raise ImportError('missing optional dependency: triton')\n"),
+        _write_package(
+            root,
+            "routesae-broken-hook",
+            "broken_hook",
+            """
+            from routesae.hookspecs import hookimpl
+            @hookimpl
+            def register_architectures(register):
+                raise RuntimeError('hook exploded')
+            """,
+        ),
+        _write_package(
+            root,
+            "routesae-typo-hook",
+            "typo_hook",
+            """
+            from routesae.hookspecs import hookimpl
+            @hookimpl
+            def register_architecturez(register):
+                pass
+            """,
+        ),
+        _write_package(
+            root,
+            "routesae-healthy",
+            "healthy",
+            """
+            from routesae.architectures.topk import TopKSAE
+            from routesae.hookspecs import hookimpl
+            class HealthySAE(TopKSAE):
+                name = "healthy"
+            @hookimpl
+            def register_architectures(register):
+                register(HealthySAE)
+            """,
+        ),
+    ]
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site)]
+        + [str(p) for p in packages],
+        check=True,
+    )
+    return site
+
+
+def _routesae(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(site), **env}
+    for key in ("ROUTESAE_STRICT_PLUGINS", "ROUTESAE_LOAD_PLUGINS"):
+        if key not in env:
+            environ.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "routesae", *args], capture_output=True, text=True, env=environ)
+
+
+def test_broken_plugins_are_disabled_with_one_warning_each(broken_plugins_site):
+    result = _routesae(broken_plugins_site, "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {p["distribution"]: p for p in json.loads(result.stdout)}
+    assert "ImportError: missing optional dependency: triton" in listed["routesae-broken-import"]["error"]
+    assert "RuntimeError: hook exploded" in listed["routesae-broken-hook"]["error"]
+    assert "register_architecturez" in listed["routesae-typo-hook"]["error"]
+    assert listed["routesae-healthy"]["registered"] == {"architecture": ["healthy"]}
+    assert listed["routesae"]["error"] is None
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 3
+    for dist in ("routesae-broken-import", "routesae-broken-hook", "routesae-typo-hook"):
+        assert sum(dist in w for w in warnings) == 1
+
+
+def test_strict_mode_turns_a_broken_plugin_into_an_error(broken_plugins_site):
+    result = _routesae(broken_plugins_site, "plugins", ROUTESAE_STRICT_PLUGINS="1")
+    assert result.returncode == 2
+    assert "routesae-broken-import" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_load_plugins_selects_distributions(broken_plugins_site):
+    only_healthy = _routesae(broken_plugins_site, "plugins", "--json", ROUTESAE_LOAD_PLUGINS="routesae-healthy")
+    names = {p["distribution"] for p in json.loads(only_healthy.stdout)}
+    assert names == {"routesae", "routesae-healthy"}
+    assert "warning" not in only_healthy.stderr
+    builtins_only = _routesae(broken_plugins_site, "plugins", "--json", ROUTESAE_LOAD_PLUGINS="")
+    assert {p["distribution"] for p in json.loads(builtins_only.stdout)} == {"routesae"}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented_in_the_readme(hook):
+    assert f"{hook}(" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_has_a_test(hook):
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    assert f"def {hook}(" in tests
+
+
+class ManyKinds:
+    """One plugin providing one thing of each kind that has no built-in consumer yet."""
+
+    @hookimpl
+    def register_routers(self, register):
+        register(object(), name="coin-flip")
+
+    @hookimpl
+    def register_metrics(self, register):
+        register(len, name="length")
+
+    @hookimpl
+    def register_interpreters(self, register):
+        register(str, name="echo")
+
+    @hookimpl
+    def register_commands(self, cli):
+        import click
+
+        @cli.command(name="hello")
+        @click.argument("who")
+        def hello(who):
+            click.echo(f"hello {who}")
+
+
+def test_each_kind_is_registered_and_attributed():
+    pm = PluginManager()
+    pm.register(ManyKinds(), name="many", distribution="routesae-many", version="1.2")
+    try:
+        assert pm.get("router", "coin-flip") is not None
+        assert pm.get("metric", "length") is len
+        assert pm.get("interpreter", "echo") is str
+        info = pm.provider("metric", "length")
+        assert (info.distribution, info.version) == ("routesae-many", "1.2")
+        assert info.registered == {"router": ["coin-flip"], "metric": ["length"], "interpreter": ["echo"]}
+        result = CliRunner().invoke(make_cli(pm), ["hello", "world"])
+        assert result.exit_code == 0 and result.output == "hello world\n"
+    finally:
+        pm.unregister("many")

@@ -1,0 +1,104 @@
+"""The SAE base class and the TopK architecture: invariants with exact expectations."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routesae.architectures.base import default_single_layer, normalized_mse, standardize
+from routesae.architectures.topk import TopKConfig, TopKSAE
+from routesae.errors import ConfigError
+
+
+def make(k=4, latent_size=32, d=16, relu=False, layer=1):
+    torch.manual_seed(0)
+    return TopKSAE(TopKConfig(k=k, latent_size=latent_size, relu=relu, layer=layer), d)
+
+
+def test_exactly_k_signed_latents_per_token():
+    sae = make()
+    out = sae(torch.randn(50, 1, 16) * 5)
+    assert ((out.latents != 0).sum(-1) == 4).all()
+    assert (out.latents < 0).any(), "the reference keeps signed values"
+    relu_out = make(relu=True)(torch.randn(50, 1, 16))
+    assert (relu_out.latents >= 0).all()
+
+
+def test_sparse_decode_matches_dense_decode_and_gradients():
+    sae = make()
+    x = torch.randn(20, 1, 16)
+    out = sae(x)
+    dense = sae.decode(out.latents)
+    torch.testing.assert_close(out.x_hat, dense)
+    out.x_hat.pow(2).sum().backward()
+    sparse_grad = sae.W_dec.grad.clone()
+    sae.zero_grad()
+    sae.decode(sae.encode(out.target)).pow(2).sum().backward()
+    torch.testing.assert_close(sparse_grad, sae.W_dec.grad)
+
+
+def test_reconstruction_maps_back_to_the_residual_stream():
+    sae = make()
+    acts = torch.randn(10, 1, 16) * 30 + 7
+    out = sae(acts)
+    (layer, (x_hat, mask)), = sae.reconstruction(out).items()
+    assert layer == 1 and mask.all() and x_hat.shape == (10, 16)
+    torch.testing.assert_close(x_hat, out.x_hat * (acts.std(-1) + 1e-6) + acts.mean(-1, keepdim=True)[:, 0])
+
+
+def test_initialisation_is_tied_and_unit_norm():
+    sae = make()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(32))
+    torch.testing.assert_close(sae.W_dec, sae.W_enc / sae.W_enc.norm(dim=-1, keepdim=True))
+    assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(32))
+
+
+@given(st.integers(2, 64), st.floats(0.1, 1e3), st.floats(-1e3, 1e3))
+@settings(max_examples=30, deadline=None)
+def test_standardize_gives_zero_mean_unit_std(d, scale, shift):
+    acts = torch.randn(5, 2, d, dtype=torch.float64) * scale + shift
+    x, norm = standardize(acts, "token")
+    torch.testing.assert_close(x.mean(-1), torch.zeros(5, 2, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(x.std(-1), torch.ones(5, 2, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.undo(x), acts)
+
+
+def test_normalized_mse_of_perfect_and_zero_reconstruction():
+    x = torch.randn(8, 16)
+    assert normalized_mse(x, x).item() == 0
+    torch.testing.assert_close(normalized_mse(torch.zeros_like(x), x), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(("k", "latent_size"), [(0, 8), (-1, 8), (8, 8), (9, 8)])
+def test_k_out_of_range_is_a_config_error(k, latent_size):
+    with pytest.raises(ConfigError, match="0 < k < latent size"):
+        TopKConfig(k=k, latent_size=latent_size)
+
+
+def test_unknown_and_mistyped_settings_are_rejected():
+    with pytest.raises(ConfigError, match="unknown setting.*kk.*known:.*k"):
+        TopKConfig.from_dict({"kk": 3})
+    with pytest.raises(ConfigError, match="k must be int"):
+        TopKConfig.from_dict({"k": "3"})
+    with pytest.raises(ConfigError, match="normalize='layer' is not one of"):
+        TopKConfig.from_dict({"normalize": "layer"})
+
+
+@given(st.integers(1, 63), st.booleans(), st.sampled_from(["token", "none"]), st.none() | st.integers(0, 40))
+def test_config_round_trips_through_json(k, relu, normalize, layer):
+    cfg = TopKConfig(k=k, latent_size=64, relu=relu, normalize=normalize, layer=layer)
+    assert TopKConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_default_layer_is_the_top_of_the_routed_range():
+    assert default_single_layer(16) == 11 and default_single_layer(30) == 21
+    assert TopKConfig().resolve(30).layer == 21
+    with pytest.raises(ConfigError, match="it has 30 blocks, numbered 0 to 29"):
+        TopKConfig(layer=30).resolve(30)
+    assert TopKConfig(k=32, latent_size=4096).resolve(30).name_parts() == ["L21", "k32", "F4096"]
