@@ -162,9 +162,20 @@ def make_plugins_command(pm: PluginManager) -> click.Command:
     )
 
 
+def _quiet_dependencies() -> None:
+    """routesae draws its own progress; the per-file bars of transformers and datasets are noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def make_cli(pm: PluginManager | None = None) -> click.Group:
     """Build the CLI for the given (default: the process-wide) plugin manager."""
     pm = pm or get_plugin_manager()
+    _quiet_dependencies()
     cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
     cli = click.version_option(package_name="routesae")(cli)
     builders: list[Callable[[PluginManager], click.Command]] = [make_train_command, make_plugins_command]

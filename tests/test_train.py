@@ -1,13 +1,16 @@
 """Training end to end on a tiny Llama through the real CLI: checkpoints, resume, determinism, errors."""
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.checkpoint import load_sae
+from routesae.config import setting
 from routesae.cli import make_cli
 from routesae.errors import RouteSAEError
 from routesae.hookspecs import hookimpl
@@ -144,10 +147,36 @@ def test_a_different_run_in_out_is_refused_and_left_untouched(base_args, tmp_pat
     assert replaced.exit_code == 0, replaced.output
 
 
-def test_an_option_of_another_architecture_is_refused(base_args, tmp_path):
-    result = run_cli(*base_args, "--relu", "--arch", "batchtopk", "--out", str(tmp_path / "r"))
-    # --relu belongs to topk (and batchtopk inherits it), so pick one that topk lacks if any; else it applies
-    assert result.exit_code in (0, 2)
+@dataclass
+class TemperatureConfig(TopKConfig):
+    temperature: float = setting(1.0, "A setting only this architecture has.")
+
+
+class TemperatureSAE(TopKSAE):
+    name = "temperature"
+    Config = TemperatureConfig
+
+
+class TemperaturePlugin:
+    @hookimpl
+    def register_architectures(self, register):
+        register(TemperatureSAE)
+
+
+def test_architecture_settings_become_options_and_apply_only_where_they_exist(base_args, tmp_path):
+    pm = get_plugin_manager()
+    pm.register(TemperaturePlugin(), name="temperature")
+    try:
+        assert "--temperature" in run_cli("train", "--help").output
+        refused = run_cli(*base_args, "--temperature", "2", "--arch", "topk", "--out", str(tmp_path / "r"))
+        assert refused.exit_code == 2
+        assert "--temperature does not apply to --arch topk (it is a setting of temperature)" in refused.stderr
+        both = run_cli(*base_args, "--temperature", "2", "--arch", "topk", "--arch", "temperature", "--tokens", "128",
+                       "--out", str(tmp_path / "r"), "--report", "jsonl")
+        assert both.exit_code == 0, both.output
+        assert load_sae(tmp_path / "r" / "temperature-L2-k4-F64")[0].cfg.temperature == 2.0
+    finally:
+        pm.unregister("temperature")
 
 
 def test_lr_schedule_warms_up_holds_and_decays():
