@@ -46,3 +46,14 @@ def _isolated_home(tmp_path, monkeypatch):
     """Each test gets its own routesae cache, except the embedded model cache, which is shared."""
     shared = os.environ.get("ROUTESAE_TEST_SHARED_HOME")
     monkeypatch.setenv("ROUTESAE_HOME", shared or str(tmp_path / "routesae-home"))
+
+
+@pytest.fixture(scope="session")
+def embedded_home(tmp_path_factory) -> Path:
+    """One routesae home for every test that uses the real embedded model, so it is converted once.
+
+    ``ROUTESAE_TEST_SHARED_HOME`` (if set) is reused, so a persistent cache can skip conversion.
+    Tests must still point ``ROUTESAE_HOME`` here themselves (``_isolated_home`` resets it).
+    """
+    shared = os.environ.get("ROUTESAE_TEST_SHARED_HOME")
+    return Path(shared) if shared else tmp_path_factory.mktemp("routesae-embedded-home")

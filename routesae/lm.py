@@ -1,0 +1,193 @@
+"""The language model host: the only module that touches TransformerLens.
+
+Everything the rest of routesae needs from a model goes through :class:`LanguageModel`: capture
+the residual stream after some blocks, and run forwards with those residuals edited (SAE
+splicing, steering). It wraps a TransformerLens ``TransformerBridge`` in raw mode (never
+``enable_compatibility_mode()``, which rewrites weights), so captured activations equal Hugging
+Face ``hidden_states`` and SAEs stay usable outside TransformerLens.
+
+Tokenisation is ours, not the bridge's: the bridge re-loads its own tokenizer with BOS forced
+on, so callers tokenise with :attr:`LanguageModel.tokenizer` and pass ``input_ids`` plus the
+tokenizer's ``attention_mask``. Masks must never be rebuilt from token ids: for SmolLM2,
+pad == EOS, and real EOS tokens would be masked.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from routesae.embedded import ModelSource, resolve_model
+from routesae.errors import RouteSAEError
+
+Edit = Callable[[Tensor], Tensor]
+"""Maps a block's output ``[B, T, D]`` to the tensor the rest of the forward uses instead."""
+
+HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
+LAYER_CONVENTION = (
+    "0-based block index; block i's output = HF hidden_states[i+1] "
+    "(the last block's HF hidden state is after the final norm and differs)"
+)
+
+
+class LanguageModel:
+    """A frozen causal LM behind a TransformerLens bridge, addressed by 0-based block index."""
+
+    def __init__(self, spec: str, source: ModelSource, bridge: Any, tokenizer: Any, architecture: str) -> None:
+        self.spec = spec
+        self.source = source
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.architecture = architecture
+        self.n_layers: int = bridge.cfg.n_layers
+        self.d_model: int = bridge.cfg.d_model
+        self.vocab_size: int = bridge.cfg.d_vocab
+        first = next(bridge.parameters())
+        self.device: torch.device = first.device
+        self.dtype: torch.dtype = first.dtype
+
+    @classmethod
+    def load(
+        cls, spec: str = "smollm2", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LanguageModel:
+        """Load ``spec``: ``"smollm2"`` (embedded), a local Hugging Face directory, or a hub name.
+
+        We load the HF model and tokenizer ourselves (so dtype, device and padding policy are
+        ours) and then wrap the model; booting mutates the HF model, so it is not kept apart.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_model(spec)
+        # A local directory must never trigger a hub request, with or without HF_HUB_OFFLINE.
+        local = {"local_files_only": True} if source.path is not None else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **local)
+            hf = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, **local)
+        except OSError as e:
+            if source.path is not None:
+                raise RouteSAEError(f"could not load the model in {source.path}: {e}") from e
+            raise RouteSAEError(
+                f"could not load {spec!r} from the Hugging Face hub (unreachable, or no such model, "
+                f"and no local directory of that name): pass a local model directory or 'smollm2'"
+            ) from e
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # Right padding keeps every real token at its unpadded position, so activations of a
+        # short row do not depend on what it was batched with.
+        tokenizer.padding_side = "right"
+
+        hf = hf.to(device).eval()
+        architecture = (hf.config.architectures or [type(hf).__name__])[0]
+        bridge = TransformerBridge.boot_transformers(
+            source.name_or_path, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+        bridge.eval()
+        for p in bridge.parameters():
+            p.requires_grad_(False)
+        return cls(spec, source, bridge, tokenizer, architecture)
+
+    def hook_name(self, layer: int) -> str:
+        """The bridge hook that carries block ``layer``'s output (the residual stream after it)."""
+        return HOOK_TEMPLATE.format(layer=layer)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able record of which model and which activations, for configs and reports."""
+        return {
+            "spec": self.spec,
+            "path": str(self.source.path) if self.source.path is not None else None,
+            "hub_name": self.source.hub_name,
+            "embedded": self.source.embedded,
+            "architecture": self.architecture,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "vocab_size": self.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "hook": HOOK_TEMPLATE,
+            "layer_convention": LAYER_CONVENTION,
+        }
+
+    def capture(self, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int]) -> Tensor:
+        """The residual stream after each of ``layers``: ``[B, T, len(layers), D]``, in that order.
+
+        One forward that stops after the deepest requested block, so shallow captures skip the
+        rest of the model and the unembedding. A layer may be requested more than once (its slot
+        is repeated). Runs under ``no_grad`` rather than ``inference_mode`` so that the result
+        can feed SAE training. Pad positions hold garbage; drop them with ``attention_mask``.
+        Active :meth:`edits` apply, so this also captures downstream effects of an edit.
+        """
+        layers = [self._check_layer(layer) for layer in layers]
+        if not layers:
+            raise RouteSAEError("capture needs at least one layer")
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        names = [self.hook_name(layer) for layer in dict.fromkeys(layers)]
+        stop = max(layers) + 1
+        with torch.no_grad():
+            _, cache = self.bridge.run_with_cache(
+                input_ids,
+                attention_mask=attention_mask,
+                names_filter=names,
+                # stop_at_layer == n_layers would not stop anyway; it would just return logits.
+                stop_at_layer=stop if stop < self.n_layers else None,
+                return_cache_object=False,
+            )
+        return torch.stack([cache[self.hook_name(layer)] for layer in layers], dim=2)
+
+    @contextmanager
+    def edits(self, edits: Mapping[int, Edit]) -> Iterator[LanguageModel]:
+        """While active, every forward passes block ``L``'s output through ``edits[L]``.
+
+        Used for splicing SAE reconstructions and for steering during generation. Gradients
+        flow through the edit (parameters of the LM stay frozen). The hooks are removed on exit,
+        also when the body raises.
+        """
+        hooks = [(self.hook_name(self._check_layer(layer)), _as_hook(edit)) for layer, edit in edits.items()]
+        with self.bridge.hooks(fwd_hooks=hooks):
+            yield self
+
+    def splice(self, input_ids: Tensor, attention_mask: Tensor, edits: Mapping[int, Edit]) -> Tensor:
+        """Logits ``[B, T, V]`` of a forward with ``edits`` applied (no gradients)."""
+        with self.edits(edits):
+            return self.logits(input_ids, attention_mask)
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``[B, T, V]`` of a plain forward (no gradients)."""
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        with torch.no_grad():
+            return self.bridge(input_ids, attention_mask=attention_mask, return_type="logits")
+
+    def _check_layer(self, layer: int) -> int:
+        if isinstance(layer, bool):
+            raise RouteSAEError(f"layer must be an integer block index, got {layer!r}")
+        try:
+            layer = operator.index(layer)
+        except TypeError:
+            raise RouteSAEError(f"layer must be an integer block index, got {layer!r}") from None
+        if not 0 <= layer < self.n_layers:
+            raise RouteSAEError(
+                f"layer {layer} is out of range: {self.spec} has {self.n_layers} blocks, "
+                f"numbered 0..{self.n_layers - 1}"
+            )
+        return layer
+
+    def _inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise RouteSAEError(
+                f"expected input_ids and attention_mask of the same shape [batch, tokens], got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def _as_hook(edit: Edit) -> Callable[..., Tensor]:
+    """Adapt an edit to the bridge's hook signature (keyed by layer, so ``hook.name`` is unused)."""
+
+    def hook(resid_BTD: Tensor, hook: Any) -> Tensor:
+        return edit(resid_BTD)
+
+    return hook
