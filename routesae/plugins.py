@@ -90,7 +90,7 @@ class PluginManager:
     def __init__(self, load_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
-        if _strict() or os.environ.get("ROUTESAE_TRACE_PLUGINS", "") not in ("", "0"):
+        if os.environ.get("ROUTESAE_TRACE_PLUGINS", "") not in ("", "0"):
             self.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
             self.pm.enable_tracing()
         self.infos: dict[str, PluginInfo] = {}

@@ -19,6 +19,17 @@ from routesae.config import setting
 from routesae.errors import ConfigError
 
 
+def check_k(k: int, latent_size: int) -> None:
+    """The k of any top-k style architecture must leave some latents unselected."""
+    if not 0 < k < latent_size:
+        raise ConfigError(f"k must satisfy 0 < k < latent size; got k={k}, latent size {latent_size}")
+
+
+def name_parts_with_k(parts: list[str], k: int) -> list[str]:
+    """Insert ``k{k}`` after the layer tag: ``["L21", "k32", "F4096"]``."""
+    return [parts[0], f"k{k}", *parts[1:]]
+
+
 @dataclass
 class TopKConfig(SingleLayerConfig):
     k: int = setting(32, "Latents kept per token (0 < k < latent size).")
@@ -26,12 +37,10 @@ class TopKConfig(SingleLayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.k < self.latent_size:
-            raise ConfigError(f"k must satisfy 0 < k < latent size; got k={self.k}, latent size {self.latent_size}")
+        check_k(self.k, self.latent_size)
 
     def name_parts(self) -> list[str]:
-        layer, *rest = super().name_parts()
-        return [layer, f"k{self.k}", *rest]
+        return name_parts_with_k(super().name_parts(), self.k)
 
 
 class TopKSAE(SingleLayerSAE):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from routesae.architectures.base import SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE
+from routesae.architectures.topk import check_k, name_parts_with_k
 from routesae.config import setting
 from routesae.errors import ConfigError
 
@@ -53,10 +54,12 @@ class BatchTopKConfig(SingleLayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.k < self.latent_size:
-            raise ConfigError(f"k must satisfy 0 < k < latent size; got k={self.k}, latent size {self.latent_size}")
+        check_k(self.k, self.latent_size)
         if not 0.0 < self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum must be strictly between 0 and 1, got {self.threshold_momentum}")
+
+    def name_parts(self) -> list[str]:
+        return name_parts_with_k(super().name_parts(), self.k)
 
 
 class BatchTopKSAE(SingleLayerSAE):
