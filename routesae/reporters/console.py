@@ -1,7 +1,12 @@
-"""Progress bar and final summary table on stderr (stdout stays free for ``--json``)."""
+"""Progress bar and final summary table on stderr (stdout stays free for ``--json``).
+
+When stderr is not a terminal (CI logs, ``nohup``), a live bar would print nothing until the
+end, so a plain progress line is written at most every ``PLAIN_EVERY_S`` seconds instead.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -11,11 +16,21 @@ from rich.table import Table
 from routesae.reporters.base import Reporter, StepReport
 
 
+PLAIN_EVERY_S = 15.0
+
+
 class ConsoleReporter(Reporter):
     name = "console"
 
     def start(self, run: dict[str, Any]) -> None:
         self.console = Console(stderr=True)
+        self.last_plain = time.monotonic()
+        model, data = run["model"], run["data"]
+        self.console.print(
+            f"model {model['spec']} ({model['n_layers']} blocks, d_model {model['d_model']}) · layers {run['layers']}"
+        )
+        splits = " · ".join(f"{name} {split['tokens']:,} tokens" for name, split in data["splits"].items())
+        self.console.print(f"data {data['source']}: {splits}")
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -34,13 +49,17 @@ class ConsoleReporter(Reporter):
         first = next(iter(report.saes.values()))
         stats = "  ".join(f"{k} {v:.4g}" for k, v in first.items() if k in ("loss", "l0"))
         self.progress.update(self.task, completed=report.tokens, speed=speed, stats=stats)
+        if not self.console.is_terminal and time.monotonic() - self.last_plain >= PLAIN_EVERY_S:
+            self.last_plain = time.monotonic()
+            self.console.print(f"train {report.tokens:,}/{report.total_tokens:,} tok  {speed}  {stats}")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=summary["tokens"])
         self.progress.stop()
         table = Table(title=f"Trained {len(summary['saes'])} SAE(s) on {summary['tokens']:,} tokens in {summary['seconds']:.1f} s")
         for column in ("SAE", "arch", "layers", "NMSE", "L0", "dead", "tok/s", "path"):
-            table.add_column(column, justify="left" if column in ("SAE", "arch", "path") else "right")
+            text = column in ("SAE", "arch", "path")
+            table.add_column(column, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
         for sae in summary["saes"]:
             final = sae["final"]
             table.add_row(

@@ -1,0 +1,26 @@
+"""The main job on the real embedded defaults (SmolLM2 + wiki), kept small: the CLI path `make demo` uses."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from routesae.checkpoint import load_sae
+from routesae.cli import make_cli
+
+pytestmark = pytest.mark.embedded
+
+
+def test_train_topk_on_smollm2_and_wiki(embedded_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROUTESAE_HOME", str(embedded_home))
+    out = tmp_path / "run"
+    args = ["train", "--arch", "topk", "--layer", "21", "--k", "8", "--latent-size", "512", "--tokens", "4096",
+            "--batch-size", "8", "--out", str(out), "--json", "--report", "jsonl"]
+    result = CliRunner().invoke(make_cli(), args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tokens"] == 4096 and summary["layers"] == [21]
+    sae, config = load_sae(out / "topk-L21-k8-F512")
+    assert sae.d_model == 576 and config["model"]["n_layers"] == 30 and config["model"]["embedded"]
+    assert config["data"]["source"] == "wiki" and config["hooks"] == ["blocks.21.hook_resid_post"]
+    assert 0 < summary["saes"][0]["final"]["nmse"] < 1
