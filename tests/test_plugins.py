@@ -255,3 +255,13 @@ def test_each_kind_is_registered_and_attributed():
         assert result.exit_code == 0 and result.output == "hello world\n"
     finally:
         pm.unregister("many")
+
+
+def test_cli_lists_builtins_and_the_installed_example_plugin():
+    listed = json.loads(CliRunner().invoke(make_cli(), ["plugins", "--json"]).output)
+    by_dist = {(p["distribution"], p["name"]): p for p in listed}
+    assert by_dist[("routesae-batchtopk", "batchtopk")]["registered"] == {"architecture": ["batchtopk"]}
+    assert by_dist[("routesae", "architectures")]["registered"]["architecture"] == ["topk"]
+    assert by_dist[("routesae", "reporters")]["registered"]["reporter"] == ["console", "jsonl"]
+    table = CliRunner().invoke(make_cli(), ["plugins"]).output
+    assert "routesae-batchtopk" in table and "architecture: batchtopk" in table
