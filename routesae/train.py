@@ -23,7 +23,6 @@ import routesae
 from routesae.activations import ActivationStream, training_positions
 from routesae.architectures.base import SAE, SAEConfig
 from routesae.checkpoint import (
-    CONFIG_FILE,
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
     load_optimizer,
