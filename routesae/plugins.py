@@ -26,14 +26,16 @@ from routesae.errors import PluginError
 ENTRY_POINT_GROUP = "routesae"
 BUILTIN_DISTRIBUTION = "routesae"
 
-#: kind -> the hook through which things of that kind are registered.
-KIND_HOOKS: dict[str, str] = {
-    "architecture": "register_architectures",
-    "router": "register_routers",
-    "metric": "register_metrics",
-    "interpreter": "register_interpreters",
-    "reporter": "register_reporters",
+#: hook -> the kind of thing it registers. ``register_routers`` also takes layer aggregations:
+#: an object whose ``kind`` attribute is ``"aggregation"`` is filed under that kind.
+HOOK_KINDS: dict[str, str] = {
+    "register_architectures": "architecture",
+    "register_routers": "router",
+    "register_metrics": "metric",
+    "register_interpreters": "interpreter",
+    "register_reporters": "reporter",
 }
+KINDS = (*HOOK_KINDS.values(), "aggregation")
 
 
 @dataclass
@@ -149,17 +151,17 @@ class PluginManager:
     # -- registries ----------------------------------------------------------------------------
     def _collect(self) -> dict[str, dict[str, tuple[Any, str]]]:
         """Call every plugin's register hooks; a plugin whose hook raises is disabled whole."""
-        registries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KIND_HOOKS}
+        registries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KINDS}
         for plugin_name, info in self.infos.items():
             plugin = self.pm.get_plugin(plugin_name)
             if plugin is None or info.error:
                 continue
-            found: dict[str, dict[str, Any]] = {kind: {} for kind in KIND_HOOKS}
+            found: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
             try:
-                for kind, hook_name in KIND_HOOKS.items():
+                for hook_name, kind in HOOK_KINDS.items():
                     for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                         if impl.plugin is plugin:
-                            impl.function(_registrar(kind, found[kind]))
+                            impl.function(_registrar(kind, found))
             except Exception as e:
                 self._fail(info, e)
                 continue
@@ -209,8 +211,10 @@ class PluginManager:
                 self._fail(self.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, "?", "?"), e)
 
 
-def _registrar(kind: str, into: dict[str, Any]) -> Callable[..., None]:
+def _registrar(hook_kind: str, found: dict[str, dict[str, Any]]) -> Callable[..., None]:
     def register(obj: Any, name: str | None = None) -> None:
+        kind = "aggregation" if hook_kind == "router" and getattr(obj, "kind", None) == "aggregation" else hook_kind
+        into = found[kind]
         key = name or getattr(obj, "name", None)
         if not isinstance(key, str) or not key:
             raise PluginError(f"cannot register {obj!r} as a {kind}: it has no name (pass name=...)")

@@ -91,7 +91,7 @@ class SAESpec:
     @classmethod
     def build(cls, architecture: str, name: str | None = None, **settings: Any) -> SAESpec:
         arch = get_plugin_manager().get("architecture", architecture)
-        return cls(architecture, arch.Config.from_dict(settings), name)
+        return cls(architecture, arch.build_config(settings), name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
@@ -210,7 +210,7 @@ class Trainer:
     def _build_saes(self) -> list[TrainedSAE]:
         pm = get_plugin_manager()
         resolved = [(s, s.config.resolve(self.lm.n_layers)) for s in self.specs]
-        self.layers = sorted({layer for _, c in resolved for layer in c.layers()})
+        self.layers = sorted({layer for _, c in resolved for layer in c.resolved_layers()})
         names = [s.name or "-".join([s.architecture, *c.name_parts()]) for s, c in resolved]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
@@ -220,7 +220,7 @@ class Trainer:
             arch = pm.get("architecture", spec.architecture)
             torch.manual_seed(seed_for(self.cfg.seed, name))
             sae = arch(config, self.lm.d_model).to(self.device).train()
-            index = torch.tensor([self.layers.index(layer) for layer in config.layers()], device=self.device)
+            index = torch.tensor([self.layers.index(layer) for layer in config.resolved_layers()], device=self.device)
             trained.append(TrainedSAE(name, sae, index, self.cfg.lr))
         return trained
 

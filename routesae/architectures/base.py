@@ -10,9 +10,10 @@ encoder/decoder parameters and the per-token standardisation of the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +40,7 @@ class SAEConfig(Config):
         if self.latent_size <= 0:
             raise ConfigError(f"latent_size must be positive, got {self.latent_size}")
 
-    def layers(self) -> tuple[int, ...]:
+    def resolved_layers(self) -> tuple[int, ...]:
         """The 0-based blocks whose outputs this SAE reads (after :meth:`resolve`)."""
         raise NotImplementedError
 
@@ -49,7 +50,7 @@ class SAEConfig(Config):
 
     def name_parts(self) -> list[str]:
         """Short tags that make a default SAE name readable, e.g. ``["L21", "k32", "F4096"]``."""
-        layers = self.layers()
+        layers = self.resolved_layers()
         span = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
         return [f"L{span}", f"F{self.latent_size}"]
 
@@ -75,7 +76,7 @@ class SingleLayerConfig(SAEConfig):
         "--layer 12 is our 11). Default: block floor(3n/4)-1.",
     )
 
-    def layers(self) -> tuple[int, ...]:
+    def resolved_layers(self) -> tuple[int, ...]:
         if self.layer is None:
             raise ConfigError("layer is not set; call resolve(n_layers) first")
         return (self.layer,)
@@ -84,6 +85,49 @@ class SingleLayerConfig(SAEConfig):
         layer = default_single_layer(n_layers) if self.layer is None else self.layer
         check_layer(layer, n_layers)
         return self.replace(layer=layer)
+
+
+def default_layer_range(n_layers: int) -> tuple[int, int]:
+    """The reference's routed blocks, ⌊n/4⌋−1 … ⌊3n/4⌋−1 (3..11 of 16 blocks, 6..21 of 30), inclusive."""
+    return max(0, n_layers // 4 - 1), default_single_layer(n_layers)
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """``"6:21"`` -> (6, 21), inclusive at both ends."""
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"layers must look like A:B (first and last block, inclusive), got {text!r}") from None
+    if first > last:
+        raise ConfigError(f"layers {text!r}: the first block must not come after the last")
+    return first, last
+
+
+@dataclass
+class MultiLayerConfig(SAEConfig):
+    """Settings of an SAE that reads a contiguous range of blocks (RouteSAE, Crosscoder)."""
+
+    layers: str | None = setting(
+        None,
+        "Blocks to read as A:B, 0-based and inclusive. Default: the reference's range floor(n/4)-1 : floor(3n/4)-1.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None:
+            parse_layer_range(self.layers)
+
+    def resolved_layers(self) -> tuple[int, ...]:
+        if self.layers is None:
+            raise ConfigError("layers are not set; call resolve(n_layers) first")
+        first, last = parse_layer_range(self.layers)
+        return tuple(range(first, last + 1))
+
+    def resolve(self, n_layers: int) -> MultiLayerConfig:
+        first, last = default_layer_range(n_layers) if self.layers is None else parse_layer_range(self.layers)
+        check_layer(first, n_layers)
+        check_layer(last, n_layers)
+        return self.replace(layers=f"{first}:{last}")
 
 
 @dataclass
@@ -144,9 +188,27 @@ class SAE(nn.Module):
         if not (isinstance(cls.Config, type) and issubclass(cls.Config, SAEConfig)):
             raise PluginError(f"{cls.name}: Config must subclass routesae.SAEConfig")
 
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """Settings (CLI options, config keys) this architecture accepts; composites add their parts'."""
+        return {f.name for f in dataclasses.fields(cls.Config)}
+
+    @classmethod
+    def build_config(cls, settings: dict[str, Any]) -> SAEConfig:
+        """The config for ``settings`` (a subset of :meth:`setting_names`); composites route keys to parts."""
+        return cls.Config.from_dict(settings)
+
     @property
     def layers(self) -> tuple[int, ...]:
-        return self.cfg.layers()
+        return self.cfg.resolved_layers()
+
+    def decoder_directions(self) -> list[nn.Parameter]:
+        """Parameters ``[F, D]`` whose rows are latents' output directions (kept at unit norm)."""
+        return []
+
+    def statistics(self) -> dict[str, Any]:
+        """JSON-able training statistics for the checkpoint and reporters (e.g. routing counts)."""
+        return {}
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         raise NotImplementedError
@@ -163,9 +225,18 @@ class SAE(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook for per-step bookkeeping (thresholds, statistics). Default: nothing."""
 
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale each latent's decoder direction to unit norm."""
-        raise NotImplementedError
+        for W_FD in self.decoder_directions():
+            W_FD.div_(W_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drop the gradient component along each (unit) decoder direction, which renormalisation would undo."""
+        for W_FD in self.decoder_directions():
+            if W_FD.grad is not None:
+                W_FD.grad -= (W_FD.grad * W_FD).sum(-1, keepdim=True) * W_FD
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -228,6 +299,5 @@ class SingleLayerSAE(SAE):
         mask = torch.ones(x_hat.shape[0], dtype=torch.bool, device=x_hat.device)
         return {self.layers[0]: (x_hat[:, 0], mask)}
 
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    def decoder_directions(self) -> list[nn.Parameter]:
+        return [self.W_dec]
