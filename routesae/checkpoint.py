@@ -24,7 +24,7 @@ from routesae.plugins import get_plugin_manager
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.safetensors"
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -113,24 +113,32 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> tuple[SAE, 
     return sae.to(device).eval(), config
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path, step: int) -> None:
-    """Adam moments as safetensors; the JSON-able rest (param groups, step) in its metadata."""
+def save_optimizer(
+    optimizer: torch.optim.Optimizer, path: Path, step: int, extra: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Adam moments (and ``extra`` tensors) as safetensors; param groups and step in its metadata."""
     state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     metadata = {"param_groups": json.dumps(state["param_groups"]), "step": str(step)}
     write_safetensors(path, tensors, metadata)
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> int:
-    """Restore what :func:`save_optimizer` wrote; returns the step it was saved at."""
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore what :func:`save_optimizer` wrote; returns (the step it was saved at, the extra tensors)."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     state: dict[int, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        section, rest = key.split(".", 1)
+        if section == "extra":
+            extra[rest] = value
+        else:
+            index, name = rest.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    return int(metadata["step"])
+    return int(metadata["step"]), extra

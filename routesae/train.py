@@ -3,33 +3,38 @@
 The language-model forward dominates the cost of training an SAE, so a run trains all of its
 SAEs (architecture comparisons, sweeps) from the same shuffled batches. A run directory holds
 ``run.json`` (what was asked for and how far training got), one checkpoint directory per SAE
-and ``train_log.jsonl``; a killed run continues with ``resume=True``.
+and ``metrics.jsonl``; an interrupted run continues with ``resume=True`` and ends with the same
+weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import signal
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 import routesae
-from routesae.activations import ActivationStream, training_positions
+from routesae.activations import ActivationStream
 from routesae.architectures.base import SAE, SAEConfig
 from routesae.checkpoint import (
-    OPTIMIZER_FILE,
+    TRAINER_STATE_FILE,
     WEIGHTS_FILE,
     load_optimizer,
     read_json,
     save_optimizer,
     save_sae,
     write_json,
+    write_safetensors,
 )
 from routesae.config import Config, setting
 from routesae.data import Corpus, load_corpus
@@ -37,8 +42,11 @@ from routesae.errors import ConfigError, RouteSAEError
 from routesae.lm import LanguageModel
 from routesae.plugins import get_plugin_manager
 from routesae.reporters.base import Reporter, StepReport
+from routesae.reporters.jsonl import METRICS_FILE
 
 MANIFEST_FILE = "run.json"
+RNG_FILE = "rng.safetensors"
+CHECKPOINT_SECONDS = 120.0
 
 
 @dataclass
@@ -54,12 +62,22 @@ class TrainConfig(Config):
     sae_batch_tokens: int = setting(2048, "Tokens per SAE optimisation step.")
     buffer_tokens: int = setting(16_384, "Shuffle-buffer size in tokens; mixes tokens from many sequences per step.")
     lr: float = setting(5e-4, "Adam learning rate (betas 0.9, 0.999).")
+    schedule: Literal["wsd", "reference-2025"] = setting(
+        "wsd",
+        "Learning-rate schedule: 'wsd' is linear warm-up, stable, then linear decay to zero; 'reference-2025' "
+        "reproduces the reference code's older schedule (lr 0 at step 0, a drop to 0.2 at 80%, 0 for the last 5%).",
+    )
     warmup: float = setting(0.05, "Fraction of steps with linear learning-rate warm-up.")
     decay: float = setting(0.2, "Fraction of final steps with linear decay to zero.")
     renorm_every: int = setting(10, "Rescale decoder directions to unit norm every this many steps (and at the end).")
+    remove_parallel_grad: bool = setting(
+        False, "Remove the gradient component parallel to each decoder direction before every Adam step."
+    )
     keep_bos: bool = setting(False, "Train on each sequence's first position too (the reference does; it is an attention sink).")
     seed: int = setting(42, "Seed for SAE initialisation, data order and shuffling.")
-    checkpoint_every: int = setting(200, "Steps between checkpoints (0: only at the end).")
+    checkpoint_every: int | None = setting(
+        None, f"Steps between checkpoints (0: only at the end). Default: every {CHECKPOINT_SECONDS:.0f} s of training."
+    )
     log_every: int = setting(10, "Steps between progress reports.")
     dead_after_tokens: int = setting(100_000, "A latent counts as dead when it has not fired for this many tokens.")
     device: str = setting("auto", "Device for the model and SAEs: 'auto' (CUDA when available), 'cpu', 'cuda', ...")
@@ -97,14 +115,63 @@ class SAESpec:
         return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
 
 
-def lr_factor(step: int, total_steps: int, warmup: float, decay: float) -> float:
-    """Warm-up / stable / linear-decay multiplier. Unlike the reference, the first step's lr is not 0."""
+def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: str = "wsd") -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``total_steps``.
+
+    ``wsd``: warm-up, stable, linear decay to zero, as the paper describes; unlike the reference
+    code the first step's lr is not 0. ``reference-2025``: the reference code's older schedule
+    (reference §5.4), which likely produced the paper's numbers — lr 0 at step 0, a jump from 1.0
+    to 0.2 at 80% of training, and 0 for the last 5%.
+    """
     n_warmup, n_decay = int(warmup * total_steps), int(decay * total_steps)
+    if schedule == "reference-2025":
+        if step < n_warmup:
+            return step / n_warmup
+        if step < total_steps - n_decay:
+            return 1.0
+        return max(0.0, (total_steps - step - n_warmup) / (total_steps - n_warmup - n_decay))
     if step < n_warmup:
         return (step + 1) / n_warmup
     if step < total_steps - n_decay:
         return 1.0
     return max(0.0, (total_steps - step) / n_decay)
+
+
+class Interrupt:
+    """Ctrl-C as a flag checked between steps, so a checkpoint never holds half a step.
+
+    The first Ctrl-C sets ``requested``; a second one interrupts at once (``forced``), and then
+    no checkpoint is written from the half-done step.
+    """
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.hits > 0
+
+    @property
+    def forced(self) -> bool:
+        return self.hits > 1
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.hits += 1
+        if self.forced:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[Interrupt]:
+        """Catch SIGINT while active (a no-op outside the main thread, where signals cannot be caught)."""
+        try:
+            previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def seed_for(seed: int, name: str) -> int:
@@ -115,16 +182,18 @@ def seed_for(seed: int, name: str) -> int:
 class TrainedSAE:
     """An SAE with its optimiser and running statistics inside a run."""
 
-    def __init__(self, name: str, sae: SAE, layer_index: Tensor, lr: float) -> None:
+    def __init__(self, name: str, sae: SAE, layer_index: Tensor, cfg: TrainConfig) -> None:
         self.name = name
         self.sae = sae
         self.layer_index = layer_index  # positions of this SAE's layers in the harvested layer axis
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.cfg = cfg
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(sae.cfg.latent_size, dtype=torch.long)
         self.recent: deque[dict[str, float]] = deque(maxlen=10)
         self.step_seconds = 0.0
 
-    def step(self, acts_NLD: Tensor, lr: float) -> dict[str, float]:
+    def step(self, acts_NLD: Tensor, lr: float, step: int) -> dict[str, float]:
+        """One optimiser step; raises FloatingPointError (before touching the weights) on a NaN/inf loss."""
         start = time.perf_counter()
         out = self.sae(acts_NLD.index_select(1, self.layer_index))
         loss, terms = self.sae.loss(out)
@@ -134,7 +203,12 @@ class TrainedSAE:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.remove_parallel_grad:
+            self.sae.remove_parallel_gradient()
         self.optimizer.step()
+        if (step + 1) % self.cfg.renorm_every == 0:
+            self.sae.normalize_decoder()
+        self.sae.after_step(step)
         fired = (out.latents != 0).any(0).cpu()
         self.since_fired += acts_NLD.shape[0]
         self.since_fired[fired] = 0
@@ -147,9 +221,24 @@ class TrainedSAE:
         keys = self.recent[0].keys() if self.recent else []
         return {k: sum(r[k] for r in self.recent) / len(self.recent) for k in keys}
 
+    def dead_fraction(self) -> float:
+        return float((self.since_fired >= self.cfg.dead_after_tokens).float().mean())
+
+    def save_state(self, path: Path, step: int) -> None:
+        save_optimizer(self.optimizer, path, step, extra={"since_fired": self.since_fired})
+
+    def load_state(self, path: Path) -> int:
+        step, extra = load_optimizer(self.optimizer, path)
+        self.since_fired = extra["since_fired"]
+        return step
+
 
 class Trainer:
-    """Train ``specs`` on activations of ``cfg.model`` over ``cfg.dataset``, checkpointing into ``out``."""
+    """Train ``specs`` on activations of ``cfg.model`` over ``cfg.dataset``, checkpointing into ``out``.
+
+    A resumed run continues bit-identically: the checkpoint holds weights, optimiser state, the
+    RNG and the stream position, and the stream re-derives everything else from the data.
+    """
 
     def __init__(
         self,
@@ -169,16 +258,16 @@ class Trainer:
         self.out = Path(out)
         self.request = {"train": cfg.to_dict(), "saes": [s.to_dict() for s in specs]}
         self.progress = self._check_out_dir(overwrite, resume)
+        self.reporters = self._build_reporters(reporters if reporters is not None else ["console"])
         self.device = cfg.resolved_device()
         self.lm = lm or LanguageModel.load(cfg.model, device=self.device)
         self.saes = self._build_saes()
-        self.reporters = self._build_reporters(reporters if reporters is not None else ["console", "jsonl"])
         self.corpus: Corpus | None = None
 
     # -- set-up -------------------------------------------------------------------------------
     def _check_out_dir(self, overwrite: bool, resume: bool) -> dict[str, int]:
         """Refuse to mix runs in one directory; return where training should start."""
-        start = {"step": 0, "tokens": 0, "blocks": 0}
+        start = {"step": 0, "tokens": 0, "group": 0, "batch": 0}
         if self.out.exists() and not self.out.is_dir():
             raise RouteSAEError(f"--out {self.out} is a file; give a directory")
         manifest_path = self.out / MANIFEST_FILE
@@ -203,9 +292,7 @@ class Trainer:
             raise RouteSAEError(f"{self.out} already holds this finished run; use --overwrite to train it again")
         if same:
             raise RouteSAEError(f"{self.out} holds an unfinished run of these settings; continue it with --resume (or --overwrite)")
-        raise RouteSAEError(
-            f"{self.out} already holds a different run; choose another --out, or --overwrite to replace it"
-        )
+        raise RouteSAEError(f"{self.out} already holds a different run; choose another --out, or --overwrite to replace it")
 
     def _build_saes(self) -> list[TrainedSAE]:
         pm = get_plugin_manager()
@@ -221,24 +308,39 @@ class Trainer:
             torch.manual_seed(seed_for(self.cfg.seed, name))
             sae = arch(config, self.lm.d_model).to(self.device).train()
             index = torch.tensor([self.layers.index(layer) for layer in config.resolved_layers()], device=self.device)
-            trained.append(TrainedSAE(name, sae, index, self.cfg.lr))
+            trained.append(TrainedSAE(name, sae, index, self.cfg))
         return trained
 
     def _build_reporters(self, names: list[str]) -> list[Reporter]:
+        """``jsonl`` (``metrics.jsonl``) is always on: it is the run's record, not a display."""
         pm = get_plugin_manager()
-        return [pm.get("reporter", name)(self.out) for name in names]
+        return [pm.get("reporter", name)(self.out) for name in dict.fromkeys(["jsonl", *names])]
 
-    def _total_steps(self) -> int:
-        return math.ceil(self.cfg.tokens / self.cfg.sae_batch_tokens)
+    def _stream(self) -> ActivationStream:
+        assert self.corpus is not None
+        return ActivationStream(
+            self.lm,
+            self.corpus.split("train"),
+            self.layers,
+            lm_batch_size=self.cfg.batch_size,
+            sae_batch_tokens=self.cfg.sae_batch_tokens,
+            buffer_tokens=self.cfg.buffer_tokens,
+            keep_bos=self.cfg.keep_bos,
+            seed=self.cfg.seed,
+            position=(self.progress["group"], self.progress["batch"]),
+        )
 
-    def _check_data(self, corpus: Corpus) -> None:
-        blocks = corpus.split("train")
-        available = int(training_positions(blocks.attention_mask, self.cfg.keep_bos).sum())
-        if self.cfg.tokens > available:
-            raise RouteSAEError(
-                f"asked for {self.cfg.tokens:,} training tokens but the train split of {self.cfg.dataset!r} holds "
-                f"{available:,} usable tokens (context {self.cfg.context_length}); lower --tokens or use a larger --dataset"
-            )
+    def _total_steps(self, stream: ActivationStream) -> int:
+        """Steps until ``cfg.tokens`` tokens, from the stream's batch plan (no LM needed)."""
+        seen = 0
+        for steps, size in enumerate(stream.batch_sizes(), start=1):
+            seen += size
+            if seen >= self.cfg.tokens:
+                return steps
+        raise RouteSAEError(
+            f"asked for {self.cfg.tokens:,} training tokens but the train split of {self.cfg.dataset!r} holds "
+            f"{seen:,} usable tokens (context {self.cfg.context_length}); lower --tokens or use a larger --dataset"
+        )
 
     def _manifest(self, status: str) -> dict[str, Any]:
         assert self.corpus is not None
@@ -258,18 +360,17 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        """Load weights and optimiser state of every SAE for ``resume``."""
-        from safetensors.torch import load_file
-
+        """Weights, optimiser state and RNG of the last checkpoint, for ``resume``."""
         for t in self.saes:
             directory = self.out / t.name
             t.sae.load_state_dict(load_file(directory / WEIGHTS_FILE, device=str(self.device)))
-            saved_step = load_optimizer(t.optimizer, directory / OPTIMIZER_FILE)
+            saved_step = t.load_state(directory / TRAINER_STATE_FILE)
             if saved_step != self.progress["step"]:
                 raise RouteSAEError(
                     f"cannot resume: {directory} is at step {saved_step} but {MANIFEST_FILE} says {self.progress['step']}; "
                     "the checkpoint is inconsistent, use --overwrite to start over"
                 )
+        torch.set_rng_state(load_file(self.out / RNG_FILE)["cpu"])
 
     # -- checkpoints --------------------------------------------------------------------------
     def _sae_meta(self, t: TrainedSAE, finished: bool) -> dict[str, Any]:
@@ -286,19 +387,18 @@ class Trainer:
                 "steps_done": self.progress["step"],
                 "tokens_done": self.progress["tokens"],
                 "final": t.final_terms(),
-                "dead_fraction": self.dead_fraction(t),
+                "dead_fraction": t.dead_fraction(),
+                "statistics": t.sae.statistics(),
             },
         }
-
-    def dead_fraction(self, t: TrainedSAE) -> float:
-        return float((t.since_fired >= self.cfg.dead_after_tokens).float().mean())
 
     def checkpoint(self, finished: bool = False) -> None:
         """Each SAE's files first, then the manifest: the manifest never points past what is on disk."""
         for t in self.saes:
             directory = self.out / t.name
             save_sae(t.sae, directory, self._sae_meta(t, finished))
-            save_optimizer(t.optimizer, directory / OPTIMIZER_FILE, self.progress["step"])
+            t.save_state(directory / TRAINER_STATE_FILE, self.progress["step"])
+        write_safetensors(self.out / RNG_FILE, {"cpu": torch.get_rng_state()})
         write_json(self.out / MANIFEST_FILE, self._manifest("finished" if finished else "running"))
 
     # -- the loop -----------------------------------------------------------------------------
@@ -307,17 +407,18 @@ class Trainer:
         self.corpus = load_corpus(
             self.cfg.dataset, self.lm.tokenizer, context_length=self.cfg.context_length, text_field=self.cfg.text_field, seed=self.cfg.seed
         )
-        self._check_data(self.corpus)
+        stream = self._stream()
+        total_steps = self._total_steps(stream)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress["step"]:
             self._restore()
         else:
-            (self.out / "train_log.jsonl").unlink(missing_ok=True)  # a fresh (or overwritten) run starts a fresh log
+            (self.out / METRICS_FILE).unlink(missing_ok=True)  # a fresh (or overwritten) run starts a fresh log
         write_json(self.out / MANIFEST_FILE, self._manifest("running"))
         try:
             for r in self.reporters:
                 r.start(self._manifest("running"))
-            summary = self._loop()
+            summary = self._loop(stream, total_steps)
             for r in self.reporters:
                 r.finish(summary)
             return summary
@@ -325,42 +426,42 @@ class Trainer:
             for r in self.reporters:
                 r.close()
 
-    def _loop(self) -> dict[str, Any]:
+    def _checkpoint_due(self, step: int, last_checkpoint: float) -> bool:
+        if self.cfg.checkpoint_every is None:
+            return time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
+        return self.cfg.checkpoint_every > 0 and step % self.cfg.checkpoint_every == 0
+
+    def _loop(self, stream: ActivationStream, total_steps: int) -> dict[str, Any]:
         cfg = self.cfg
-        total_steps = self._total_steps()
-        stream = ActivationStream(
-            self.lm,
-            self.corpus.split("train"),
-            self.layers,
-            lm_batch_size=cfg.batch_size,
-            sae_batch_tokens=cfg.sae_batch_tokens,
-            buffer_tokens=cfg.buffer_tokens,
-            keep_bos=cfg.keep_bos,
-            seed=cfg.seed + self.progress["step"],
-            start_block=self.progress["blocks"],
-        )
         start_tokens = self.progress["tokens"]
-        started = time.perf_counter()
+        started = last_checkpoint = time.monotonic()
+        interrupt = Interrupt()
         try:
-            for acts in stream:
-                remaining = cfg.tokens - self.progress["tokens"]
-                if remaining <= 0:
-                    break
-                acts = acts[:remaining].to(self.device, non_blocking=True)
-                step = self.progress["step"]
-                lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay)
-                logged = {t.name: self._step(t, acts, lr, step) for t in self.saes}
-                self.progress = {"step": step + 1, "tokens": self.progress["tokens"] + acts.shape[0], "blocks": stream.blocks_consumed}
-                if (step + 1) % cfg.log_every == 0:
-                    self._report(logged, lr, time.perf_counter() - started, start_tokens)
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    self.checkpoint()
+            with interrupt.installed():
+                for acts in stream:
+                    acts = acts[: cfg.tokens - self.progress["tokens"]].to(self.device, non_blocking=True)
+                    step = self.progress["step"]
+                    lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, cfg.schedule)
+                    logged = {t.name: self._step(t, acts, lr, step) for t in self.saes}
+                    group, batch = stream.position
+                    self.progress = {"step": step + 1, "tokens": self.progress["tokens"] + acts.shape[0], "group": group, "batch": batch}
+                    if (step + 1) % cfg.log_every == 0:
+                        self._report(logged, lr, time.monotonic() - started, start_tokens, total_steps)
+                    if self.progress["tokens"] >= cfg.tokens:
+                        break
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    if self._checkpoint_due(step + 1, last_checkpoint):
+                        self.checkpoint()
+                        last_checkpoint = time.monotonic()
         except KeyboardInterrupt:
+            if interrupt.forced:
+                raise RouteSAEError(f"interrupted mid-step; the last checkpoint in {self.out} is intact, continue with --resume") from None
             self.checkpoint()
             raise RouteSAEError(
                 f"interrupted at step {self.progress['step']}; checkpoint saved in {self.out}, continue with --resume"
             ) from None
-        seconds = time.perf_counter() - started
+        seconds = time.monotonic() - started
         for t in self.saes:
             t.sae.normalize_decoder()
         self.checkpoint(finished=True)
@@ -368,24 +469,21 @@ class Trainer:
 
     def _step(self, t: TrainedSAE, acts: Tensor, lr: float, step: int) -> dict[str, float]:
         try:
-            logged = t.step(acts, lr)
+            return t.step(acts, lr, step)
         except FloatingPointError as e:
             raise RouteSAEError(
                 f"training diverged: SAE {t.name} {e} at step {step}; the last checkpoint in {self.out} is intact. "
                 "Lower --lr, then --resume (or --overwrite)"
             ) from None
-        if (step + 1) % self.cfg.renorm_every == 0:
-            t.sae.normalize_decoder()
-        t.sae.after_step(step)
-        return logged
 
-    def _report(self, logged: dict[str, dict[str, float]], lr: float, seconds: float, start_tokens: int) -> None:
+    def _report(self, logged: dict[str, dict[str, float]], lr: float, seconds: float, start_tokens: int, total_steps: int) -> None:
         report = StepReport(
             step=self.progress["step"],
-            total_steps=self._total_steps(),
+            total_steps=total_steps,
             tokens=self.progress["tokens"],
             total_tokens=self.cfg.tokens,
-            seconds=seconds * self.progress["tokens"] / max(1, self.progress["tokens"] - start_tokens),
+            seconds=seconds,
+            tokens_per_s=(self.progress["tokens"] - start_tokens) / seconds if seconds > 0 else 0.0,
             lr=lr,
             saes=logged,
         )
@@ -412,7 +510,8 @@ class Trainer:
                     "tokens_per_s": rate,
                     "sae_step_seconds": t.step_seconds,
                     "final": t.final_terms(),
-                    "dead_fraction": self.dead_fraction(t),
+                    "dead_fraction": t.dead_fraction(),
+                    "statistics": t.sae.statistics(),
                     "path": str(self.out / t.name),
                 }
                 for t in self.saes

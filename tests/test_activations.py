@@ -32,7 +32,8 @@ def test_stream_serves_each_kept_token_exactly_once(lm, blocks, keep_bos):
     stream = ActivationStream(lm, blocks, layers, lm_batch_size=4, sae_batch_tokens=50, buffer_tokens=200, keep_bos=keep_bos)
     served = list(stream)
     assert all(b.shape[1:] == (2, lm.d_model) for b in served)
-    assert all(b.shape[0] == 50 for b in served[:-1]) and 0 < served[-1].shape[0] <= 50
+    sizes = [b.shape[0] for b in served]
+    assert sizes == list(stream.batch_sizes()) and max(sizes) == 50 and 0 < min(sizes)
     got = torch.cat(served)
     expected = torch.cat(
         [lm.capture(ids, mask, layers)[training_positions(mask, keep_bos)] for ids, mask in blocks.batches(4)]
@@ -44,14 +45,21 @@ def test_stream_serves_each_kept_token_exactly_once(lm, blocks, keep_bos):
 
     torch.testing.assert_close(canonical(got), canonical(expected))
     assert not torch.equal(got, expected), "the stream must shuffle"
-    assert stream.blocks_consumed == len(blocks)
+    assert stream.position == (len(stream.groups), 0)
+    assert all(g.tokens >= 200 for g in stream.groups[:-1]), "every group but the last fills the buffer"
 
 
-def test_stream_is_deterministic_and_resumes_from_a_block(lm, blocks):
-    def run(**kw):
-        return torch.cat(list(ActivationStream(lm, blocks, [2], lm_batch_size=4, sae_batch_tokens=32, buffer_tokens=128, seed=7, **kw)))
+def test_stream_is_deterministic_and_resumes_mid_group(lm, blocks):
+    def stream(position=(0, 0)):
+        return ActivationStream(lm, blocks, [2], lm_batch_size=4, sae_batch_tokens=32, buffer_tokens=128, seed=7, position=position)
 
-    torch.testing.assert_close(run(), run())
-    later = run(start_block=8)
-    expected_rows = int(training_positions(blocks.attention_mask[8:], keep_bos=False).sum())
-    assert later.shape[0] == expected_rows
+    full = list(stream())
+    torch.testing.assert_close(torch.cat(full), torch.cat(list(stream())))
+    positions, it = [], stream()
+    for _ in it:
+        positions.append(it.position)
+    k = next(i for i, (group, batch) in enumerate(positions) if group == 2 and batch > 0)
+    resumed = list(stream(position=positions[k]))
+    assert len(resumed) == len(full) - (k + 1)
+    for a, b in zip(resumed, full[k + 1 :]):
+        assert torch.equal(a, b)

@@ -46,7 +46,7 @@ def test_train_writes_a_loadable_checkpoint_and_a_json_summary(base_args, tmp_pa
     assert config["model"]["n_layers"] == 4 and config["data"]["fingerprint"]
     assert config["training"]["finished"] and config["routesae_version"]
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
-    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [s["saes"]["topk-L2-k4-F64"]["loss"] for s in steps if s["event"] == "step"]
     assert losses[-1] < losses[0]
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
@@ -78,25 +78,34 @@ class Interrupter:
         register(InterruptAt)
 
 
-def test_interrupted_run_resumes_to_the_requested_tokens(tiny_model_dir, text_corpus_dir, tmp_path):
-    pm = get_plugin_manager()
-    pm.register(Interrupter(), name="interrupter")
-    out = tmp_path / "run"
+def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, text_corpus_dir, tmp_path):
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=1280, batch_size=4, context_length=32,
                       sae_batch_tokens=64, buffer_tokens=256, log_every=2, checkpoint_every=0)
-    spec = SAESpec.build("topk", k=4, latent_size=64, layer=1)
+    specs = [SAESpec.build("topk", k=4, latent_size=64, layer=1), SAESpec.build("batchtopk", k=4, latent_size=64, layer=2)]
+    uninterrupted = train(specs, tmp_path / "a", cfg, reporters=[])
+
+    pm = get_plugin_manager()
+    pm.register(Interrupter(), name="interrupter")
+    out = tmp_path / "b"
     try:
         with pytest.raises(RouteSAEError, match="interrupted at step 4; checkpoint saved.*--resume"):
-            train([spec], out, cfg, reporters=["jsonl", "interrupt"])
+            train(specs, out, cfg, reporters=["interrupt"])
     finally:
         pm.unregister("interrupter")
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "running" and manifest["progress"]["step"] == 4
+    assert manifest["progress"]["batch"] > 0, "the interruption should fall inside a shuffle group"
     with pytest.raises(RouteSAEError, match="unfinished run.*--resume"):
-        train([spec], out, cfg, reporters=[])
-    summary = train([spec], out, cfg, resume=True, reporters=["jsonl"])
-    assert summary["tokens"] == 1280 and summary["steps"] == 20
+        train(specs, out, cfg, reporters=[])
+    resumed = train(specs, out, cfg, resume=True, reporters=[])
+    assert resumed["tokens"] == uninterrupted["tokens"] == 1280 and resumed["steps"] == uninterrupted["steps"]
+    for name in ("topk-L1-k4-F64", "batchtopk-L2-k4-F64"):
+        a = load_file(tmp_path / "a" / name / "weights.safetensors")
+        b = load_file(out / name / "weights.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    logged_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    assert logged_steps == list(range(2, resumed["steps"] + 1, 2))
 
 
 def test_one_harvest_trains_several_architectures(base_args, tmp_path):

@@ -17,7 +17,8 @@ class StepReport:
     total_steps: int
     tokens: int
     total_tokens: int
-    seconds: float
+    seconds: float  # training-loop wall time of this session (resumes restart it)
+    tokens_per_s: float
     lr: float
     saes: dict[str, dict[str, float]]  # SAE name -> logged terms (loss, nmse, l0, ...)
 

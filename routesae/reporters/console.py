@@ -45,7 +45,7 @@ class ConsoleReporter(Reporter):
         self.progress.start()
 
     def step(self, report: StepReport) -> None:
-        speed = f"{report.tokens / report.seconds:,.0f} tok/s" if report.seconds > 0 else ""
+        speed = f"{report.tokens_per_s:,.0f} tok/s"
         first = next(iter(report.saes.values()))
         stats = "  ".join(f"{k} {v:.4g}" for k, v in first.items() if k in ("loss", "l0"))
         self.progress.update(self.task, completed=report.tokens, speed=speed, stats=stats)

@@ -1,4 +1,4 @@
-"""One JSON object per line in ``<run>/train_log.jsonl``: easy to plot, append-only across resumes."""
+"""One JSON object per line in ``<run>/metrics.jsonl``: the run's record, always on, append-only across resumes."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from typing import Any
 
 from routesae.reporters.base import Reporter, StepReport
 
-LOG_FILE = "train_log.jsonl"
+METRICS_FILE = "metrics.jsonl"
 
 
 class JsonlReporter(Reporter):
     name = "jsonl"
 
     def _write(self, event: str, data: dict[str, Any]) -> None:
-        with open(self.run_dir / LOG_FILE, "a") as f:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"event": event, **data}) + "\n")
 
     def start(self, run: dict[str, Any]) -> None:
