@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from routesae.architectures.base import SAE, SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE  # noqa: E402
 from routesae.checkpoint import load_sae  # noqa: E402
+
+load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 from routesae.config import setting  # noqa: E402
 from routesae.data import Corpus, load_corpus  # noqa: E402
 from routesae.errors import RouteSAEError  # noqa: E402
@@ -32,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "train",
     "load_sae",
+    "load",
     "RouteSAEError",
     "get_plugin_manager",
 ]

@@ -45,14 +45,34 @@ def _click_type(tp: Any) -> Any:
     raise PluginError(f"config fields of type {tp!r} cannot be set from the command line")
 
 
-def _field_option(field: dataclasses.Field, tp: Any, extra_help: str = "") -> click.Option:
+class CommaList(click.ParamType):
+    """``32,64,128`` -> [32, 64, 128]: every architecture setting can be swept from the command line."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = click.types.convert_type(item)
+        self.name = f"{self.item.name}[,...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[Any]:
+        if isinstance(value, list):
+            return value
+        return [self.item.convert(part.strip(), param, ctx) for part in str(value).split(",")]
+
+
+def _field_option(field: dataclasses.Field, tp: Any, extra_help: str = "", sweepable: bool = False) -> click.Option:
     """A click option for a config field; its default is None so we know what the user set."""
     default = field.default if field.default is not dataclasses.MISSING else None
     help_text = f"{field_help(field)}{extra_help} [default: {default}]"
     if tp is bool:
         flag = field.name.replace("_", "-")
         return click.Option([f"--{flag}/--no-{flag}", field.name], default=None, help=help_text)
-    return click.Option([_option_name(field.name), field.name], type=_click_type(tp), default=None, help=help_text)
+    click_type = _click_type(tp)
+    return click.Option(
+        [_option_name(field.name), field.name], type=CommaList(click_type) if sweepable else click_type, default=None, help=help_text
+    )
+
+
+def _cli_settable(tp: Any) -> bool:
+    return tp in (bool, int, float, str) or get_origin(tp) is Literal
 
 
 def config_options(config_cls: type[Config]) -> list[click.Option]:
@@ -60,26 +80,28 @@ def config_options(config_cls: type[Config]) -> list[click.Option]:
     return [_field_option(f, types[f.name][0]) for f in dataclasses.fields(config_cls)]
 
 
-def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> tuple[list[click.Option], dict[str, set[str]]]:
-    """One option per config field across all architectures; returns (options, field -> architectures)."""
+def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[click.Option]:
+    """One (sweepable) option per settable config field across all installed architectures."""
     owners: dict[str, set[str]] = {}
     first: dict[str, tuple[dataclasses.Field, Any]] = {}
     for arch_name in pm.names("architecture"):
-        config_cls = pm.get("architecture", arch_name).Config
-        for f in dataclasses.fields(config_cls):
-            tp = field_types(config_cls)[f.name][0]
+        arch = pm.get("architecture", arch_name)
+        for name in arch.setting_names():
+            owners.setdefault(name, set()).add(arch_name)
+        for f in dataclasses.fields(arch.Config):
+            tp = field_types(arch.Config)[f.name][0]
+            if not _cli_settable(tp):
+                continue  # e.g. a composite's nested settings, set through its parts' options
             if f.name in reserved:
                 raise PluginError(f"architecture {arch_name!r} has a setting {f.name!r} that clashes with a training option")
             if f.name in first and first[f.name][1] != tp:
                 raise PluginError(f"architectures disagree on the type of setting {f.name!r} ({arch_name!r} and others)")
             first.setdefault(f.name, (f, tp))
-            owners.setdefault(f.name, set()).add(arch_name)
-    options = []
-    for name, (f, tp) in sorted(first.items()):
-        archs = owners[name]
-        scope = "" if archs == set(pm.names("architecture")) else f" ({', '.join(sorted(archs))} only)"
-        options.append(_field_option(f, tp, scope))
-    return options, owners
+    everyone = set(pm.names("architecture"))
+    return [
+        _field_option(f, tp, "" if owners[name] == everyone else f" ({', '.join(sorted(owners[name]))} only)", sweepable=True)
+        for name, (f, tp) in sorted(first.items())
+    ]
 
 
 def _print_json(data: Any) -> None:
@@ -87,30 +109,33 @@ def _print_json(data: Any) -> None:
 
 
 def make_train_command(pm: PluginManager) -> click.Command:
-    from routesae.train import SAESpec, TrainConfig, train
+    from routesae.specs import expand_specs, load_run_file
+    from routesae.train import TrainConfig, train
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    arch_opts, owners = architecture_options(pm, reserved=train_fields)
     reporters = pm.names("reporter")
 
-    def callback(arch: tuple[str, ...], out: str, overwrite: bool, resume: bool, as_json: bool, report: str, **values: Any) -> None:
+    def callback(
+        arch: tuple[str, ...], config: str | None, out: str | None, overwrite: bool, resume: bool, as_json: bool, report: str, **values: Any
+    ) -> None:
         if overwrite and resume:
             raise RouteSAEError("--overwrite and --resume contradict each other; pick one")
         given = {k: v for k, v in values.items() if v is not None}
-        cfg = TrainConfig.from_dict({k: v for k, v in given.items() if k in train_fields})
-        settings = {k: v for k, v in given.items() if k not in train_fields}
-        for name in arch:
-            pm.get("architecture", name)  # unknown names fail here with the installed list
-        for key in settings:
-            if not owners[key] & set(arch):
-                raise RouteSAEError(
-                    f"{_option_name(key)} does not apply to --arch {', '.join(arch)} (it is a setting of {', '.join(sorted(owners[key]))})"
-                )
-        specs = [
-            SAESpec.build(name, **{k: v for k, v in settings.items() if name in owners[k]}) for name in dict.fromkeys(arch)
-        ]
-        chosen = [r.strip() for r in report.split(",") if r.strip()]
-        summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=chosen)
+        arch_settings = {k: v for k, v in given.items() if k not in train_fields}
+        train_settings = {k: v for k, v in given.items() if k in train_fields}
+        if config:
+            if arch or arch_settings:
+                raise RouteSAEError("give the SAEs either in --config or with --arch and its options, not both")
+            file_train, specs = load_run_file(config)
+            out = out or file_train.pop("out", None)
+            file_train.pop("out", None)
+            train_settings = {**file_train, **train_settings}
+        else:
+            specs = expand_specs(list(arch or ("topk",)), arch_settings)
+        if not out:
+            raise RouteSAEError("say where the run goes: --out DIR (or out = \"DIR\" in the run file's [train] table)")
+        cfg = TrainConfig.from_dict(train_settings)
+        summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=[r.strip() for r in report.split(",") if r.strip()])
         if as_json:
             _print_json(summary)
 
@@ -118,25 +143,31 @@ def make_train_command(pm: PluginManager) -> click.Command:
         click.Option(
             ["--arch", "arch"],
             multiple=True,
-            default=("topk",),
-            show_default=True,
-            help=f"Architecture(s) to train from one harvest; repeat for several. Installed: {', '.join(pm.names('architecture'))}.",
+            help=f"Architecture(s) to train from one harvest; repeat for several (default: topk). "
+            f"Installed: {', '.join(pm.names('architecture'))}.",
         ),
-        click.Option(["--out"], required=True, type=click.Path(file_okay=False), help="Run directory (one sub-directory per SAE)."),
+        click.Option(
+            ["--config"], type=click.Path(dir_okay=False), help="TOML run file: a [train] table and one [sae.NAME] table per SAE."
+        ),
+        click.Option(["--out"], type=click.Path(file_okay=False), help="Run directory (one sub-directory per SAE)."),
         click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
         click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
         click.Option(["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout at the end."),
         click.Option(
-            ["--report"], default="console,jsonl", show_default=True, help=f"Comma-separated reporters. Installed: {', '.join(reporters)}."
+            ["--report"],
+            default="console",
+            show_default=True,
+            help=f"Comma-separated reporters (metrics.jsonl is always written). Installed: {', '.join(reporters)}.",
         ),
         *config_options(TrainConfig),
-        *arch_opts,
+        *architecture_options(pm, reserved=train_fields),
     ]
     return click.Command(
         "train",
         callback=callback,
         params=params,
-        help="Train one or more SAEs on one model's residual stream, all from one activation harvest.",
+        help="Train one or more SAEs on one model's residual stream, all from one activation harvest. "
+        "Comma-separated architecture settings (--k 32,64,128) train one SAE per value.",
     )
 
 

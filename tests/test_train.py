@@ -179,7 +179,8 @@ def test_architecture_settings_become_options_and_apply_only_where_they_exist(ba
         assert "--temperature" in run_cli("train", "--help").output
         refused = run_cli(*base_args, "--temperature", "2", "--arch", "topk", "--out", str(tmp_path / "r"))
         assert refused.exit_code == 2
-        assert "--temperature does not apply to --arch topk (it is a setting of temperature)" in refused.stderr
+        assert "--temperature is not a setting of --arch topk; their settings: " in refused.stderr
+        assert "--k, --latent-size, --layer" in refused.stderr
         both = run_cli(*base_args, "--temperature", "2", "--arch", "topk", "--arch", "temperature", "--tokens", "128",
                        "--out", str(tmp_path / "r"), "--report", "jsonl")
         assert both.exit_code == 0, both.output
@@ -194,3 +195,47 @@ def test_lr_schedule_warms_up_holds_and_decays():
     assert all(f == 1.0 for f in factors[5:80])
     assert all(a > b for a, b in zip(factors[80:], factors[81:])) and factors[-1] == pytest.approx(0.05)
     assert all(0 < f <= 1 for f in factors)
+
+
+def test_a_comma_list_sweeps_a_setting_from_one_harvest(base_args, tmp_path):
+    result = run_cli(*base_args, "--k", "2,4,8", "--arch", "topk", "--tokens", "256", "--out", str(tmp_path / "r"), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [s["name"] for s in summary["saes"]] == ["topk-L2-k2-F64", "topk-L2-k4-F64", "topk-L2-k8-F64"]
+    assert [load_sae(tmp_path / "r" / s["name"])[0].cfg.k for s in summary["saes"]] == [2, 4, 8]
+
+
+def test_a_toml_run_file_names_each_sae(tiny_model_dir, text_corpus_dir, tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(
+        f"""
+[train]
+model = "{tiny_model_dir}"
+dataset = "{text_corpus_dir}"
+context-length = 32
+batch_size = 4
+sae_batch_tokens = 64
+tokens = 256
+out = "{tmp_path / 'from-file'}"
+
+[sae.small]
+arch = "topk"
+k = 2
+latent-size = 64
+
+[sae.wide]
+arch = "batchtopk"
+k = 4
+latent_size = 128
+layer = 1
+"""
+    )
+    result = run_cli("train", "--config", str(run_file), "--json")
+    assert result.exit_code == 0, result.output
+    assert [s["name"] for s in json.loads(result.stdout)["saes"]] == ["small", "wide"]
+    wide, _ = load_sae(tmp_path / "from-file" / "wide")
+    assert (wide.name, wide.cfg.latent_size, wide.layers) == ("batchtopk", 128, (1,))
+    mixed = run_cli("train", "--config", str(run_file), "--arch", "topk")
+    assert mixed.exit_code == 2 and "either in --config or with --arch" in mixed.stderr
+    run_file.write_text("[sae.x]\nk = 3\n")
+    assert "needs an arch" in run_cli("train", "--config", str(run_file), "--out", str(tmp_path / "x")).stderr

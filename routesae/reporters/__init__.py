@@ -4,6 +4,7 @@ from routesae.hookspecs import hookimpl
 from routesae.reporters.base import Reporter, StepReport
 from routesae.reporters.console import ConsoleReporter
 from routesae.reporters.jsonl import JsonlReporter
+from routesae.reporters.wandb import WandbReporter
 
 __all__ = ["Reporter", "StepReport"]
 
@@ -12,3 +13,4 @@ __all__ = ["Reporter", "StepReport"]
 def register_reporters(register):
     register(ConsoleReporter)
     register(JsonlReporter)
+    register(WandbReporter)

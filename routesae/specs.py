@@ -1,0 +1,84 @@
+"""Which SAEs a run trains: architectures × settings (with sweeps), from the CLI or a TOML run file.
+
+``--k 32,64,128 --arch routesae --arch topk`` is six SAEs trained from one harvest: every
+comma-separated setting is swept, and each setting goes to every listed architecture that takes
+it. A setting that none of them takes is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from routesae.errors import ConfigError, RouteSAEError
+from routesae.plugins import get_plugin_manager
+from routesae.train import SAESpec
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def expand_specs(architectures: list[str], settings: dict[str, Any]) -> list[SAESpec]:
+    """One spec per architecture and per combination of swept (list-valued) settings."""
+    pm = get_plugin_manager()
+    archs = {name: pm.get("architecture", name) for name in dict.fromkeys(architectures)}
+    accepted = {name: arch.setting_names() for name, arch in archs.items()}
+    for key in settings:
+        if not any(key in names for names in accepted.values()):
+            options = ", ".join(sorted({_option(n) for names in accepted.values() for n in names}))
+            raise ConfigError(f"{_option(key)} is not a setting of --arch {', '.join(archs)}; their settings: {options}")
+    specs = []
+    for name in archs:
+        own = {k: v if isinstance(v, list) else [v] for k, v in settings.items() if k in accepted[name]}
+        for values in itertools.product(*own.values()):
+            specs.append(SAESpec.build(name, **dict(zip(own, values))))
+    return specs
+
+
+def load_run_file(path: Path | str) -> tuple[dict[str, Any], list[SAESpec]]:
+    """Read a TOML run file: a ``[train]`` table (training settings, ``out``) and one ``[sae.NAME]`` table per SAE.
+
+    .. code-block:: toml
+
+        [train]
+        tokens = 200_000
+        out = "runs/compare"
+
+        [sae.routesae-k32]
+        arch = "routesae"
+        k = 32
+
+        [sae.topk-k32]
+        arch = "topk"
+        k = 32
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RouteSAEError(f"run file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RouteSAEError(f"run file {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - {"train", "sae"})
+    if unknown:
+        raise ConfigError(f"run file {path}: unknown table(s) {', '.join(unknown)}; expected [train] and [sae.NAME]")
+    tables = data.get("sae", {})
+    if not tables:
+        raise ConfigError(f"run file {path} lists no SAE; add a table such as [sae.topk] with arch = \"topk\"")
+    specs = []
+    for name, table in tables.items():
+        table = {k.replace("-", "_"): v for k, v in table.items()}
+        if "arch" not in table:
+            raise ConfigError(f"run file {path}: [sae.{name}] needs an arch = \"...\" entry")
+        arch = table.pop("arch")
+        try:
+            (spec,) = expand_specs([arch], table)
+        except ValueError:
+            raise ConfigError(f"run file {path}: [sae.{name}] sweeps a setting; give one value per SAE table") from None
+        spec.name = name
+        specs.append(spec)
+    train = {k.replace("-", "_"): v for k, v in data.get("train", {}).items()}
+    return train, specs
