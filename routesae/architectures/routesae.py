@@ -1,0 +1,258 @@
+"""RouteSAE (Shi et al. 2025): one shared single-layer SAE fed, per token, by a learned router over layers.
+
+Composed from plugins, not special-cased: an aggregation (``sum`` | ``mean``) pools the L
+standardised layers into the router's input, a bias-free linear map d→L and a softmax over
+layers give routing probabilities p, a router (``hard`` | ``soft``) builds the routed vector,
+and any registered single-layer architecture (``inner``; TopK by default) encodes it::
+
+    x_l = standardize(h_l)                       per token and layer (reference §2.3)
+    v = Σ_l x_l  (sum)   or   (1/L) Σ_l x_l  (mean)
+    p = softmax(W_r v),  W_r ∈ R^{L×d}
+    hard: i* = argmax p,  x_route = p_{i*} · x_{i*}       soft: x_route = Σ_l p_l x_l
+    (z, x̂) = inner(x_route),   loss = inner's loss with target x_route
+
+Splicing (``reconstruction``) follows the reference's evaluation (§3.6, §6.2): each token is
+replaced once, at its argmax block, by the inner's reconstruction of that block's *unscaled*
+standardised activation x_{i*}, de-standardised with that block's (μ, σ). Soft routing uses
+the same rule (see :meth:`RouteSAE.reconstruction` for why). The spliced reconstruction is
+therefore not the trained one: training encodes p_{i*}·x_{i*} (reference pitfall §12.5).
+
+Settings. RouteSAE's own settings are its config fields; every other setting (``k``, ``relu``,
+``l1``, ...) belongs to the inner architecture and lives in ``inner_settings``, validated by the
+inner's own config and stored with its defaults filled in. ``latent_size`` is RouteSAE's and is
+mirrored into the inner config, so the dictionary size has one source of truth, the one the
+kernel reads (``cfg.latent_size``). The inner's ``normalize`` is fixed to ``"none"``: RouteSAE
+standardises each layer before routing, and the inner sees the routed vector as is.
+
+The inner runs through its own ``forward`` and ``loss``, so its extras (AuxK pre-activations,
+BatchTopK thresholds, ...) and ``after_step`` work as they do when it stands alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from routesae.architectures.base import (
+    MultiLayerConfig,
+    SAE,
+    SAEConfig,
+    SAEOutput,
+    SingleLayerConfig,
+    SingleLayerSAE,
+    Standardization,
+    standardize,
+)
+from routesae.config import setting
+from routesae.errors import ConfigError
+from routesae.plugins import get_plugin_manager
+from routesae.routers.base import Routing
+
+#: inner settings that RouteSAE owns or fixes: never given to the inner directly.
+DERIVED_INNER_SETTINGS = frozenset({"layer", "latent_size", "normalize"})
+
+
+def single_layer_architectures() -> dict[str, type[SingleLayerSAE]]:
+    """Registered architectures that can be RouteSAE's inner SAE."""
+    pm = get_plugin_manager()
+    archs = {name: pm.get("architecture", name) for name in pm.names("architecture")}
+    return {name: cls for name, cls in archs.items() if issubclass(cls, SingleLayerSAE)}
+
+
+def inner_architecture(name: str) -> type[SingleLayerSAE]:
+    archs = single_layer_architectures()
+    if name not in archs:
+        raise ConfigError(
+            f"inner={name!r} is not a registered single-layer architecture; choose one of: {', '.join(sorted(archs)) or 'none'}"
+        )
+    return archs[name]
+
+
+def inner_setting_names(inner_cls: type[SingleLayerSAE]) -> set[str]:
+    return inner_cls.setting_names() - DERIVED_INNER_SETTINGS
+
+
+def _check_plugin(kind: str, name: str) -> None:
+    pm = get_plugin_manager()
+    if name not in pm.names(kind):
+        raise ConfigError(f"{kind}={name!r} is not registered; installed {kind}s: {', '.join(pm.names(kind)) or 'none'}")
+
+
+@dataclass
+class RouteSAEConfig(MultiLayerConfig):
+    router: str = setting(
+        "hard",
+        "Router plugin: 'hard' sends each token's most probable layer, scaled by its probability (the paper); "
+        "'soft' sends the probability-weighted sum of layers.",
+    )
+    aggregate: str = setting(
+        "sum", "How the router input pools a token's layers: 'sum' (the paper) or 'mean' (logits divided by L)."
+    )
+    inner: str = setting("topk", "The single-layer architecture that encodes the routed vector (any registered one).")
+    inner_settings: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Settings of the inner architecture (k, relu, l1, ...); filled with its defaults."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_plugin("router", self.router)
+        _check_plugin("aggregation", self.aggregate)
+        if not isinstance(self.inner_settings, dict):
+            raise ConfigError(f"inner_settings must be a mapping, got {self.inner_settings!r}")
+        inner_cls = inner_architecture(self.inner)
+        derived = sorted(DERIVED_INNER_SETTINGS & set(self.inner_settings))
+        if derived:
+            raise ConfigError(
+                f"inner_settings may not set {', '.join(derived)}: RouteSAE sets latent_size and normalize itself "
+                "and reads a range of layers (layers=A:B)"
+            )
+        allowed = inner_setting_names(inner_cls)
+        unknown = sorted(set(self.inner_settings) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"inner architecture {self.inner!r} does not take {', '.join(unknown)}; "
+                f"its settings are: {', '.join(sorted(allowed)) or 'none'}"
+            )
+        full = self.inner_config().to_dict()  # validates through the inner's own config
+        self.inner_settings = {k: v for k, v in full.items() if k not in DERIVED_INNER_SETTINGS}
+
+    def inner_config(self, layer: int | None = None) -> SingleLayerConfig:
+        """The inner architecture's config (``layer`` only matters for its name tags)."""
+        inner_cls = inner_architecture(self.inner)
+        mirrored = {"latent_size": self.latent_size, "normalize": "none", "layer": layer}
+        return inner_cls.Config.from_dict({**self.inner_settings, **mirrored})
+
+    def name_parts(self) -> list[str]:
+        span, *_ = super().name_parts()
+        inner_parts = self.inner_config(layer=0).name_parts()
+        inner_parts.remove("L0")  # the inner's layer tag; our span replaces it
+        inner_tag = [] if self.inner == "topk" else [self.inner]
+        return [span, self.router, self.aggregate, *inner_tag, *inner_parts]
+
+
+class RouteSAE(SAE):
+    name = "routesae"
+    Config: ClassVar[type[SAEConfig]] = RouteSAEConfig
+    cfg: RouteSAEConfig
+    routing_counts: Tensor  # [L] float64: tokens (hard) or probability mass (soft) routed to each layer in training
+
+    def __init__(self, cfg: RouteSAEConfig, d_model: int) -> None:
+        super().__init__(cfg, d_model)
+        pm = get_plugin_manager()
+        self.routing_rule = pm.get("router", cfg.router)
+        self.aggregation = pm.get("aggregation", cfg.aggregate)
+        n_routed = len(cfg.resolved_layers())
+        self.router = nn.Linear(d_model, n_routed, bias=False)  # PyTorch default init, as the reference
+        self.sae = inner_architecture(cfg.inner)(cfg.inner_config(), d_model)
+        # Sized by the routed range itself (the reference's n//2+1 breaks when n ≡ 3 mod 4, §12.13).
+        self.register_buffer("routing_counts", torch.zeros(n_routed, dtype=torch.float64))
+
+    # -- settings --------------------------------------------------------------------------------
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        own = {f.name for f in dataclasses.fields(cls.Config)} - {"inner_settings"}
+        inner = set().union(*(inner_setting_names(a) for a in single_layer_architectures().values()))
+        return own | inner
+
+    @classmethod
+    def build_config(cls, settings: dict[str, Any]) -> RouteSAEConfig:
+        """Own fields configure RouteSAE; the rest go to the inner architecture and are checked by it."""
+        own_names = {f.name for f in dataclasses.fields(cls.Config)}
+        own = {k: v for k, v in settings.items() if k in own_names}
+        inner_settings = dict(own.pop("inner_settings", None) or {})
+        inner_name = own.get("inner", cls.Config.__dataclass_fields__["inner"].default)
+        inner_cls = inner_architecture(inner_name)
+        allowed = inner_setting_names(inner_cls)
+        for key, value in settings.items():
+            if key in own_names:
+                continue
+            if key not in allowed:
+                hint = " (RouteSAE reads a range: use layers=A:B)" if key == "layer" else ""
+                raise ConfigError(
+                    f"routesae with inner={inner_name!r} does not take the setting {key!r}{hint}; "
+                    f"{inner_name}'s settings are: {', '.join(sorted(allowed)) or 'none'}; "
+                    f"routesae's own: {', '.join(sorted(own_names - {'inner_settings'}))}"
+                )
+            if key in inner_settings and inner_settings[key] != value:
+                raise ConfigError(f"{key} is given twice with different values ({inner_settings[key]!r} and {value!r})")
+            inner_settings[key] = value
+        return cls.Config.from_dict({**own, "inner_settings": inner_settings})
+
+    # -- forward ---------------------------------------------------------------------------------
+    def route(self, acts_NLD: Tensor) -> tuple[Tensor, Standardization | None, Tensor, Routing]:
+        """(standardised layers x_NLD, their statistics, router probabilities p_NL, the Routing)."""
+        if acts_NLD.ndim != 3 or acts_NLD.shape[1] != self.routing_counts.shape[0]:
+            raise ValueError(
+                f"routesae reads {self.routing_counts.shape[0]} layers {list(self.layers)}; got input of shape {tuple(acts_NLD.shape)}"
+            )
+        x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
+        probs_NL = self.router(self.aggregation(x_NLD)).softmax(-1)
+        return x_NLD, norm, probs_NL, self.routing_rule.route(x_NLD, probs_NL)
+
+    def forward(self, acts_NLD: Tensor) -> SAEOutput:
+        x_NLD, norm, probs_NL, routing = self.route(acts_NLD)
+        # The inner's own forward (its normalize is "none"), so whatever it records for its loss or
+        # bookkeeping (pre-activations for AuxK, batch thresholds, ...) happens as if it stood alone.
+        inner = self.sae(routing.x_route_ND[:, None])
+        ours = {
+            "router_probs": probs_NL,
+            "layer_weights": routing.layer_weights_NL,
+            "chosen": routing.chosen_N,
+            "x_normalized": x_NLD,
+        }
+        clash = sorted(set(ours) & set(inner.extras))
+        if clash:
+            raise RuntimeError(f"inner architecture {self.cfg.inner!r} uses output extras named like RouteSAE's: {clash}")
+        if self.training:
+            with torch.no_grad():
+                self.routing_counts += routing.layer_weights_NL.detach().sum(0, dtype=torch.float64)
+        return SAEOutput(latents=inner.latents, x_hat=inner.x_hat, target=inner.target, norm=norm, extras={**inner.extras, **ours})
+
+    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """The inner's loss on x_route → x̂ (its sparsity terms included), plus router diagnostics."""
+        total, terms = self.sae.loss(SAEOutput(latents=out.latents, x_hat=out.x_hat, target=out.target, extras=out.extras))
+        probs_NL = out.extras["router_probs"].detach()
+        entropy = -(probs_NL * probs_NL.clamp_min(torch.finfo(probs_NL.dtype).tiny).log()).sum(-1).mean()
+        return total, {**terms, "router_entropy": entropy, "router_p_max": probs_NL.max(-1).values.mean()}
+
+    def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
+        """Each token once, at its argmax block: inner(x_{i*}) unscaled, de-standardised with that block's μ, σ.
+
+        Hard routing: the reference's evaluation splice (§3.6, §6.2). Soft routing: the same rule.
+        A soft x_route = Σ p_l x_l is a mixture of layers, so its reconstruction belongs to no
+        block; the argmax block is where the router puts most weight, splicing once per token
+        keeps downstream metrics comparable with hard routing (a splice at several blocks would
+        compound errors, each later block seeing the earlier replacement), and it is what the
+        reference effectively evaluates, since its pipeline forces hard routing at evaluation
+        (§6.7, §12.15) — here explicitly, with the NMSE still on the soft target.
+        """
+        x_NLD, chosen_N = out.extras["x_normalized"], out.extras["chosen"]
+        rows = torch.arange(x_NLD.shape[0], device=x_NLD.device)
+        x_hat_ND = self.sae.decode(self.sae.encode(x_NLD[rows, chosen_N]))
+        if out.norm is not None:
+            at_chosen = Standardization(out.norm.mean[rows, chosen_N][:, None], out.norm.std[rows, chosen_N][:, None])
+            x_hat_ND = at_chosen.undo(x_hat_ND[:, None])[:, 0]
+        return {block: (x_hat_ND, chosen_N == i) for i, block in enumerate(self.layers)}
+
+    # -- the rest of the contract ----------------------------------------------------------------
+    def encode(self, acts_NLD: Tensor) -> Tensor:
+        """Latents of the routed input, as in training (the reference's context extraction does the same)."""
+        return self.sae.encode(self.route(acts_NLD)[3].x_route_ND)
+
+    def decode(self, latents_NF: Tensor) -> Tensor:
+        """x̂ in the routed, standardised space."""
+        return self.sae.decode(latents_NF)
+
+    def decoder_directions(self) -> list[nn.Parameter]:
+        return self.sae.decoder_directions()
+
+    def after_step(self, step: int) -> None:
+        self.sae.after_step(step)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"routing_counts": self.routing_counts.tolist(), "routing_layers": list(self.layers)}

@@ -1,0 +1,96 @@
+"""Routers and layer aggregations: the two pluggable steps in front of a routed SAE.
+
+A routed architecture (RouteSAE) reads L standardised layers ``x_NLD`` per token. An
+:class:`Aggregation` pools them into the router's input ``v_ND``; a linear map and a softmax
+over layers give ``probs_NL``; a :class:`Router` turns (x, p) into the vector the inner SAE
+sees. Both are registered through the ``register_routers`` hook and looked up by name; the
+host files an object under the ``"aggregation"`` kind when its ``kind`` attribute says so.
+
+Register instances: routers and aggregations hold no state, and ``__call__`` of an
+aggregation is its pooling, not a constructor.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Routing(NamedTuple):
+    """What a router decided for each token."""
+
+    x_route_ND: Tensor  #: the inner SAE's input (and reconstruction target) during training
+    layer_weights_NL: Tensor  #: weight of each layer in x_route: one-hot (hard) or p (soft); routing counts add these
+    chosen_N: Tensor  #: argmax layer (index into the routed range); where the token is spliced back
+
+
+class Router:
+    """Turns per-layer inputs and routing probabilities into one vector per token."""
+
+    name: ClassVar[str] = ""
+
+    def route(self, x_NLD: Tensor, probs_NL: Tensor) -> Routing:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<router {self.name}>"
+
+
+class Aggregation:
+    """Pools the L layers of a token into the router's input."""
+
+    kind: ClassVar[str] = "aggregation"
+    name: ClassVar[str] = ""
+
+    def __call__(self, x_NLD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<aggregation {self.name}>"
+
+
+class HardRouter(Router):
+    """The paper's default (eqs 8-9): x_route = p_{i*} · x_{i*} with i* = argmax_l p_l.
+
+    Scaling by p_{i*} is what lets the loss reach the router at all ("to keep it
+    differentiable"): argmax itself has no gradient.
+    """
+
+    name = "hard"
+
+    def route(self, x_NLD: Tensor, probs_NL: Tensor) -> Routing:
+        p_max_N, chosen_N = probs_NL.max(-1)
+        x_chosen_ND = x_NLD[torch.arange(x_NLD.shape[0], device=x_NLD.device), chosen_N]
+        one_hot_NL = F.one_hot(chosen_N, probs_NL.shape[-1]).to(probs_NL.dtype)
+        return Routing(p_max_N[:, None] * x_chosen_ND, one_hot_NL, chosen_N)
+
+
+class SoftRouter(Router):
+    """Appendix B, eq. 14: x_route = Σ_l p_l x_l (the paper found "no clear benefit")."""
+
+    name = "soft"
+
+    def route(self, x_NLD: Tensor, probs_NL: Tensor) -> Routing:
+        x_route_ND = torch.einsum("nl,nld->nd", probs_NL, x_NLD)
+        return Routing(x_route_ND, probs_NL, probs_NL.argmax(-1))
+
+
+class SumAggregation(Aggregation):
+    """v = Σ_l x_l, the paper's sum pooling (eq. 5) and the reference's default."""
+
+    name = "sum"
+
+    def __call__(self, x_NLD: Tensor) -> Tensor:
+        return x_NLD.sum(1)
+
+
+class MeanAggregation(Aggregation):
+    """v = (1/L) Σ_l x_l: the router logits are the sum's divided by L (a softer softmax)."""
+
+    name = "mean"
+
+    def __call__(self, x_NLD: Tensor) -> Tensor:
+        return x_NLD.mean(1)
