@@ -294,8 +294,9 @@ def test_encode_and_decode_work_in_the_routed_space():
     sae = make(k=4).eval()
     a = acts(10)
     out = sae(a)
-    torch.testing.assert_close(sae.encode(a), out.latents)
+    torch.testing.assert_close(sae.encode(out.target), out.latents)
     torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
+    assert out.target.shape == (10, a.shape[-1]), "the SAE's input space is the routed vector"
 
 
 @pytest.mark.parametrize("settings_", [{"k": 4}, {"k": 4, "router": "soft", "aggregate": "mean"}, {"inner": "batchtopk", "k": 4}])

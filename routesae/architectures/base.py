@@ -239,9 +239,11 @@ class SAE(nn.Module):
                 W_FD.grad -= (W_FD.grad * W_FD).sum(-1, keepdim=True) * W_FD
 
     def encode(self, x: Tensor) -> Tensor:
+        """Latents of ``x`` in the SAE's input space (shaped like ``SAEOutput.target``), without side effects."""
         raise NotImplementedError
 
     def decode(self, latents: Tensor) -> Tensor:
+        """Reconstruction in the SAE's input space (shaped like ``SAEOutput.x_hat``)."""
         raise NotImplementedError
 
 

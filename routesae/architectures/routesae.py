@@ -240,9 +240,9 @@ class RouteSAE(SAE):
         return {block: (x_hat_ND, chosen_N == i) for i, block in enumerate(self.layers)}
 
     # -- the rest of the contract ----------------------------------------------------------------
-    def encode(self, acts_NLD: Tensor) -> Tensor:
-        """Latents of the routed input, as in training (the reference's context extraction does the same)."""
-        return self.sae.encode(self.route(acts_NLD)[3].x_route_ND)
+    def encode(self, x_route_ND: Tensor) -> Tensor:
+        """Latents of a routed input (the SAE's input space, like ``out.target``); ``forward`` routes raw activations."""
+        return self.sae.encode(x_route_ND)
 
     def decode(self, latents_NF: Tensor) -> Tensor:
         """x̂ in the routed, standardised space."""
