@@ -261,7 +261,8 @@ def test_cli_lists_builtins_and_the_installed_example_plugin():
     listed = json.loads(CliRunner().invoke(make_cli(), ["plugins", "--json"]).output)
     by_dist = {(p["distribution"], p["name"]): p for p in listed}
     assert by_dist[("routesae-batchtopk", "batchtopk")]["registered"] == {"architecture": ["batchtopk"]}
-    assert by_dist[("routesae", "architectures")]["registered"]["architecture"] == ["topk"]
-    assert by_dist[("routesae", "reporters")]["registered"]["reporter"] == ["console", "jsonl"]
+    assert {"topk", "routesae", "crosscoder"} <= set(by_dist[("routesae", "architectures")]["registered"]["architecture"])
+    assert by_dist[("routesae", "reporters")]["registered"]["reporter"] == ["console", "jsonl", "wandb"]
+    assert by_dist[("routesae", "routers")]["registered"] == {"router": ["hard", "soft"], "aggregation": ["mean", "sum"]}
     table = CliRunner().invoke(make_cli(), ["plugins"]).output
     assert "routesae-batchtopk" in table and "architecture: batchtopk" in table
