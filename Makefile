@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml plugins/routesae-batchtopk/pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/routesae train --arch topk --layer 21 --k 32 --latent-size 4096 --tokens 200000 --out runs/demo --overwrite
+	$(VENV)/bin/routesae train --arch routesae --arch topk --k 32 --latent-size 4096 --tokens 200000 --out runs/demo --overwrite
 
 # pytest exits 5 when it collected no tests; that is not a failure of the set-up.
 test: setup

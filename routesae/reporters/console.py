@@ -57,22 +57,19 @@ class ConsoleReporter(Reporter):
         self.progress.update(self.task, completed=summary["tokens"])
         self.progress.stop()
         table = Table(title=f"Trained {len(summary['saes'])} SAE(s) on {summary['tokens']:,} tokens in {summary['seconds']:.1f} s")
-        for column in ("SAE", "arch", "layers", "NMSE", "L0", "dead", "tok/s", "path"):
-            text = column in ("SAE", "arch", "path")
-            table.add_column(column, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
+        for column in ("SAE", "layers", "NMSE", "L0", "dead"):
+            table.add_column(column, justify="left" if column == "SAE" else "right", overflow="fold")
         for sae in summary["saes"]:
-            final = sae["final"]
+            final, layers = sae["final"], sae["layers"]
             table.add_row(
                 sae["name"],
-                sae["architecture"],
-                ",".join(map(str, sae["layers"])),
+                str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}",
                 f"{final.get('nmse', float('nan')):.4f}",
                 f"{final.get('l0', float('nan')):.1f}",
                 f"{sae['dead_fraction']:.1%}",
-                f"{sae['tokens_per_s']:,.0f}",
-                sae["path"],
             )
         self.console.print(table)
+        self.console.print(f"{summary['tokens_per_s']:,.0f} tokens/s · checkpoints in {summary['run']}/<SAE>")
 
     def close(self) -> None:
         if hasattr(self, "progress"):
