@@ -1,8 +1,11 @@
 """Built-in architectures, registered through the ``routesae`` entry point like any plugin."""
 
 from routesae.architectures.crosscoder import Crosscoder
+from routesae.architectures.gated import GatedSAE
+from routesae.architectures.jumprelu import JumpReLUSAE
 from routesae.architectures.routesae import RouteSAE
 from routesae.architectures.topk import TopKSAE
+from routesae.architectures.vanilla import VanillaSAE
 from routesae.hookspecs import hookimpl
 
 
@@ -11,3 +14,6 @@ def register_architectures(register):
     register(TopKSAE)
     register(RouteSAE)
     register(Crosscoder)
+    register(VanillaSAE)
+    register(GatedSAE)
+    register(JumpReLUSAE)

@@ -1,0 +1,182 @@
+"""TopK's optional AuxK dead-latent loss (Gao et al. 2024): dead tracking, the loss, its gradients, the CLI."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from routesae.architectures.base import normalized_mse
+from routesae.architectures.topk import TopKConfig, TopKSAE
+from routesae.checkpoint import load_sae
+from routesae.cli import make_cli
+from routesae.errors import ConfigError
+
+D, F, K = 16, 64, 4
+DEAD = torch.arange(8)  # latents the tests force dead
+
+
+def make(auxk=1 / 32, seed=0, **kw):
+    torch.manual_seed(seed)
+    return TopKSAE(TopKConfig(k=K, latent_size=F, layer=0, auxk=auxk, **kw), D)
+
+
+def kill(sae, dead=DEAD, bias=-3.0):
+    """Make ``dead`` unselectable by TopK and, with AuxK on, mark them as not having fired for long."""
+    with torch.no_grad():
+        sae.b_enc[dead] = bias
+        if sae.cfg.auxk > 0:
+            sae.tokens_since_fired[dead] = sae.cfg.dead_tokens
+    return sae
+
+
+def test_off_by_default_and_then_exactly_plain_topk():
+    cfg = TopKConfig()
+    assert cfg.auxk == 0 and cfg.auxk_k is None and cfg.dead_tokens == 100_000
+    sae = make(auxk=0.0)
+    assert set(sae.state_dict()) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+    out = sae(torch.randn(10, 1, D))
+    assert out.extras == {}
+    assert set(sae.loss(out)[1]) == {"nmse", "l0"}
+
+
+def test_dead_counter_is_a_buffer_in_the_state_dict_and_round_trips():
+    sae = make()
+    assert sae.state_dict()["tokens_since_fired"].dtype == torch.long
+    with torch.no_grad():
+        sae.tokens_since_fired.copy_(torch.arange(F))
+    fresh = make(seed=1)
+    fresh.load_state_dict(sae.state_dict())
+    assert torch.equal(fresh.tokens_since_fired, torch.arange(F))
+    assert sae.aux_latents == D // 2 and make(auxk_k=5).aux_latents == 5  # default d_model // 2
+
+
+def test_train_forwards_age_latents_and_firing_resets_them():
+    sae = make()
+    x = torch.randn(10, 1, D)
+    fired = sae(x).latents.ne(0).any(0)
+    sae(x)  # a second forward before the step (gradient accumulation): its tokens count too
+    sae.after_step(0)
+    assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, 20))
+    sae.eval()
+    sae(torch.randn(50, 1, D))  # eval-mode forwards are not training tokens
+    sae.after_step(1)
+    assert torch.equal(sae.tokens_since_fired, torch.where(fired, 0, 20))
+
+
+def test_auxk_loss_value():
+    sae = kill(make(auxk=0.5, auxk_k=3))
+    out = sae(torch.randn(30, 1, D))
+    loss, terms = sae.loss(out)
+    pre = out.extras["pre"][:, DEAD]
+    values, idx = pre.topk(3, dim=-1)
+    e_hat = torch.zeros(30, F).scatter(-1, DEAD[idx], values) @ sae.W_dec  # signed TopK: signed aux values; no b_dec
+    expected = normalized_mse(e_hat, out.target - out.x_hat)
+    torch.testing.assert_close(terms["auxk"], 0.5 * expected)
+    torch.testing.assert_close(loss, terms["nmse"] + terms["auxk"])
+    assert terms["dead"] == len(DEAD) / F
+
+
+@pytest.mark.parametrize("auxk", [0.0, 1 / 32])
+def test_dead_latents_learn_only_through_the_auxk_loss(auxk):
+    sae = kill(make(auxk=auxk))
+    out = sae(torch.randn(32, 1, D))
+    assert (out.latents[:, DEAD] == 0).all(), "TopK never selects the dead latents"
+    sae.loss(out)[0].backward()
+    for name in ("W_enc", "W_dec", "b_enc"):
+        grad = getattr(sae, name).grad
+        assert torch.isfinite(grad).all()
+        dead_grad = grad[DEAD].abs().sum()
+        assert (dead_grad > 0) if auxk else (dead_grad == 0), name
+
+
+def test_residual_target_is_detached():
+    """The AuxK term must not pull the live latents' reconstruction towards the dead ones' ê."""
+    sae = kill(make(auxk=1.0))
+    out = sae(torch.randn(32, 1, D))
+    live = out.latents.ne(0).any(0)
+    (grad,) = torch.autograd.grad(sae.auxk_loss(out), [sae.W_enc])
+    assert grad[live].abs().sum() == 0 and grad[DEAD].abs().sum() > 0
+
+
+def test_no_dead_latents_means_no_auxk_term_and_few_dead_ones_are_fine():
+    sae = make(auxk=1.0)
+    loss, terms = sae.loss(sae(torch.randn(16, 1, D)))
+    assert terms["auxk"] == 0 and terms["dead"] == 0
+    one_dead = kill(make(auxk=1.0, auxk_k=32), dead=torch.tensor([3]))  # fewer dead latents than auxk_k
+    loss, terms = one_dead.loss(one_dead(torch.randn(16, 1, D)))
+    loss.backward()
+    assert torch.isfinite(loss) and terms["auxk"] > 0 and terms["dead"] == 1 / F
+    assert one_dead.W_enc.grad[3].abs().sum() > 0
+
+
+def test_relu_variant_revives_only_dead_latents_with_positive_preactivations():
+    sae = kill(make(relu=True, auxk=1.0), bias=-100.0)  # dead and far below zero: ReLU blocks their gradient
+    sae.loss(sae(torch.randn(16, 1, D)))[0].backward()
+    assert sae.W_enc.grad[DEAD].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("settings_", "message"),
+    [
+        ({"auxk": -0.1}, "auxk must be a finite number >= 0"),
+        ({"auxk_k": 0}, "auxk_k must satisfy 0 < auxk_k <= latent size"),
+        ({"auxk_k": 65, "latent_size": 64}, "auxk_k must satisfy 0 < auxk_k <= latent size"),
+        ({"dead_tokens": 0}, "dead_tokens must be positive"),
+    ],
+)
+def test_bad_settings_are_config_errors(settings_, message):
+    with pytest.raises(ConfigError, match=message):
+        TopKConfig.from_dict(settings_)
+
+
+def test_config_round_trips_through_json():
+    for cfg in (TopKConfig(auxk=0.03125, auxk_k=16, dead_tokens=5000), TopKConfig()):
+        assert TopKConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_training_with_auxk_revives_dead_latents():
+    """Latents that start dead come back with AuxK and stay dead without it."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, D, generator=g)
+
+    def sample():
+        return (torch.randn(256, 6, generator=g) @ basis)[:, None]
+
+    dead_after = {}
+    for auxk in (0.0, 1.0):
+        sae = make(auxk=auxk, dead_tokens=512, seed=0)
+        with torch.no_grad():
+            sae.b_enc[:32] = -1.5  # half the dictionary starts out of reach of TopK
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        fired = torch.zeros(F, dtype=torch.bool)
+        for step in range(300):
+            out = sae(sample())
+            loss, terms = sae.loss(out)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (step + 1) % 10 == 0:
+                sae.normalize_decoder()
+            sae.after_step(step)
+            if step >= 250:
+                fired |= out.latents.ne(0).any(0)
+        assert torch.isfinite(torch.tensor(terms["nmse"].item())) and terms["nmse"] < 0.3
+        dead_after[auxk] = 32 - int(fired[:32].sum())
+    assert dead_after[0.0] == 32 and dead_after[1.0] <= 24, dead_after
+
+
+def test_trains_through_the_cli_and_loads_back(tiny_model_dir, text_corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(text_corpus_dir), "--arch", "topk", "--k", "4",
+            "--auxk", "0.03125", "--auxk-k", "8", "--dead-tokens", "128", "--latent-size", "64", "--layer", "2",
+            "--batch-size", "4", "--context-length", "32", "--sae-batch-tokens", "64", "--buffer-tokens", "256",
+            "--tokens", "640", "--log-every", "2", "--out", str(out), "--json", "--report", "jsonl"]
+    result = CliRunner().invoke(make_cli(), args)
+    assert result.exit_code == 0, result.output
+    (summary,) = json.loads(result.stdout)["saes"]
+    assert summary["name"] == "topk-L2-k4-F64" and {"nmse", "auxk", "dead", "l0"} <= set(summary["final"])
+    sae, _ = load_sae(out / "topk-L2-k4-F64")
+    assert sae.cfg.auxk == 0.03125 and sae.cfg.auxk_k == 8 and sae.cfg.dead_tokens == 128
+    counts = sae.tokens_since_fired
+    assert counts.dtype == torch.long and counts.max() <= 640 and (counts == 0).any()
