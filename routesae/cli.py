@@ -58,10 +58,15 @@ class CommaList(click.ParamType):
         return [self.item.convert(part.strip(), param, ctx) for part in str(value).split(",")]
 
 
-def _field_option(field: dataclasses.Field, tp: Any, extra_help: str = "", sweepable: bool = False) -> click.Option:
+def _default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else None
+
+
+def _field_option(
+    field: dataclasses.Field, tp: Any, extra_help: str = "", sweepable: bool = False, default_text: str | None = None
+) -> click.Option:
     """A click option for a config field; its default is None so we know what the user set."""
-    default = field.default if field.default is not dataclasses.MISSING else None
-    help_text = f"{field_help(field)}{extra_help} [default: {default}]"
+    help_text = f"{field_help(field)}{extra_help} [default: {default_text or _default(field)}]"
     if tp is bool:
         flag = field.name.replace("_", "-")
         return click.Option([f"--{flag}/--no-{flag}", field.name], default=None, help=help_text)
@@ -81,10 +86,16 @@ def config_options(config_cls: type[Config]) -> list[click.Option]:
 
 
 def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[click.Option]:
-    """One (sweepable) option per settable config field across all installed architectures."""
+    """One (sweepable) option per settable config field across all installed architectures.
+
+    A setting several architectures share takes its help text from the first that has it,
+    built-ins before plugins.
+    """
     owners: dict[str, set[str]] = {}
     first: dict[str, tuple[dataclasses.Field, Any]] = {}
-    for arch_name in pm.names("architecture"):
+    defaults: dict[str, dict[str, Any]] = {}
+    builtin_first = sorted(pm.names("architecture"), key=lambda n: (pm.provider("architecture", n).distribution != "routesae", n))
+    for arch_name in builtin_first:
         arch = pm.get("architecture", arch_name)
         for name in arch.setting_names():
             owners.setdefault(name, set()).add(arch_name)
@@ -97,9 +108,24 @@ def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[cli
             if f.name in first and first[f.name][1] != tp:
                 raise PluginError(f"architectures disagree on the type of setting {f.name!r} ({arch_name!r} and others)")
             first.setdefault(f.name, (f, tp))
+            defaults.setdefault(f.name, {})[arch_name] = _default(f)
     everyone = set(pm.names("architecture"))
+
+    def default_text(name: str) -> str:
+        """One default, or each architecture's where they differ (``--l1``: vanilla 10, crosscoder 3)."""
+        values = defaults[name]
+        if len(set(map(repr, values.values()))) == 1:
+            return str(next(iter(values.values())))
+        return ", ".join(f"{arch} {value}" for arch, value in values.items())
+
     return [
-        _field_option(f, tp, "" if owners[name] == everyone else f" ({', '.join(sorted(owners[name]))} only)", sweepable=True)
+        _field_option(
+            f,
+            tp,
+            "" if owners[name] == everyone else f" ({', '.join(sorted(owners[name]))} only)",
+            sweepable=True,
+            default_text=default_text(name),
+        )
         for name, (f, tp) in sorted(first.items())
     ]
 

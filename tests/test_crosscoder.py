@@ -36,7 +36,7 @@ def test_config_defaults_and_checks():
         with pytest.raises(ConfigError, match=message):
             CrosscoderConfig(**bad)
     assert CrosscoderConfig().resolve(16).layers == "3:11"
-    assert CrosscoderConfig(latent_size=4096).resolve(30).name_parts() == ["L6-21", "l1_3", "F4096"]
+    assert CrosscoderConfig(latent_size=4096).resolve(30).name_parts() == ["L6-21", f"l1_{DEFAULT_L1:g}", "F4096"]
     assert CrosscoderConfig(latent_size=4096, k=32, layers="1:3").name_parts() == ["L1-3", "k32", "F4096"]
     cfg = CrosscoderConfig(layers="0:2", k=4, decoder_bias=True)
     assert CrosscoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from routesae.cli import make_cli
-from wandb_records import wandb_records
+from wandb_records import finished_run_records
 
 SMALL = ["--k", "4", "--latent-size", "64", "--batch-size", "4", "--context-length", "32", "--sae-batch-tokens", "64",
          "--tokens", "640", "--log-every", "2"]
@@ -20,7 +20,7 @@ def test_wandb_reporter_logs_an_offline_run(tiny_model_dir, text_corpus_dir, tmp
     result = CliRunner().invoke(make_cli(), args)
     assert result.exit_code == 0, result.output
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    records = finished_run_records(run_file)
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
     assert [h["_step"] for h in history] == [2, 4, 6, 8, 10]
     assert all(h["topk-L2-k4-F64/l0"] == 4 and h["topk-L2-k4-F64/loss"] > 0 for h in history)

@@ -8,6 +8,7 @@ records split into FULL/FIRST/MIDDLE/LAST chunks, each chunk with a 7-byte heade
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK = 32768
 FULL, LAST = 1, 4
+
+
+def finished_run_records(path: Path, timeout_s: float = 20.0) -> list[pb.Record]:
+    """All records, once the run's final ``exit`` record is on disk (wandb-core writes asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def wandb_records(path: Path) -> Iterator[pb.Record]:

@@ -30,23 +30,24 @@ from torch import Tensor, nn
 
 from routesae.architectures.base import MultiLayerConfig, SAE, SAEConfig, SAEOutput, l0, normalized_mse, standardize
 from routesae.architectures.topk import check_k
+from routesae.architectures.vanilla import DEFAULT_L1, L1_HELP
 from routesae.config import setting
 from routesae.errors import ConfigError
 
 
 # As the vanilla SAE's default, not the reference example's 0.01: on standardised inputs 0.01/latent_size per token
 # leaves most latents firing on every token. Sweep it for real models (the paper reports L0 of about 46-69).
-DEFAULT_L1 = 3.0
 
 
 @dataclass
 class CrosscoderConfig(MultiLayerConfig):
     l1: float | None = setting(
         None,
-        "L1 sparsity coefficient: the loss adds l1 * mean|z| with the mean over ALL tokens x latents, as in the "
-        f"reference, so the per-token weight is l1/latent_size. Crosscoder default: {DEFAULT_L1} with k = 0, 0 with k > 0.",
+        f"{L1_HELP} Crosscoder default: {DEFAULT_L1} with k = 0, 0 with k > 0.",
     )
-    k: int = setting(0, "0: ReLU latents with the L1 penalty (the reference); k > 0: keep each token's k largest (TopK).")
+    k: int = setting(
+        0, "Latents kept per token by TopK (0 < k < latent size); for the crosscoder 0 means ReLU + L1 (the reference)."
+    )
     decoder_bias: bool = setting(
         False, "Add a learned per-layer output bias b_dec[l] (Lindsey et al.); the reference has none."
     )
