@@ -13,6 +13,7 @@ from routesae.architectures.gated import GatedConfig, GatedSAE
 from routesae.checkpoint import load_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
+from toy_training import low_rank, train_steps
 
 D, F = 16, 64
 
@@ -20,27 +21,6 @@ D, F = 16, 64
 def make(variant="published", l1=1.0, seed=0, **kw):
     torch.manual_seed(seed)
     return GatedSAE(GatedConfig(variant=variant, l1=l1, latent_size=F, layer=0, **kw), D)
-
-
-def low_rank(n, rank=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(rank, D, generator=g)
-    return lambda: (torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, D, generator=g))[:, None]
-
-
-def train_steps(sae, sample, steps=300, lr=3e-3):
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    losses, terms = [], {}
-    for step in range(steps):
-        loss, terms = sae.loss(sae(sample()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % 10 == 0:
-            sae.normalize_decoder()
-        sae.after_step(step)
-        losses.append(loss.item())
-    return losses, terms
 
 
 def perturbed(sae, seed):
@@ -141,7 +121,7 @@ def test_config_validation_and_json_round_trip():
 @pytest.mark.parametrize(("variant", "l1"), [("published", 10.0), ("reference", 3.0)])
 def test_training_lowers_the_loss_and_sparsifies(variant, l1):
     sae = make(variant, l1=l1)
-    losses, terms = train_steps(sae, low_rank(256))
+    losses, terms = train_steps(sae, low_rank(256, D))
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert terms["nmse"] < 0.3
     assert 1 <= terms["l0"] <= F / 4, terms

@@ -14,6 +14,7 @@ from routesae.architectures.jumprelu import JumpReLUConfig, JumpReLUSAE, jumprel
 from routesae.checkpoint import load_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
+from toy_training import low_rank, train_steps
 
 D, F = 16, 64
 
@@ -21,27 +22,6 @@ D, F = 16, 64
 def make(seed=0, latent_size=F, **kw):
     torch.manual_seed(seed)
     return JumpReLUSAE(JumpReLUConfig(latent_size=latent_size, layer=0, **kw), D)
-
-
-def low_rank(n, rank=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(rank, D, generator=g)
-    return lambda: (torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, D, generator=g))[:, None]
-
-
-def train_steps(sae, sample, steps=300, lr=3e-3):
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    losses, terms = [], {}
-    for step_ in range(steps):
-        loss, terms = sae.loss(sae(sample()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step_ + 1) % 10 == 0:
-            sae.normalize_decoder()
-        sae.after_step(step_)
-        losses.append(loss.item())
-    return losses, terms
 
 
 def with_thresholds(sae, theta):
@@ -173,7 +153,7 @@ def test_config_round_trips_through_json(l0, bandwidth, threshold_init, variant)
 def test_training_lowers_the_loss_and_sparsifies(variant):
     # θ and ε scaled to standardised inputs (pre-activations of order 1); see the module docstring.
     sae = make(l0=1e-2, threshold_init=0.5, bandwidth=0.1, variant=variant)
-    losses, terms = train_steps(sae, low_rank(256))
+    losses, terms = train_steps(sae, low_rank(256, D))
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert terms["nmse"] < 0.3
     assert 1 <= terms["l0"] <= F / 4, terms

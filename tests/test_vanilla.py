@@ -13,6 +13,7 @@ from routesae.architectures.vanilla import VanillaConfig, VanillaSAE
 from routesae.checkpoint import load_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
+from toy_training import low_rank, train_steps
 
 D, F = 16, 64
 
@@ -20,29 +21,6 @@ D, F = 16, 64
 def make(l1=3.0, latent_size=F, seed=0, **kw):
     torch.manual_seed(seed)
     return VanillaSAE(VanillaConfig(l1=l1, latent_size=latent_size, layer=0, **kw), D)
-
-
-def low_rank(n, rank=4, seed=0):
-    """Random rank-``rank`` data in D dimensions (plus a little noise), shaped [N, 1, D]."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(rank, D, generator=g)
-    return lambda: (torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, D, generator=g))[:, None]
-
-
-def train_steps(sae, sample, steps=300, lr=3e-3):
-    """The trainer's loop in miniature: Adam, renormalise every 10 steps, after_step."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    losses, terms = [], {}
-    for step in range(steps):
-        loss, terms = sae.loss(sae(sample()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % 10 == 0:
-            sae.normalize_decoder()
-        sae.after_step(step)
-        losses.append(loss.item())
-    return losses, terms
 
 
 @given(st.integers(0, 2**16), st.floats(-2, 2))
@@ -109,7 +87,7 @@ def test_config_round_trips_through_json(l1, latent_size, layer):
 
 def test_training_lowers_the_loss_and_sparsifies():
     sae = make()
-    losses, terms = train_steps(sae, low_rank(256))
+    losses, terms = train_steps(sae, low_rank(256, D))
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert terms["nmse"] < 0.3
     assert 1 <= terms["l0"] <= F / 4, terms  # at init about half the latents fire on every token
@@ -117,7 +95,7 @@ def test_training_lowers_the_loss_and_sparsifies():
 
 def test_the_reference_example_l1_leaves_the_code_dense():
     """Why the default is not the reference's 0.01: with the mean over all entries it barely penalises anything."""
-    _, terms = train_steps(make(l1=0.01), low_rank(256))
+    _, terms = train_steps(make(l1=0.01), low_rank(256, D))
     assert terms["l0"] > F / 3 and terms["nmse"] < 0.01, terms
 
 

@@ -1,0 +1,29 @@
+"""A miniature of the trainer's loop on synthetic data, for architecture tests that need a trained SAE."""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def low_rank(n: int, d: int, rank: int = 4, seed: int = 0) -> Callable[[], Tensor]:
+    """A sampler of random rank-``rank`` data in ``d`` dimensions (plus a little noise), shaped [n, 1, d]."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, d, generator=g)
+    return lambda: (torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, d, generator=g))[:, None]
+
+
+def train_steps(sae, sample: Callable[[], Tensor], steps: int = 300, lr: float = 3e-3):
+    """Adam, renormalise every 10 steps, after_step: returns (losses, the last step's logged terms)."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    losses, terms = [], {}
+    for step in range(steps):
+        loss, terms = sae.loss(sae(sample()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 10 == 0:
+            sae.normalize_decoder()
+        sae.after_step(step)
+        losses.append(loss.item())
+    return losses, terms
