@@ -16,7 +16,7 @@ def test_wandb_reporter_logs_an_offline_run(tiny_model_dir, text_corpus_dir, tmp
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_model_dir), "--dataset", str(text_corpus_dir), *SMALL, "--out", str(out),
-            "--report", "wandb", "--arch", "topk"]
+            "--report", "wandb", "--arch", "topk", "--arch", "routesae", "--layers", "1:3"]
     result = CliRunner().invoke(make_cli(), args)
     assert result.exit_code == 0, result.output
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
@@ -31,6 +31,10 @@ def test_wandb_reporter_logs_an_offline_run(tiny_model_dir, text_corpus_dir, tmp
     assert summary["tokens"] == 640 and 0 <= summary["topk-L2-k4-F64/dead_fraction"] <= 1
     (config,) = [r.run.config for r in records if r.HasField("run")]
     assert str(tiny_model_dir) in str(config)
+    chart_keys = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
+    routing = {k for k in chart_keys if k.startswith("routesae-L1-3-hard-sum-k4-F64/routing_counts_table/")}
+    assert routing, "the routing histogram is logged as a chart"
+    assert not any("topk-L2-k4-F64/" in k and "_table" in k for k in chart_keys), "TopK has no histogram"
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in logged][0] == "start" and logged[-1]["event"] == "finish"
 

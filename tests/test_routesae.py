@@ -252,22 +252,22 @@ def test_routing_counts_accumulate_in_train_mode_only():
     assert sae.routing_counts.dtype == torch.float64 and "routing_counts" in sae.state_dict()
     sae.eval()
     sae(acts(17))
-    assert sae.statistics() == {"routing_counts": [0.0, 0.0, 0.0], "routing_layers": [1, 2, 3]}
+    assert sae.statistics() == {"routing_counts": {"1": 0.0, "2": 0.0, "3": 0.0}}
     sae.train()
     chosen = torch.cat([sae(acts(n, seed=n)).extras["chosen"] for n in (17, 40, 3)])
-    counts = sae.statistics()["routing_counts"]
+    counts = list(sae.statistics()["routing_counts"].values())
     assert sum(counts) == 60.0
     assert counts == torch.bincount(chosen, minlength=3).double().tolist()
     sae.eval()
     sae(acts(100))
-    assert sae.statistics()["routing_counts"] == counts
+    assert list(sae.statistics()["routing_counts"].values()) == counts
 
 
 def test_soft_routing_counts_are_probability_mass():
     sae = make(k=4, router="soft").train()
     out = sae(acts(25))
     torch.testing.assert_close(sae.routing_counts, out.extras["router_probs"].detach().double().sum(0))
-    assert sum(sae.statistics()["routing_counts"]) == pytest.approx(25.0)
+    assert sum(list(sae.statistics()["routing_counts"].values())) == pytest.approx(25.0)
 
 
 def test_counts_are_sized_by_the_routed_range_for_every_depth():
@@ -309,7 +309,7 @@ def test_save_and_load_give_identical_outputs(tmp_path, settings_):
     save_sae(sae, tmp_path / "sae", {"name": "x"})
     loaded, config = load_sae(tmp_path / "sae")
     assert type(loaded) is RouteSAE and loaded.cfg == sae.cfg and not loaded.training
-    assert loaded.statistics() == sae.statistics() and sum(loaded.statistics()["routing_counts"]) == pytest.approx(60)
+    assert loaded.statistics() == sae.statistics() and sum(loaded.statistics()["routing_counts"].values()) == pytest.approx(60)
     a = acts(30, seed=9)
     with torch.no_grad():
         out, again = sae(a), loaded(a)
@@ -334,7 +334,7 @@ def test_train_routesae_beside_topk_through_the_cli_and_load_it(tiny_model_dir, 
     sae, config = load_sae(out / names[0])
     assert isinstance(sae, RouteSAE) and sae.layers == (1, 2, 3) and sae.cfg.inner_settings["k"] == 4
     assert config["hooks"] == [f"blocks.{i}.hook_resid_post" for i in (1, 2, 3)]
-    assert sum(sae.statistics()["routing_counts"]) == 640.0
+    assert sum(list(sae.statistics()["routing_counts"].values())) == 640.0
     assert config["training"]["statistics"] == sae.statistics()
     topk, _ = load_sae(out / names[1])
     assert topk.layers == (2,)

@@ -239,3 +239,43 @@ layer = 1
     assert mixed.exit_code == 2 and "either in --config or with --arch" in mixed.stderr
     run_file.write_text("[sae.x]\nk = 3\n")
     assert "needs an arch" in run_cli("train", "--config", str(run_file), "--out", str(tmp_path / "x")).stderr
+
+
+class DivergingSAE(TopKSAE):
+    """A real architecture plugin whose loss turns NaN from its fourth step on."""
+
+    name = "diverging"
+
+    def __init__(self, cfg, d_model):
+        super().__init__(cfg, d_model)
+        self.steps_done = 0
+
+    def loss(self, out):
+        loss, terms = super().loss(out)
+        return (loss * float("nan") if self.steps_done >= 3 else loss), terms
+
+    def after_step(self, step):
+        self.steps_done += 1
+
+
+class DivergingPlugin:
+    @hookimpl
+    def register_architectures(self, register):
+        register(DivergingSAE)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, text_corpus_dir, tmp_path):
+    pm = get_plugin_manager()
+    pm.register(DivergingPlugin(), name="diverging")
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=1280, batch_size=4, context_length=32,
+                      sae_batch_tokens=64, buffer_tokens=256, checkpoint_every=2)
+    try:
+        with pytest.raises(RouteSAEError, match=r"diverged: SAE diverging-L1-k4-F64 loss is nan at step 3; the last checkpoint"):
+            train([SAESpec.build("diverging", k=4, latent_size=64, layer=1)], tmp_path / "run", cfg, reporters=[])
+        manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+        assert manifest["status"] == "running" and manifest["progress"]["step"] == 2
+        sae, config = load_sae(tmp_path / "run" / "diverging-L1-k4-F64")
+        assert config["training"]["steps_done"] == 2
+        assert all(torch.isfinite(p).all() for p in sae.parameters())
+    finally:
+        pm.unregister("diverging")

@@ -207,7 +207,11 @@ class SAE(nn.Module):
         return []
 
     def statistics(self) -> dict[str, Any]:
-        """JSON-able training statistics for the checkpoint and reporters (e.g. routing counts)."""
+        """JSON-able training statistics for the checkpoint and reporters.
+
+        A ``{label: number}`` dict is a histogram (RouteSAE's ``routing_counts``, keyed by block),
+        which reporters draw as a bar chart.
+        """
         return {}
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:

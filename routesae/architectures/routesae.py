@@ -255,4 +255,4 @@ class RouteSAE(SAE):
         self.sae.after_step(step)
 
     def statistics(self) -> dict[str, Any]:
-        return {"routing_counts": self.routing_counts.tolist(), "routing_layers": list(self.layers)}
+        return {"routing_counts": {str(block): count for block, count in zip(self.layers, self.routing_counts.tolist())}}

@@ -69,6 +69,12 @@ class ConsoleReporter(Reporter):
                 f"{sae['dead_fraction']:.1%}",
             )
         self.console.print(table)
+        for sae in summary["saes"]:
+            for stat, histogram in sae.get("statistics", {}).items():
+                if isinstance(histogram, dict) and histogram:
+                    total = sum(histogram.values()) or 1
+                    shares = " ".join(f"{label}:{value / total:.0%}" for label, value in histogram.items())
+                    self.console.print(f"{sae['name']} {stat.replace('_', ' ')}: {shares}")
         self.console.print(f"{summary['tokens_per_s']:,.0f} tokens/s · checkpoints in {summary['run']}/<SAE>")
 
     def close(self) -> None:

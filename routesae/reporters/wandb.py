@@ -46,11 +46,10 @@ class WandbReporter(Reporter):
         charts = {}
         for sae in summary["saes"]:
             self.run.summary[f"{sae['name']}/dead_fraction"] = sae["dead_fraction"]
-            for stat, values in sae.get("statistics", {}).items():
-                if isinstance(values, list) and values and all(isinstance(v, (int, float)) for v in values):
-                    labels = sae["statistics"].get("routing_layers", list(range(len(values))))
-                    table = self.wandb.Table(columns=["layer", stat], data=[[str(lbl), v] for lbl, v in zip(labels, values)])
-                    charts[f"{sae['name']}/{stat}"] = self.wandb.plot.bar(table, "layer", stat, title=f"{sae['name']} {stat}")
+            for stat, histogram in sae.get("statistics", {}).items():
+                if isinstance(histogram, dict) and histogram:
+                    table = self.wandb.Table(columns=["label", stat], data=[[k, v] for k, v in histogram.items()])
+                    charts[f"{sae['name']}/{stat}"] = self.wandb.plot.bar(table, "label", stat, title=f"{sae['name']} {stat}")
         self.run.summary.update({"tokens": summary["tokens"], "tokens_per_s": summary["tokens_per_s"]})
         if charts:
             self.run.log(charts)
