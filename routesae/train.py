@@ -47,6 +47,7 @@ from routesae.reporters.jsonl import METRICS_FILE
 MANIFEST_FILE = "run.json"
 RNG_FILE = "rng.safetensors"
 CHECKPOINT_SECONDS = 120.0
+Schedule = Literal["wsd", "reference-2025"]
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TrainConfig(Config):
     sae_batch_tokens: int = setting(2048, "Tokens per SAE optimisation step.")
     buffer_tokens: int = setting(16_384, "Shuffle-buffer size in tokens; mixes tokens from many sequences per step.")
     lr: float = setting(5e-4, "Adam learning rate (betas 0.9, 0.999).")
-    schedule: Literal["wsd", "reference-2025"] = setting(
+    schedule: Schedule = setting(
         "wsd",
         "Learning-rate schedule: 'wsd' is linear warm-up, stable, then linear decay to zero; 'reference-2025' "
         "reproduces the reference code's older schedule (lr 0 at step 0, a drop to 0.2 at 80%, 0 for the last 5%).",
@@ -115,7 +116,7 @@ class SAESpec:
         return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
 
 
-def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: str = "wsd") -> float:
+def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: Schedule = "wsd") -> float:
     """Learning-rate multiplier at ``step`` (0-based) of ``total_steps``.
 
     ``wsd``: warm-up, stable, linear decay to zero, as the paper describes; unlike the reference
@@ -129,7 +130,7 @@ def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule
             return step / n_warmup
         if step < total_steps - n_decay:
             return 1.0
-        return max(0.0, (total_steps - step - n_warmup) / (total_steps - n_warmup - n_decay))
+        return max(0.0, (total_steps - step - n_warmup) / max(1, total_steps - n_warmup - n_decay))
     if step < n_warmup:
         return (step + 1) / n_warmup
     if step < total_steps - n_decay:

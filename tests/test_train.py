@@ -189,6 +189,13 @@ def test_architecture_settings_become_options_and_apply_only_where_they_exist(ba
         pm.unregister("temperature")
 
 
+def test_reference_2025_schedule_reproduces_the_reference_codes_jump():
+    # The worked example of the method notes: N = 4270 steps, 1.0 at step 3415, 0.2001 at 3416.
+    factor = [lr_factor(s, 4270, 0.05, 0.2, "reference-2025") for s in range(4270)]
+    assert factor[0] == 0.0 and factor[3415] == 1.0 and factor[3416] == pytest.approx(0.2001, abs=1e-4)
+    assert all(f == 0.0 for f in factor[4270 - 213 :])
+
+
 def test_lr_schedule_warms_up_holds_and_decays():
     factors = [lr_factor(s, 100, 0.05, 0.2) for s in range(100)]
     assert factors[0] == 0.2 and factors[4] == 1.0
