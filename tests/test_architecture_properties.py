@@ -98,3 +98,15 @@ def test_save_then_load_gives_identical_outputs(name, tmp_path):
         a, b = sae(acts), loaded(acts)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.x_hat, b.x_hat)
     assert sae.statistics() == loaded.statistics()
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_removing_the_parallel_gradient_leaves_only_the_orthogonal_part(name):
+    sae = build(name).train()
+    sae.loss(sae(activations(sae, 32)))[0].backward()
+    before = [W.grad.clone() for W in sae.decoder_directions()]
+    sae.remove_parallel_gradient()
+    for W, grad in zip(sae.decoder_directions(), before):
+        parallel = (grad * W).sum(-1, keepdim=True) * W
+        torch.testing.assert_close(W.grad, grad - parallel)
+        torch.testing.assert_close((W.grad * W).sum(-1), torch.zeros(W.shape[:-1]), atol=1e-6, rtol=0)
