@@ -197,6 +197,51 @@ def make_train_command(pm: PluginManager) -> click.Command:
     )
 
 
+def make_evaluate_command(pm: PluginManager) -> click.Command:
+    from routesae.evaluate import evaluate
+
+    def callback(
+        paths: tuple[str, ...], metric: tuple[str, ...], tokens: int | None, batch_size: int, reference_metrics: bool,
+        device: str | None, as_json: bool,
+    ) -> None:
+        results = evaluate(
+            list(paths), list(metric) or None, tokens=tokens, batch_size=batch_size, reference_metrics=reference_metrics, device=device
+        )
+        names = list(dict.fromkeys(name for record in results.values() for name in record["metrics"]))
+        table = Table(title=f"routesae evaluate ({next(iter(results.values()))['tokens']:,} eval tokens)")
+        table.add_column("sae")
+        for name in names:
+            table.add_column(name, justify="right")
+        for record in results.values():
+            table.add_row(record["sae"], *(f"{record['metrics'][name]:.4g}" for name in names))
+        Console(stderr=as_json, width=200 if not sys.stdout.isatty() else None).print(table)
+        if as_json:
+            _print_json(results)
+
+    params: list[click.Parameter] = [
+        click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),
+        click.Option(
+            ["--metric"], multiple=True, help=f"Metric to compute; repeat for several (default: all). Installed: {', '.join(pm.names('metric'))}."
+        ),
+        click.Option(["--tokens"], type=int, default=None, help="Eval tokens (counted positions) to use. [default: the whole eval split]"),
+        click.Option(["--batch-size"], type=int, default=8, show_default=True, help="Sequences per language-model batch."),
+        click.Option(
+            ["--reference-metrics"], is_flag=True,
+            help="The reference's conventions: every position (BOS, padding) replaced and counted, KL summed over positions "
+            "and divided by sequences, CE over all B*(T-1) positions.",
+        ),
+        click.Option(["--device"], default=None, help="Device for the model and SAEs. [default: CUDA when available]"),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print the results as JSON on stdout (the table goes to stderr)."),
+    ]
+    return click.Command(
+        "evaluate",
+        callback=callback,
+        params=params,
+        help="Evaluate SAE or run directories on the eval split by splicing reconstructions into the model; "
+        "writes eval.json next to each checkpoint.",
+    )
+
+
 def make_plugins_command(pm: PluginManager) -> click.Command:
     def callback(as_json: bool) -> None:
         infos = pm.plugin_infos()
@@ -235,7 +280,7 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
     _quiet_dependencies()
     cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
     cli = click.version_option(package_name="routesae")(cli)
-    builders: list[Callable[[PluginManager], click.Command]] = [make_train_command, make_plugins_command]
+    builders: list[Callable[[PluginManager], click.Command]] = [make_train_command, make_evaluate_command, make_plugins_command]
     for build in builders:
         cli.add_command(build(pm))
     pm.add_commands(cli)

@@ -1,0 +1,269 @@
+"""Evaluate SAEs by splicing their reconstructions into the model, on the ``eval`` split.
+
+One pass over the data serves every SAE: per batch, one clean forward captures the residual
+stream of all blocks the SAEs read and one gives the clean logits. Each SAE then runs on the
+clean activations at every position (so routing decisions come from the clean forward), and
+its ``reconstruction()`` says which tokens it replaces at which block. The spliced, zero- and
+mean-ablated forwards are run only if a requested metric needs them, once per SAE and batch.
+
+Positions (default)
+    Counted positions are real tokens except each block's position 0 (the attention sink, BOS
+    when the tokenizer adds one), as in training. Only counted positions are ever replaced, and
+    every metric averages over them: KL is the mean per counted position; CE scores the logits at
+    a counted position t on token t+1 when t+1 is a real token. ``tokens`` counts counted positions.
+
+Positions (``reference_metrics=True``, ``--reference-metrics``)
+    The reference's conventions, to set numbers beside the paper's: every position is replaced
+    and counted (position 0 and padding included), KL is summed over positions and divided by
+    the number of sequences (the paper's scale of ~80–430), CE is the mean over all B·(T−1)
+    positions. Unlike the reference, batches are weighted by their tokens, not averaged.
+
+Recovered uses zero-ablation of the spliced positions (the reference) and also reports
+``recovered_mean_ablation`` (the block's mean residual over the batch's counted positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import routesae
+from routesae.activations import training_positions
+from routesae.architectures.base import SAE
+from routesae.checkpoint import load_sae, read_json, read_sae_config, write_json
+from routesae.data import TokenBlocks, load_corpus
+from routesae.errors import RouteSAEError
+from routesae.lm import Edit, LanguageModel
+from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
+from routesae.plugins import get_plugin_manager
+
+EVAL_FILE = "eval.json"
+SPLIT = "eval"
+MODEL_IDENTITY = ("path", "hub_name", "embedded", "architecture", "n_layers", "d_model")
+
+
+def expand_dirs(paths: Iterable[Path | str]) -> list[Path]:
+    """SAE checkpoint directories; a run directory (``run.json``, no ``config.json``) gives its SAEs."""
+    dirs: list[Path] = []
+    for path in map(Path, paths):
+        if not (path / "config.json").is_file() and (path / "run.json").is_file():
+            dirs.extend(path / sae["path"] for sae in read_json(path / "run.json")["saes"])
+        else:
+            dirs.append(path)
+    if not dirs:
+        raise RouteSAEError("nothing to evaluate: give at least one SAE or run directory")
+    return dirs
+
+
+def metric_classes(names: Sequence[str] | None) -> list[type[Metric]]:
+    """The requested metrics (default: every installed one); unknown names list what is installed."""
+    pm = get_plugin_manager()
+    classes = [pm.get("metric", name) for name in (names or pm.names("metric"))]
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, Metric)):
+            raise RouteSAEError(f"metric {cls!r} is not a subclass of routesae.metrics.Metric")
+    return list(dict.fromkeys(classes))
+
+
+def _identity(model: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(model.get(key) for key in MODEL_IDENTITY)
+
+
+def check_same_model(dirs: Sequence[Path], configs: Sequence[dict[str, Any]], lm: LanguageModel | None) -> None:
+    """Every SAE must read the same model (the one given, if any) at its width."""
+    reference = _identity(lm.describe()) if lm is not None else _identity(configs[0]["model"])
+    where = f"the given model {lm.spec!r}" if lm is not None else f"{dirs[0]} ({configs[0]['model']['spec']})"
+    for directory, config in zip(dirs, configs):
+        if _identity(config["model"]) != reference or config["d_model"] != reference[-1]:
+            raise RouteSAEError(
+                f"{directory} was trained on {config['model']['spec']!r} (d_model {config['d_model']}), which is not "
+                f"the model of {where}; evaluate SAEs of one model at a time"
+            )
+
+
+def eval_blocks(blocks: TokenBlocks, tokens: int | None, reference: bool) -> tuple[int, int]:
+    """(blocks to read, counted tokens in them): the fewest leading blocks holding ``tokens`` counted tokens."""
+    counted = counted_positions(blocks.attention_mask, reference).sum(-1).cumsum(0)
+    available = int(counted[-1]) if len(counted) else 0
+    if tokens is None:
+        return len(counted), available
+    if tokens > available:
+        raise RouteSAEError(
+            f"asked for {tokens:,} eval tokens but the eval split holds {available:,} counted tokens; lower --tokens"
+        )
+    n = int(torch.searchsorted(counted, torch.tensor(tokens))) + 1
+    return n, int(counted[n - 1])
+
+
+def counted_positions(attention_mask_BT: Tensor, reference: bool) -> Tensor:
+    """Positions replaced and counted: see the module docstring."""
+    if reference:
+        return torch.ones_like(attention_mask_BT, dtype=torch.bool)
+    return training_positions(attention_mask_BT, keep_bos=False)
+
+
+def ce_mask(attention_mask_BT: Tensor, counted_BT: Tensor, reference: bool) -> Tensor:
+    """``[B, T-1]``: the logits at t are scored on token t+1 (t counted, t+1 real; every t under reference)."""
+    if reference:
+        return counted_BT[:, :-1]
+    return counted_BT[:, :-1] & attention_mask_BT[:, 1:].bool()
+
+
+def splice_edits(
+    reconstruction: dict[int, tuple[Tensor, Tensor]], counted_BT: Tensor, fill: Forward, clean: dict[int, Tensor]
+) -> dict[int, Edit]:
+    """Edits replacing, at each block, the counted positions the SAE reconstructs.
+
+    ``fill`` is what they are replaced with: the reconstruction, 0, or the block's mean clean
+    residual over the batch's counted positions.
+    """
+    B, T = counted_BT.shape
+    edits: dict[int, Edit] = {}
+    for block, (x_hat_ND, mask_N) in reconstruction.items():
+        replace_BT1 = (mask_N.view(B, T) & counted_BT)[..., None]
+        if fill == "spliced":
+            value = x_hat_ND.view(B, T, -1)
+        elif fill == "zero":
+            value = torch.zeros_like(x_hat_ND[0])
+        else:
+            value = clean[block][counted_BT].mean(0)
+        edits[block] = _replace(replace_BT1, value)
+    return edits
+
+
+def _replace(replace_BT1: Tensor, value: Tensor) -> Edit:
+    def edit(resid_BTD: Tensor) -> Tensor:
+        return torch.where(replace_BT1, value.to(resid_BTD.dtype), resid_BTD)
+
+    return edit
+
+
+@dataclass
+class Evaluated:
+    """One SAE under evaluation and its metric accumulators."""
+
+    directory: Path
+    config: dict[str, Any]
+    sae: SAE
+    metrics: list[Metric]
+
+    @property
+    def forwards(self) -> list[Forward]:
+        needed = set().union(*(m.needs for m in self.metrics))
+        return [f for f in FORWARDS if f in needed]
+
+
+def _evaluate_batch(
+    lm: LanguageModel, layers: list[int], saes: list[Evaluated], input_ids: Tensor, attention_mask: Tensor, reference: bool
+) -> None:
+    input_ids, attention_mask = input_ids.to(lm.device), attention_mask.to(lm.device)
+    B, T = input_ids.shape
+    counted_BT = counted_positions(attention_mask, reference)
+    acts_BTLD = lm.capture(input_ids, attention_mask, layers)
+    clean_logits = lm.logits(input_ids, attention_mask) if any(s.forwards for s in saes) else None
+    for s in saes:
+        slots = [layers.index(block) for block in s.sae.layers]
+        acts_NLD = acts_BTLD[:, :, slots].reshape(B * T, len(slots), -1)
+        with torch.no_grad():
+            out = s.sae(acts_NLD)
+            reconstruction = s.sae.reconstruction(out)
+        clean = {block: acts_BTLD[:, :, layers.index(block)] for block in s.sae.layers}
+        logits = {} if clean_logits is None else {"clean": clean_logits}
+        for fill in s.forwards:
+            logits[fill] = lm.splice(input_ids, attention_mask, splice_edits(reconstruction, counted_BT, fill, clean))
+        batch = EvalBatch(
+            input_ids_BT=input_ids,
+            counted_BT=counted_BT,
+            ce_mask_BT=ce_mask(attention_mask, counted_BT, reference),
+            reference=reference,
+            out=out,
+            reconstruction=reconstruction,
+            clean=clean,
+            logits=logits,
+        )
+        for metric in s.metrics:
+            metric.update(batch)
+
+
+def evaluate(
+    sae_dirs: Path | str | Sequence[Path | str],
+    metrics: Sequence[str] | None = None,
+    *,
+    tokens: int | None = None,
+    batch_size: int = 8,
+    reference_metrics: bool = False,
+    lm: LanguageModel | None = None,
+    device: str | torch.device | None = None,
+    write: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate SAEs of one model on the ``eval`` split in one pass; returns ``{directory: record}``.
+
+    ``tokens`` (default: the whole split) counts counted positions. The data is the eval split of
+    the first SAE's training data (same source, context length and split seed). With ``write``,
+    each record also goes to ``eval.json`` in its checkpoint directory.
+
+    >>> evaluate(["runs/demo"], ["kldiv", "l0"], tokens=100_000)
+    """
+    if isinstance(sae_dirs, (str, Path)):
+        sae_dirs = [sae_dirs]
+    if tokens is not None and tokens <= 0:
+        raise RouteSAEError(f"tokens must be positive, got {tokens}")
+    if batch_size <= 0:
+        raise RouteSAEError(f"batch_size must be positive, got {batch_size}")
+    dirs = expand_dirs(sae_dirs)
+    configs = [read_sae_config(d) for d in dirs]
+    classes = metric_classes(metrics)
+    check_same_model(dirs, configs, lm)
+    if lm is None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        lm = LanguageModel.load(configs[0]["model"]["spec"], device=device)
+    saes = [Evaluated(d, c, load_sae(d, lm.device)[0], [cls() for cls in classes]) for d, c in zip(dirs, configs)]
+
+    data = configs[0]["data"]
+    seed = configs[0].get("training", {}).get("seed", 0)
+    corpus = load_corpus(
+        data["source"], lm.tokenizer, context_length=data["context_length"], text_field=data["text_field"], seed=seed
+    )
+    blocks = corpus.split(SPLIT)
+    n_blocks, n_tokens = eval_blocks(blocks, tokens, reference_metrics)
+    layers = sorted({block for s in saes for block in s.sae.layers})
+    for input_ids, attention_mask in blocks.batches(batch_size):
+        if n_blocks <= 0:
+            break
+        _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], reference_metrics)
+        n_blocks -= input_ids.shape[0]
+
+    settings = {
+        "metrics": [cls.name for cls in classes],
+        "batch_size": batch_size,
+        "reference_metrics": reference_metrics,
+        "positions": "all" if reference_metrics else "real tokens except position 0",
+        "data": {
+            "source": data["source"],
+            "text_field": data["text_field"],
+            "context_length": data["context_length"],
+            "seed": seed,
+            "fingerprint": corpus.fingerprint,
+        },
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for s in saes:
+        record = {
+            "routesae_version": routesae.__version__,
+            "sae": s.config.get("name", s.directory.name),
+            "architecture": s.sae.name,
+            "model": s.config["model"]["spec"],
+            "split": SPLIT,
+            "tokens": n_tokens,
+            "settings": settings,
+            "metrics": {k: v for m in s.metrics for k, v in m.result().items()},
+        }
+        if write:
+            write_json(s.directory / EVAL_FILE, record)
+        results[str(s.directory)] = record
+    return results

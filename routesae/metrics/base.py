@@ -1,0 +1,73 @@
+"""The metric contract: what the evaluator hands a metric per batch, and what a metric gives back.
+
+A metric accumulates sums and counts over batches (:meth:`Metric.update`) and turns them into
+numbers at the end (:meth:`Metric.result`), so the result does not depend on how the data was
+batched. It declares in :attr:`Metric.needs` which spliced forwards it reads, and the evaluator
+runs each of those forwards once per SAE and batch, shared by every metric that asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from routesae.architectures.base import SAEOutput
+
+Forward = Literal["spliced", "zero", "mean"]
+"""A forward with the SAE's positions replaced by its reconstruction, by 0, or by the batch mean."""
+FORWARDS: tuple[Forward, ...] = ("spliced", "zero", "mean")
+
+
+@dataclass
+class EvalBatch:
+    """One batch as every metric of one SAE sees it (``N = B*T``, all positions, row-major)."""
+
+    input_ids_BT: Tensor
+    counted_BT: Tensor  # bool: positions that are replaced and counted (see routesae.evaluate)
+    ce_mask_BT: Tensor  # bool [B, T-1]: logits at t are scored on token t+1
+    reference: bool  # the reference's conventions (KL summed over positions, divided by sequences)
+    out: SAEOutput  # the SAE's forward on the clean activations at all N positions
+    reconstruction: dict[int, tuple[Tensor, Tensor]]  # {block: (x_hat_ND, mask_N)} in residual units
+    clean: dict[int, Tensor]  # {block: clean residual [B, T, D]} for the blocks the SAE reads
+    logits: dict[str, Tensor]  # "clean" and each needed Forward -> [B, T, V]
+
+    @property
+    def counted_N(self) -> Tensor:
+        return self.counted_BT.reshape(-1)
+
+
+class Metric:
+    """Base class of every metric; a fresh instance evaluates one SAE."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[Forward]] = frozenset()
+    description: ClassVar[str] = ""
+
+    def update(self, batch: EvalBatch) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, float]:
+        """``{name: value}``; a metric may report companions (``recovered_mean_ablation``)."""
+        raise NotImplementedError
+
+
+def ratio(total: float, count: float) -> float:
+    return total / count if count else float("nan")
+
+
+def cross_entropy_BT(logits_BTV: Tensor, input_ids_BT: Tensor) -> Tensor:
+    """Next-token cross-entropy ``[B, T-1]``: logits at t scored on token t+1 (float32)."""
+    logits = logits_BTV[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), input_ids_BT[:, 1:].reshape(-1), reduction="none"
+    ).view(input_ids_BT.shape[0], -1)
+
+
+def kl_BT(clean_BTV: Tensor, spliced_BTV: Tensor) -> Tensor:
+    """KL(P_clean || P_spliced) per position over the vocabulary, ``[B, T]`` (float32)."""
+    logp = torch.log_softmax(clean_BTV.float(), -1)
+    logq = torch.log_softmax(spliced_BTV.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)

@@ -1,0 +1,118 @@
+"""Metrics of the SAE output alone (no extra model forward), over the counted positions."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from routesae.metrics.base import EvalBatch, Metric, ratio
+
+
+class NormMSE(Metric):
+    """‖x̂ − x‖² / ‖x‖² per vector, averaged, in the SAE's input space (RouteSAE: the routed vector)."""
+
+    name: ClassVar[str] = "normmse"
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, batch: EvalBatch) -> None:
+        target, x_hat = batch.out.target[batch.counted_N], batch.out.x_hat[batch.counted_N]
+        err = (x_hat - target).pow(2).sum(-1)
+        nmse = err / target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)
+        self.total += float(nmse.sum())
+        self.count += nmse.numel()
+
+    def result(self) -> dict[str, float]:
+        return {self.name: ratio(self.total, self.count)}
+
+
+def spliced_pairs(batch: EvalBatch) -> list[tuple[int, Tensor, Tensor]]:
+    """(block, clean x_MD, x̂_MD) for every residual vector the splice replaces, in residual units."""
+    pairs = []
+    for block, (x_hat_ND, mask_N) in batch.reconstruction.items():
+        keep_N = mask_N & batch.counted_N
+        x_ND = batch.clean[block].reshape(-1, x_hat_ND.shape[-1])
+        pairs.append((block, x_ND[keep_N].float(), x_hat_ND[keep_N].float()))
+    return pairs
+
+
+class FVU(Metric):
+    """Fraction of variance unexplained in the raw residual stream: Σ‖x − x̂‖² / Σ‖x − x̄‖².
+
+    Over the replaced vectors; x̄ is each block's mean over them, so a multi-layer SAE is not
+    credited for explaining the differences between blocks.
+    """
+
+    name: ClassVar[str] = "fvu"
+
+    def __init__(self) -> None:
+        self.error = 0.0
+        self.sums: dict[int, tuple[Tensor, float, int]] = {}  # block -> (Σx, Σ‖x‖², n)
+
+    def update(self, batch: EvalBatch) -> None:
+        for block, x_MD, x_hat_MD in spliced_pairs(batch):
+            self.error += float((x_MD - x_hat_MD).pow(2).sum())
+            sum_D, sq, n = self.sums.get(block, (torch.zeros_like(x_MD[0]), 0.0, 0))
+            self.sums[block] = (sum_D + x_MD.sum(0), sq + float(x_MD.pow(2).sum()), n + x_MD.shape[0])
+
+    def result(self) -> dict[str, float]:
+        variance = sum(sq - float(sum_D.pow(2).sum()) / n for sum_D, sq, n in self.sums.values() if n)
+        return {self.name: ratio(self.error, variance)}
+
+
+class Cosine(Metric):
+    """Mean cosine similarity between x and x̂ in the raw residual stream, over the replaced vectors."""
+
+    name: ClassVar[str] = "cosine"
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, batch: EvalBatch) -> None:
+        for _, x_MD, x_hat_MD in spliced_pairs(batch):
+            self.total += float(torch.nn.functional.cosine_similarity(x_MD, x_hat_MD, dim=-1).sum())
+            self.count += x_MD.shape[0]
+
+    def result(self) -> dict[str, float]:
+        return {self.name: ratio(self.total, self.count)}
+
+
+class L0(Metric):
+    """Mean number of non-zero latents per counted token."""
+
+    name: ClassVar[str] = "l0"
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, batch: EvalBatch) -> None:
+        latents = batch.out.latents[batch.counted_N]
+        self.total += float((latents != 0).sum())
+        self.count += latents.shape[0]
+
+    def result(self) -> dict[str, float]:
+        return {self.name: ratio(self.total, self.count)}
+
+
+class Dead(Metric):
+    """Fraction of latents that are never non-zero on any counted token of the evaluated data."""
+
+    name: ClassVar[str] = "dead"
+
+    def __init__(self) -> None:
+        self.fired_F: Tensor | None = None
+
+    def update(self, batch: EvalBatch) -> None:
+        fired_F = (batch.out.latents[batch.counted_N] != 0).any(0)
+        self.fired_F = fired_F if self.fired_F is None else self.fired_F | fired_F
+
+    def result(self) -> dict[str, float]:
+        if self.fired_F is None:
+            return {self.name: float("nan")}
+        return {self.name: 1 - float(self.fired_F.float().mean())}
