@@ -199,13 +199,12 @@ def evaluate(
     reference_metrics: bool = False,
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
-    write: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate SAEs of one model on the ``eval`` split in one pass; returns ``{directory: record}``.
 
     ``tokens`` (default: the whole split) counts counted positions. The data is the eval split of
-    the first SAE's training data (same source, context length and split seed). With ``write``,
-    each record also goes to ``eval.json`` in its checkpoint directory.
+    the first SAE's training data (same source, context length and split seed). Each record also
+    goes to ``eval.json`` in its checkpoint directory.
 
     >>> evaluate(["runs/demo"], ["kldiv", "l0"], tokens=100_000)
     """
@@ -263,7 +262,6 @@ def evaluate(
             "settings": settings,
             "metrics": {k: v for m in s.metrics for k, v in m.result().items()},
         }
-        if write:
-            write_json(s.directory / EVAL_FILE, record)
+        write_json(s.directory / EVAL_FILE, record)
         results[str(s.directory)] = record
     return results

@@ -21,6 +21,7 @@ from routesae.evaluate import counted_positions, evaluate, splice_edits
 from routesae.hookspecs import hookimpl
 from routesae.lm import LanguageModel
 from routesae.plugins import get_plugin_manager
+from routesae.train import SAESpec, TrainConfig, train
 
 CONTEXT = 32
 SEED = 42
@@ -248,3 +249,19 @@ def test_every_builtin_architecture_evaluates(lm, save, arch):
     assert set(m) >= {"normmse", "kldiv", "deltace", "recovered", "recovered_mean_ablation", "l0", "dead", "fvu", "cosine"}
     assert all(math.isfinite(v) for v in m.values()), m
     assert m["kldiv"] >= 0
+
+
+def test_cli_evaluates_a_trained_run_directory(tiny_model_dir, text_corpus_dir, tmp_path):
+    """What ``make demo`` does: a TopK and a RouteSAE from one harvest, then ``routesae evaluate RUN``."""
+    out = tmp_path / "run"
+    specs = [SAESpec.build("topk", k=4, latent_size=64, layer=2), SAESpec.build("routesae", k=4, latent_size=64, layers="1:2")]
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=640, batch_size=4, context_length=CONTEXT,
+                      sae_batch_tokens=64, buffer_tokens=256, device="cpu")
+    summary = train(specs, out, cfg, reporters=[])
+    result = CliRunner().invoke(make_cli(), ["evaluate", str(out), "--tokens", "200", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    for sae in summary["saes"]:
+        assert sae["name"] in result.output
+        record = json.loads((out / sae["name"] / "eval.json").read_text())
+        assert record["tokens"] >= 200 and record["metrics"]["l0"] == pytest.approx(4)
+        assert record["settings"]["data"]["source"] == str(text_corpus_dir)
