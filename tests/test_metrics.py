@@ -57,6 +57,15 @@ def test_fvu_cosine_and_normmse_follow_their_definitions():
     assert run(NormMSE, batch)["normmse"] == pytest.approx(float(nmse), rel=1e-5)
 
 
+def test_a_block_that_replaces_nothing_is_skipped():
+    """A RouteSAE block that no token of the batch was routed to."""
+    batch = make_batch()
+    x_hat_ND, _ = batch.reconstruction[3]
+    batch.reconstruction[5] = (x_hat_ND, torch.zeros(B * T, dtype=torch.bool))
+    batch.clean[5] = batch.clean[3] * 100
+    assert run(FVU, batch) == run(FVU, make_batch()) and run(Cosine, batch) == run(Cosine, make_batch())
+
+
 def test_only_counted_positions_enter():
     counted = torch.ones(B, T, dtype=torch.bool)
     counted[:, 0] = False

@@ -31,10 +31,15 @@ class NormMSE(Metric):
 
 
 def spliced_pairs(batch: EvalBatch) -> list[tuple[int, Tensor, Tensor]]:
-    """(block, clean x_MD, x̂_MD) for every residual vector the splice replaces, in residual units."""
+    """(block, clean x_MD, x̂_MD) for every residual vector the splice replaces, in residual units.
+
+    Blocks that replace nothing in this batch (a RouteSAE block no token was routed to) are left out.
+    """
     pairs = []
     for block, (x_hat_ND, mask_N) in batch.reconstruction.items():
         keep_N = mask_N & batch.counted_N
+        if not keep_N.any():
+            continue
         x_ND = batch.clean[block].reshape(-1, x_hat_ND.shape[-1])
         pairs.append((block, x_ND[keep_N].float(), x_hat_ND[keep_N].float()))
     return pairs
