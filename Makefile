@@ -24,6 +24,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/routesae train --arch routesae --arch topk --k 32 --latent-size 4096 --tokens 200000 --out runs/demo --overwrite
+	$(VENV)/bin/routesae evaluate runs/demo --tokens 4096
 
 # pytest exits 5 when it collected no tests; that is not a failure of the set-up.
 test: setup
