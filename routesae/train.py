@@ -41,7 +41,8 @@ from routesae.data import Corpus, load_corpus
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.lm import LanguageModel
 from routesae.plugins import get_plugin_manager
-from routesae.reporters.base import Reporter, StepReport
+from routesae.reporters import build_reporters
+from routesae.reporters.base import StepReport
 from routesae.reporters.jsonl import METRICS_FILE
 
 MANIFEST_FILE = "run.json"
@@ -259,7 +260,7 @@ class Trainer:
         self.out = Path(out)
         self.request = {"train": cfg.to_dict(), "saes": [s.to_dict() for s in specs]}
         self.progress = self._check_out_dir(overwrite, resume)
-        self.reporters = self._build_reporters(reporters if reporters is not None else ["console"])
+        self.reporters = build_reporters(reporters if reporters is not None else ["console"], self.out)
         self.device = cfg.resolved_device()
         self.lm = lm or LanguageModel.load(cfg.model, device=self.device)
         self.saes = self._build_saes()
@@ -311,11 +312,6 @@ class Trainer:
             index = torch.tensor([self.layers.index(layer) for layer in config.resolved_layers()], device=self.device)
             trained.append(TrainedSAE(name, sae, index, self.cfg))
         return trained
-
-    def _build_reporters(self, names: list[str]) -> list[Reporter]:
-        """``jsonl`` (``metrics.jsonl``) is always on: it is the run's record, not a display."""
-        pm = get_plugin_manager()
-        return [pm.get("reporter", name)(self.out) for name in dict.fromkeys(["jsonl", *names])]
 
     def _stream(self) -> ActivationStream:
         assert self.corpus is not None

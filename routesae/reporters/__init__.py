@@ -1,12 +1,18 @@
 """Built-in run reporters, registered through the ``routesae`` entry point like any plugin."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 from routesae.hookspecs import hookimpl
 from routesae.reporters.base import Reporter, StepReport
 from routesae.reporters.console import ConsoleReporter
 from routesae.reporters.jsonl import JsonlReporter
 from routesae.reporters.wandb import WandbReporter
 
-__all__ = ["Reporter", "StepReport"]
+__all__ = ["Reporter", "StepReport", "build_reporters", "report_evaluation"]
 
 
 @hookimpl
@@ -14,3 +20,31 @@ def register_reporters(register):
     register(ConsoleReporter)
     register(JsonlReporter)
     register(WandbReporter)
+
+
+def build_reporters(names: Sequence[str], run_dir: Path) -> list[Reporter]:
+    """The named reporters for ``run_dir``; ``jsonl`` (``metrics.jsonl``) is always on: it is the run's record."""
+    from routesae.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    return [pm.get("reporter", name)(run_dir) for name in dict.fromkeys(["jsonl", *names])]
+
+
+def run_dir_of(sae_dir: Path) -> Path:
+    """The run an SAE belongs to (the parent holding ``run.json``), or the SAE directory itself."""
+    return sae_dir.parent if (sae_dir.parent / "run.json").is_file() else sae_dir
+
+
+def report_evaluation(results: dict[str, dict[str, Any]], names: Sequence[str]) -> None:
+    """Hand each run's ``eval.json`` records to the reporters, one set of reporters per run."""
+    by_run: dict[Path, list[dict[str, Any]]] = {}
+    for sae_dir, record in results.items():
+        by_run.setdefault(run_dir_of(Path(sae_dir)), []).append(record)
+    for run_dir, records in by_run.items():
+        reporters = build_reporters(names, run_dir)
+        try:
+            for reporter in reporters:
+                reporter.evaluation(records)
+        finally:
+            for reporter in reporters:
+                reporter.close()

@@ -1,7 +1,9 @@
-"""The reporter contract: how a run's progress and results leave the trainer.
+"""The reporter contract: how a run's progress and results leave the trainer and the evaluator.
 
-A reporter is constructed with the run directory and receives ``start`` once, ``step`` every
-``log_every`` steps, ``finish`` with the final summary, and ``close`` always (even on error).
+A reporter is constructed with the run directory. In training it receives ``start`` once,
+``step`` every ``log_every`` steps and ``finish`` with the final summary; after an evaluation it
+receives ``evaluation`` with the ``eval.json`` records of the run's evaluated SAEs. ``close`` is
+always called (even on error).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class Reporter:
 
     def finish(self, summary: dict[str, Any]) -> None:
         pass
+
+    def evaluation(self, records: list[dict[str, Any]]) -> None:
+        """``records``: one ``eval.json`` record per evaluated SAE of this run."""
 
     def close(self) -> None:
         pass

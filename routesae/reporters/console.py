@@ -77,6 +77,16 @@ class ConsoleReporter(Reporter):
                     self.console.print(f"{sae['name']} {stat.replace('_', ' ')}: {shares}")
         self.console.print(f"{summary['tokens_per_s']:,.0f} tokens/s · checkpoints in {summary['run']}/<SAE>")
 
+    def evaluation(self, records: list[dict[str, Any]]) -> None:
+        names = list(dict.fromkeys(name for record in records for name in record["metrics"]))
+        table = Table(title=f"{self.run_dir}: {records[0]['tokens']:,} {records[0]['split']} tokens")
+        table.add_column("SAE", overflow="fold")
+        for name in names:
+            table.add_column(name.replace("_", " "), justify="right", overflow="fold")
+        for record in records:
+            table.add_row(record["sae"], *(f"{record['metrics'][name]:.4g}" for name in names))
+        Console(stderr=True).print(table)
+
     def close(self) -> None:
         if hasattr(self, "progress"):
             self.progress.stop()

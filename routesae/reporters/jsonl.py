@@ -26,3 +26,6 @@ class JsonlReporter(Reporter):
 
     def finish(self, summary: dict[str, Any]) -> None:
         self._write("finish", summary)
+
+    def evaluation(self, records: list[dict[str, Any]]) -> None:
+        self._write("evaluate", {"results": records})

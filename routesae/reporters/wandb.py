@@ -28,14 +28,25 @@ class WandbReporter(Reporter):
         self.wandb = wandb
         self.run: Any = None
 
-    def start(self, run: dict[str, Any]) -> None:
+    def _init(self, name: str, job_type: str, config: dict[str, Any]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = self.wandb.init(
             project=os.environ.get("WANDB_PROJECT", "routesae"),
-            name=self.run_dir.name,
+            name=name,
+            job_type=job_type,
             dir=str(self.run_dir),
-            config={"train": run["train"], "saes": run["saes"], "model": run["model"], "data": run["data"]},
+            config=config,
             reinit="finish_previous",
+        )
+
+    def start(self, run: dict[str, Any]) -> None:
+        config = {"train": run["train"], "saes": run["saes"], "model": run["model"], "data": run["data"]}
+        self._init(self.run_dir.name, "train", config)
+
+    def evaluation(self, records: list[dict[str, Any]]) -> None:
+        self._init(f"{self.run_dir.name}-eval", "evaluate", {"settings": records[0]["settings"], "split": records[0]["split"]})
+        self.run.summary.update(
+            {f"{r['sae']}/eval/{name}": value for r in records for name, value in r["metrics"].items()}
         )
 
     def step(self, report: StepReport) -> None:
