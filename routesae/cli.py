@@ -202,10 +202,11 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
 
     def callback(
         paths: tuple[str, ...], metric: tuple[str, ...], tokens: int | None, batch_size: int, reference_metrics: bool,
-        device: str | None, as_json: bool,
+        infer_k: int | None, theta: float | None, device: str | None, as_json: bool,
     ) -> None:
         results = evaluate(
-            list(paths), list(metric) or None, tokens=tokens, batch_size=batch_size, reference_metrics=reference_metrics, device=device
+            list(paths), list(metric) or None, tokens=tokens, batch_size=batch_size, reference_metrics=reference_metrics,
+            infer_k=infer_k, theta=theta, device=device,
         )
         names = list(dict.fromkeys(name for record in results.values() for name in record["metrics"]))
         table = Table(title=f"routesae evaluate ({next(iter(results.values()))['tokens']:,} eval tokens)")
@@ -229,6 +230,16 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
             ["--reference-metrics"], is_flag=True,
             help="The reference's conventions: every position (BOS, padding) replaced and counted, KL summed over positions "
             "and divided by sequences, CE over all B*(T-1) positions.",
+        ),
+        click.Option(
+            ["--infer-k"], type=int, default=None,
+            help="Read every SAE with TopK over its pre-activations (signed values, as the reference) instead of its "
+            "trained activation; at most the latent size. Not for gated SAEs. Excludes --theta.",
+        ),
+        click.Option(
+            ["--theta"], type=float, default=None,
+            help="Read every SAE with one global threshold, z = a * (a > theta), instead of its trained activation. "
+            "Not for gated SAEs. Excludes --infer-k.",
         ),
         click.Option(["--device"], default=None, help="Device for the model and SAEs. [default: CUDA when available]"),
         click.Option(["--json", "as_json"], is_flag=True, help="Print the results as JSON on stdout (the table goes to stderr)."),

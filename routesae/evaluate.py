@@ -18,6 +18,11 @@ Positions (``reference_metrics=True``, ``--reference-metrics``)
     the number of sequences (the paper's scale of ~80–430), CE is the mean over all B·(T−1)
     positions. Unlike the reference, batches are weighted by their tokens, not averaged.
 
+Inference overrides (``infer_k``, ``theta``; ``--infer-k``, ``--theta``)
+    Every SAE is read with :class:`~routesae.architectures.base.Inference` in place of its trained
+    activation (see there and :meth:`SAE.inference`): TopK over the pre-activations, or one global
+    threshold. The record's ``settings`` say which, and ``eval.json`` is overwritten like any run.
+
 Recovered uses zero-ablation of the spliced positions (the reference) and also reports
 ``recovered_mean_ablation`` (the block's mean residual over the batch's counted positions).
 """
@@ -25,6 +30,7 @@ Recovered uses zero-ablation of the spliced positions (the reference) and also r
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ from torch import Tensor
 
 import routesae
 from routesae.activations import training_positions
-from routesae.architectures.base import SAE
+from routesae.architectures.base import SAE, Inference
 from routesae.checkpoint import load_sae, read_json, read_sae_config, write_json
 from routesae.data import TokenBlocks, load_corpus
 from routesae.errors import RouteSAEError
@@ -197,6 +203,8 @@ def evaluate(
     tokens: int | None = None,
     batch_size: int = 8,
     reference_metrics: bool = False,
+    infer_k: int | None = None,
+    theta: float | None = None,
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -204,7 +212,8 @@ def evaluate(
 
     ``tokens`` (default: the whole split) counts counted positions. The data is the eval split of
     the first SAE's training data (same source, context length and split seed). Each record also
-    goes to ``eval.json`` in its checkpoint directory.
+    goes to ``eval.json`` in its checkpoint directory. ``infer_k`` or ``theta`` (not both)
+    replaces every SAE's trained activation (see the module docstring).
 
     >>> evaluate(["runs/demo"], ["kldiv", "l0"], tokens=100_000)
     """
@@ -214,6 +223,7 @@ def evaluate(
         raise RouteSAEError(f"tokens must be positive, got {tokens}")
     if batch_size <= 0:
         raise RouteSAEError(f"batch_size must be positive, got {batch_size}")
+    override = Inference(k=infer_k, theta=theta)
     dirs = expand_dirs(sae_dirs)
     configs = [read_sae_config(d) for d in dirs]
     classes = metric_classes(metrics)
@@ -225,22 +235,27 @@ def evaluate(
 
     data = configs[0]["data"]
     seed = configs[0].get("training", {}).get("seed", 0)
-    corpus = load_corpus(
-        data["source"], lm.tokenizer, context_length=data["context_length"], text_field=data["text_field"], seed=seed
-    )
-    blocks = corpus.split(SPLIT)
-    n_blocks, n_tokens = eval_blocks(blocks, tokens, reference_metrics)
-    layers = sorted({block for s in saes for block in s.sae.layers})
-    for input_ids, attention_mask in blocks.batches(batch_size):
-        if n_blocks <= 0:
-            break
-        _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], reference_metrics)
-        n_blocks -= input_ids.shape[0]
+    with ExitStack() as overrides:
+        for s in saes:  # before the data: an override an SAE refuses fails fast
+            overrides.enter_context(s.sae.inference(override))
+        corpus = load_corpus(
+            data["source"], lm.tokenizer, context_length=data["context_length"], text_field=data["text_field"], seed=seed
+        )
+        blocks = corpus.split(SPLIT)
+        n_blocks, n_tokens = eval_blocks(blocks, tokens, reference_metrics)
+        layers = sorted({block for s in saes for block in s.sae.layers})
+        for input_ids, attention_mask in blocks.batches(batch_size):
+            if n_blocks <= 0:
+                break
+            _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], reference_metrics)
+            n_blocks -= input_ids.shape[0]
 
     settings = {
         "metrics": [cls.name for cls in classes],
         "batch_size": batch_size,
         "reference_metrics": reference_metrics,
+        "infer_k": infer_k,
+        "theta": theta,
         "positions": "all" if reference_metrics else "real tokens except position 0",
         "data": {
             "source": data["source"],

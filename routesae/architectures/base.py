@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -161,6 +163,49 @@ class SAEOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Inference:
+    """An inference-time sparsity override (reference §3.8): it replaces the trained activation.
+
+    ``k``: z = TopK_k(a), the k largest pre-activations **with their signed values** (as the
+    reference, whatever the trained activation: ReLU, JumpReLU, TopK with ``relu``).
+    ``theta``: z = a · 1[a > θ], one global threshold for every latent. Neither: no override.
+    Both at once is an error, as in the reference. It lets one trained SAE be read at other
+    sparsities (an L0 sweep without retraining) in ``evaluate`` and, through the same
+    :meth:`SAE.inference`, anything else that encodes.
+
+    Per architecture, ``a`` is W_enc(x − b_dec) + b_enc for TopK, Vanilla, JumpReLU and
+    BatchTopK (the override replaces TopK / ReLU / JumpReLU / the batch rule or its threshold),
+    the joint pre-activation Σ_l W_enc[:, l] x_l + b_enc for the Crosscoder, and the inner SAE's
+    for RouteSAE (routing is untouched). Gated has no single pre-activation and refuses them.
+    """
+
+    k: int | None = None
+    theta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.k is not None and self.theta is not None:
+            raise ConfigError("--infer-k and --theta exclude each other: give at most one")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
+            raise ConfigError(f"infer_k must be a positive integer, got {self.k!r}")
+        if self.theta is not None and not math.isfinite(self.theta):
+            raise ConfigError(f"theta must be a finite number, got {self.theta!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.k is not None or self.theta is not None
+
+    def apply(self, pre_NF: Tensor) -> Tensor:
+        """The override's latents from pre-activations ``[N, F]`` (only call when :attr:`active`)."""
+        if self.theta is not None:
+            return torch.where(pre_NF > self.theta, pre_NF, 0.0)
+        values, indices = pre_NF.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_NF).scatter(-1, indices, values)
+
+
+NO_INFERENCE = Inference()
+
+
 def normalized_mse(x_hat: Tensor, target: Tensor) -> Tensor:
     """Mean over vectors of ||x_hat - x||² / ||x||² (the reference's NMSE, per vector then averaged)."""
     err = (x_hat - target).pow(2).mean(-1)
@@ -168,10 +213,18 @@ def normalized_mse(x_hat: Tensor, target: Tensor) -> Tensor:
 
 
 class SAE(nn.Module):
-    """Base class of every architecture. See the module docstring for the contract."""
+    """Base class of every architecture. See the module docstring for the contract.
+
+    Inference overrides: inside ``with sae.inference(Inference(k=64)):`` every encoding path
+    (``forward``, ``encode``, ``encode_decode``) sparsifies through :meth:`sparsify`, which uses
+    the override instead of the trained :meth:`activation`. It applies whenever set, in train or
+    eval mode; the trainer never sets it, so training is unaffected. An architecture whose
+    pre-activations an override cannot replace sets ``supports_inference = False``.
+    """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[SAEConfig]] = SAEConfig
+    supports_inference: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig, d_model: int) -> None:
         super().__init__()
@@ -179,6 +232,35 @@ class SAE(nn.Module):
             raise ConfigError(f"{self.name} needs a {self.Config.__name__}, got {type(cfg).__name__}")
         self.cfg = cfg
         self.d_model = d_model
+        self.inference_override = NO_INFERENCE
+
+    @contextmanager
+    def inference(self, override: Inference) -> Iterator[None]:
+        """Encode with ``override`` instead of the trained activation inside the ``with`` block.
+
+        Raises :class:`ConfigError` if this architecture does not support overrides or if
+        ``k`` exceeds the latent size (the reference clamps with a warning; an error keeps a
+        typo from silently measuring a dense SAE).
+        """
+        if override.active and not self.supports_inference:
+            raise ConfigError(f"{self.name} does not support --infer-k or --theta (the reference ignores them for it)")
+        if override.k is not None and override.k > self.cfg.latent_size:
+            raise ConfigError(f"infer_k={override.k} exceeds {self.name}'s latent size {self.cfg.latent_size}")
+        previous, self.inference_override = self.inference_override, override
+        try:
+            yield
+        finally:
+            self.inference_override = previous
+
+    def activation(self, pre_NF: Tensor) -> Tensor:
+        """The architecture's trained sparsifying nonlinearity (ReLU, TopK, JumpReLU, ...)."""
+        raise NotImplementedError
+
+    def sparsify(self, pre_NF: Tensor) -> Tensor:
+        """Latents from pre-activations: the inference override when one is set, else :meth:`activation`."""
+        if self.inference_override.active:
+            return self.inference_override.apply(pre_NF)
+        return self.activation(pre_NF)
 
     @classmethod
     def check_contract(cls) -> None:
@@ -277,19 +359,26 @@ class SingleLayerSAE(SAE):
     def preactivations(self, x_ND: Tensor) -> Tensor:
         return (x_ND - self.b_dec) @ self.W_enc.T + self.b_enc
 
-    def activation(self, pre_NF: Tensor) -> Tensor:
-        """The architecture's sparsifying nonlinearity (ReLU, TopK, JumpReLU, ...)."""
-        raise NotImplementedError
-
     def encode(self, x_ND: Tensor) -> Tensor:
-        return self.activation(self.preactivations(x_ND))
+        return self.sparsify(self.preactivations(x_ND))
 
     def decode(self, latents_NF: Tensor) -> Tensor:
         return latents_NF @ self.W_dec + self.b_dec
 
     def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents, x_hat); an architecture with a faster sparse decode overrides this."""
-        z = self.encode(x_ND)
+        """(latents, x_hat)."""
+        return self.sparsify_decode(self.preactivations(x_ND))
+
+    def sparsify_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents, x_hat) from pre-activations: the override, densely decoded, else :meth:`activate_decode`."""
+        if self.inference_override.active:
+            z = self.inference_override.apply(pre_NF)
+            return z, self.decode(z)
+        return self.activate_decode(pre_NF)
+
+    def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents, x_hat) through the trained activation; an architecture with a faster sparse decode overrides this."""
+        z = self.activation(pre_NF)
         return z, self.decode(z)
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:

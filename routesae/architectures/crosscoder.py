@@ -105,7 +105,7 @@ class Crosscoder(SAE):
 
     def encode(self, acts_NLD: Tensor) -> Tensor:
         """Latents of raw activations ``[N, L, D]`` (standardised here, as in ``forward``)."""
-        return self.activation(self.preactivations(standardize(acts_NLD, self.cfg.normalize)[0]))
+        return self.sparsify(self.preactivations(standardize(acts_NLD, self.cfg.normalize)[0]))
 
     def decode(self, latents_NF: Tensor) -> Tensor:
         """x̂ ``[N, L, D]`` in the standardised space."""
@@ -119,8 +119,8 @@ class Crosscoder(SAE):
             )
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         pre_NF = self.preactivations(x_NLD)
-        if not self.cfg.k:
-            z_NF = pre_NF.relu()
+        if not self.cfg.k or self.inference_override.active:
+            z_NF = self.sparsify(pre_NF)
             return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_NLD, norm=norm)
         values, indices = self.select(pre_NF)  # sparse decode: gather only the k kept [L·D] rows
         x_hat = F.embedding_bag(indices, self.W_dec.view(self.W_dec.shape[0], -1), per_sample_weights=values, mode="sum")

@@ -66,6 +66,9 @@ class GatedSAE(SingleLayerSAE):
     name = "gated"
     Config: ClassVar[type[SAEConfig]] = GatedConfig
     cfg: GatedConfig
+    # Latents are ReLU(π_mag) where π_gate > 0: no one pre-activation both selects and sets them, so TopK or a
+    # threshold "over the pre-activations" has no single meaning here; the reference accepts and ignores them.
+    supports_inference = False
 
     def __init__(self, cfg: GatedConfig, d_model: int) -> None:
         super().__init__(cfg, d_model)

@@ -157,7 +157,7 @@ class JumpReLUSAE(SingleLayerSAE):
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         x_ND = x_NLD[:, 0]
         pre_NF = self.preactivations(x_ND)
-        z_NF = self.activation(pre_NF)
+        z_NF = self.sparsify(pre_NF)
         return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_ND, norm=norm, extras={"pre": pre_NF})
 
     def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:

@@ -31,6 +31,7 @@ BatchTopK thresholds, ...) and ``after_step`` work as they do when it stands alo
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from routesae.architectures.base import (
+    Inference,
     MultiLayerConfig,
     SAE,
     SAEConfig,
@@ -240,6 +242,10 @@ class RouteSAE(SAE):
         return {block: (x_hat_ND, chosen_N == i) for i, block in enumerate(self.layers)}
 
     # -- the rest of the contract ----------------------------------------------------------------
+    def inference(self, override: Inference) -> AbstractContextManager[None]:
+        """The inner SAE does all encoding, so the override (and its checks) is the inner's."""
+        return self.sae.inference(override)
+
     def encode(self, x_route_ND: Tensor) -> Tensor:
         """Latents of a routed input (the SAE's input space, like ``out.target``); ``forward`` routes raw activations."""
         return self.sae.encode(x_route_ND)

@@ -111,10 +111,7 @@ class TopKSAE(SingleLayerSAE):
         values, indices = self.select(pre_NF)
         return torch.zeros_like(pre_NF).scatter(-1, indices, values)
 
-    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-        return self.sparse_encode_decode(self.preactivations(x_ND))
-
-    def sparse_encode_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
+    def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) from pre-activations, decoding only the kept rows."""
         values, indices = self.select(pre_NF)
         x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
@@ -127,7 +124,7 @@ class TopKSAE(SingleLayerSAE):
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         x_ND = x_NLD[:, 0]
         pre_NF = self.preactivations(x_ND)
-        z_NF, x_hat = self.sparse_encode_decode(pre_NF)
+        z_NF, x_hat = self.sparsify_decode(pre_NF)
         if self.training:
             self._note_fired(z_NF)
         return SAEOutput(latents=z_NF, x_hat=x_hat, target=x_ND, norm=norm, extras={"pre": pre_NF})

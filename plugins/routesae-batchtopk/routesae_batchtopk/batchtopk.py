@@ -100,8 +100,7 @@ class BatchTopKSAE(SingleLayerSAE):
         values, flat_idx = self.batch_topk(pre_NF)
         return torch.zeros_like(pre_NF).flatten().scatter(0, flat_idx, values).view_as(pre_NF)
 
-    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-        pre_NF = self.preactivations(x_ND)
+    def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         if self._use_threshold():
             z_NF = self.jumprelu(pre_NF)
             return z_NF, self.decode(z_NF)
