@@ -202,20 +202,12 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
 
     def callback(
         paths: tuple[str, ...], metric: tuple[str, ...], tokens: int | None, batch_size: int, reference_metrics: bool,
-        infer_k: int | None, theta: float | None, device: str | None, as_json: bool,
+        infer_k: int | None, theta: float | None, device: str | None, as_json: bool, report: str,
     ) -> None:
         results = evaluate(
             list(paths), list(metric) or None, tokens=tokens, batch_size=batch_size, reference_metrics=reference_metrics,
-            infer_k=infer_k, theta=theta, device=device,
+            infer_k=infer_k, theta=theta, device=device, reporters=[r.strip() for r in report.split(",") if r.strip()],
         )
-        names = list(dict.fromkeys(name for record in results.values() for name in record["metrics"]))
-        table = Table(title=f"routesae evaluate ({next(iter(results.values()))['tokens']:,} eval tokens)")
-        table.add_column("sae")
-        for name in names:
-            table.add_column(name, justify="right")
-        for record in results.values():
-            table.add_row(record["sae"], *(f"{record['metrics'][name]:.4g}" for name in names))
-        Console(stderr=as_json, width=200 if not sys.stdout.isatty() else None).print(table)
         if as_json:
             _print_json(results)
 
@@ -243,6 +235,12 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
         ),
         click.Option(["--device"], default=None, help="Device for the model and SAEs. [default: CUDA when available]"),
         click.Option(["--json", "as_json"], is_flag=True, help="Print the results as JSON on stdout (the table goes to stderr)."),
+        click.Option(
+            ["--report"],
+            default="console",
+            show_default=True,
+            help=f"Comma-separated reporters (the run's metrics.jsonl always gets the results). Installed: {', '.join(pm.names('reporter'))}.",
+        ),
     ]
     return click.Command(
         "evaluate",

@@ -47,6 +47,7 @@ from routesae.errors import RouteSAEError
 from routesae.lm import Edit, LanguageModel
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
+from routesae.reporters import build_reporters, run_dir_of
 
 EVAL_FILE = "eval.json"
 SPLIT = "eval"
@@ -207,13 +208,15 @@ def evaluate(
     theta: float | None = None,
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
+    reporters: Sequence[str] = ("console",),
 ) -> dict[str, dict[str, Any]]:
     """Evaluate SAEs of one model on the ``eval`` split in one pass; returns ``{directory: record}``.
 
     ``tokens`` (default: the whole split) counts counted positions. The data is the eval split of
     the first SAE's training data (same source, context length and split seed). Each record also
     goes to ``eval.json`` in its checkpoint directory. ``infer_k`` or ``theta`` (not both)
-    replaces every SAE's trained activation (see the module docstring).
+    replaces every SAE's trained activation (see the module docstring). The records also go to
+    ``reporters`` (and always to the run's ``metrics.jsonl``), one set per run directory.
 
     >>> evaluate(["runs/demo"], ["kldiv", "l0"], tokens=100_000)
     """
@@ -223,8 +226,34 @@ def evaluate(
         raise RouteSAEError(f"tokens must be positive, got {tokens}")
     if batch_size <= 0:
         raise RouteSAEError(f"batch_size must be positive, got {batch_size}")
-    override = Inference(k=infer_k, theta=theta)
+    Inference(k=infer_k, theta=theta)  # a contradictory override fails before anything loads
     dirs = expand_dirs(sae_dirs)
+    runs = {run: build_reporters(reporters, run) for run in dict.fromkeys(map(run_dir_of, dirs))}  # fail fast
+    try:
+        results = _evaluate(dirs, metrics, tokens, batch_size, reference_metrics, infer_k, theta, lm, device)
+        for run, run_reporters in runs.items():
+            records = [results[str(d)] for d in dirs if run_dir_of(d) == run]
+            for reporter in run_reporters:
+                reporter.evaluation(records)
+        return results
+    finally:
+        for run_reporters in runs.values():
+            for reporter in run_reporters:
+                reporter.close()
+
+
+def _evaluate(
+    dirs: list[Path],
+    metrics: Sequence[str] | None,
+    tokens: int | None,
+    batch_size: int,
+    reference_metrics: bool,
+    infer_k: int | None,
+    theta: float | None,
+    lm: LanguageModel | None,
+    device: str | torch.device | None,
+) -> dict[str, dict[str, Any]]:
+    override = Inference(k=infer_k, theta=theta)
     configs = [read_sae_config(d) for d in dirs]
     classes = metric_classes(metrics)
     check_same_model(dirs, configs, lm)

@@ -234,7 +234,8 @@ def test_cli_prints_a_table_and_json(save, tmp_path):
     result = CliRunner().invoke(make_cli(), ["evaluate", str(directory), "--metric", "l0", "--metric", "normmse", "--tokens", "100", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)[str(directory)]
-    assert set(record["metrics"]) == {"l0", "normmse"} and "routesae evaluate" in result.stderr
+    assert set(record["metrics"]) == {"l0", "normmse"}
+    assert record["sae"] in result.stderr and "eval tokens" in result.stderr, "the console reporter's table goes to stderr"
     bad = CliRunner().invoke(make_cli(), ["evaluate", str(directory), "--metric", "nope"])
     assert bad.exit_code == 2 and "installed:" in bad.output
 

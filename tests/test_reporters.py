@@ -55,3 +55,18 @@ def test_report_wandb_without_wandb_installed_says_how_to_install(tiny_model_dir
     assert result.returncode == 2
     assert "--report wandb needs the wandb package: pip install 'routesae[wandb]'" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluation_results_reach_the_reporters(tiny_model_dir, text_corpus_dir, tmp_path, capsys):
+    from routesae.evaluate import evaluate
+    from routesae.train import SAESpec, TrainConfig, train
+
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=256, batch_size=4,
+                      context_length=32, sae_batch_tokens=64)
+    train([SAESpec.build("topk", k=4, latent_size=64, layer=2)], tmp_path / "run", cfg, reporters=[])
+    results = evaluate([tmp_path / "run"], ["l0", "normmse"], tokens=64, batch_size=4, reporters=["console"])
+    (record,) = results.values()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "evaluate" and events[-1]["results"] == [record]
+    table = capsys.readouterr().err
+    assert "topk-L2-k4-F64" in table and "normmse" in table and f"{record['metrics']['l0']:.4g}" in table

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from routesae.hookspecs import hookimpl
 from routesae.reporters.base import Reporter, StepReport
@@ -12,7 +11,7 @@ from routesae.reporters.console import ConsoleReporter
 from routesae.reporters.jsonl import JsonlReporter
 from routesae.reporters.wandb import WandbReporter
 
-__all__ = ["Reporter", "StepReport", "build_reporters", "report_evaluation"]
+__all__ = ["Reporter", "StepReport", "build_reporters", "run_dir_of"]
 
 
 @hookimpl
@@ -33,18 +32,3 @@ def build_reporters(names: Sequence[str], run_dir: Path) -> list[Reporter]:
 def run_dir_of(sae_dir: Path) -> Path:
     """The run an SAE belongs to (the parent holding ``run.json``), or the SAE directory itself."""
     return sae_dir.parent if (sae_dir.parent / "run.json").is_file() else sae_dir
-
-
-def report_evaluation(results: dict[str, dict[str, Any]], names: Sequence[str]) -> None:
-    """Hand each run's ``eval.json`` records to the reporters, one set of reporters per run."""
-    by_run: dict[Path, list[dict[str, Any]]] = {}
-    for sae_dir, record in results.items():
-        by_run.setdefault(run_dir_of(Path(sae_dir)), []).append(record)
-    for run_dir, records in by_run.items():
-        reporters = build_reporters(names, run_dir)
-        try:
-            for reporter in reporters:
-                reporter.evaluation(records)
-        finally:
-            for reporter in reporters:
-                reporter.close()

@@ -85,7 +85,10 @@ class ConsoleReporter(Reporter):
             table.add_column(name.replace("_", " "), justify="right", overflow="fold")
         for record in records:
             table.add_row(record["sae"], *(f"{record['metrics'][name]:.4g}" for name in names))
-        Console(stderr=True).print(table)
+        console = Console(stderr=True)
+        if not console.is_terminal:  # logs: one row per SAE, however many metrics
+            console = Console(stderr=True, width=220)
+        console.print(table)
 
     def close(self) -> None:
         if hasattr(self, "progress"):
