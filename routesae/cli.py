@@ -130,6 +130,19 @@ def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[cli
     ]
 
 
+def report_option(pm: PluginManager) -> click.Option:
+    return click.Option(
+        ["--report"],
+        default="console",
+        show_default=True,
+        help=f"Comma-separated reporters (the run's metrics.jsonl is always written). Installed: {', '.join(pm.names('reporter'))}.",
+    )
+
+
+def _reporter_names(report: str) -> list[str]:
+    return [name.strip() for name in report.split(",") if name.strip()]
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -139,7 +152,6 @@ def make_train_command(pm: PluginManager) -> click.Command:
     from routesae.train import TrainConfig, train
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    reporters = pm.names("reporter")
 
     def callback(
         arch: tuple[str, ...], config: str | None, out: str | None, overwrite: bool, resume: bool, as_json: bool, report: str, **values: Any
@@ -161,7 +173,7 @@ def make_train_command(pm: PluginManager) -> click.Command:
         if not out:
             raise RouteSAEError("say where the run goes: --out DIR (or out = \"DIR\" in the run file's [train] table)")
         cfg = TrainConfig.from_dict(train_settings)
-        summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=[r.strip() for r in report.split(",") if r.strip()])
+        summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=_reporter_names(report))
         if as_json:
             _print_json(summary)
 
@@ -179,12 +191,7 @@ def make_train_command(pm: PluginManager) -> click.Command:
         click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
         click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
         click.Option(["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout at the end."),
-        click.Option(
-            ["--report"],
-            default="console",
-            show_default=True,
-            help=f"Comma-separated reporters (metrics.jsonl is always written). Installed: {', '.join(reporters)}.",
-        ),
+        report_option(pm),
         *config_options(TrainConfig),
         *architecture_options(pm, reserved=train_fields),
     ]
@@ -206,7 +213,7 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
     ) -> None:
         results = evaluate(
             list(paths), list(metric) or None, tokens=tokens, batch_size=batch_size, reference_metrics=reference_metrics,
-            infer_k=infer_k, theta=theta, device=device, reporters=[r.strip() for r in report.split(",") if r.strip()],
+            infer_k=infer_k, theta=theta, device=device, reporters=_reporter_names(report),
         )
         if as_json:
             _print_json(results)
@@ -235,12 +242,7 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
         ),
         click.Option(["--device"], default=None, help="Device for the model and SAEs. [default: CUDA when available]"),
         click.Option(["--json", "as_json"], is_flag=True, help="Print the results as JSON on stdout (the table goes to stderr)."),
-        click.Option(
-            ["--report"],
-            default="console",
-            show_default=True,
-            help=f"Comma-separated reporters (the run's metrics.jsonl always gets the results). Installed: {', '.join(pm.names('reporter'))}.",
-        ),
+        report_option(pm),
     ]
     return click.Command(
         "evaluate",
