@@ -11,6 +11,7 @@ from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.checkpoint import load_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
+from toy_training import train_steps
 
 D, F, K = 16, 64, 4
 DEAD = torch.arange(8)  # latents the tests force dead
@@ -148,19 +149,13 @@ def test_training_with_auxk_revives_dead_latents():
         sae = make(auxk=auxk, dead_tokens=512, seed=0)
         with torch.no_grad():
             sae.b_enc[:32] = -1.5  # half the dictionary starts out of reach of TopK
-        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
         fired = torch.zeros(F, dtype=torch.bool)
-        for step in range(300):
-            out = sae(sample())
-            loss, terms = sae.loss(out)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if (step + 1) % 10 == 0:
-                sae.normalize_decoder()
-            sae.after_step(step)
+
+        def record_firing(step, out, fired=fired):
             if step >= 250:
                 fired |= out.latents.ne(0).any(0)
+
+        _, terms = train_steps(sae, sample, on_step=record_firing)
         assert torch.isfinite(torch.tensor(terms["nmse"].item())) and terms["nmse"] < 0.3
         dead_after[auxk] = 32 - int(fired[:32].sum())
     assert dead_after[0.0] == 32 and dead_after[1.0] <= 24, dead_after

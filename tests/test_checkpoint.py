@@ -7,7 +7,7 @@ import torch
 
 import routesae
 from routesae.architectures.topk import TopKConfig, TopKSAE
-from routesae.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_sae, save_sae
+from routesae.checkpoint import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_sae, save_sae
 from routesae.errors import RouteSAEError
 
 
@@ -17,6 +17,14 @@ def saved(tmp_path):
     sae = TopKSAE(TopKConfig(k=4, latent_size=32, layer=3), 16)
     save_sae(sae, tmp_path / "sae", {"note": "kept"})
     return sae, tmp_path / "sae"
+
+
+def rewrite_config(directory, change):
+    """Edit a saved config.json in place, as a user or a bug might."""
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    change(config)
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    return config
 
 
 def test_round_trip_needs_nothing_but_the_directory(saved):
@@ -34,28 +42,24 @@ def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_an_unknown_architecture_names_what_is_installed(saved):
     _, directory = saved
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    (directory / CONFIG_FILE).write_text(json.dumps({**config, "architecture": "mystery"}))
+    rewrite_config(directory, lambda c: c.update(architecture="mystery"))
     with pytest.raises(RouteSAEError, match="unknown architecture 'mystery'; installed: .*topk"):
         load_sae(directory)
 
 
 def test_weights_that_do_not_match_the_config_are_refused(saved):
     _, directory = saved
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    config["config"]["latent_size"] = 64
-    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    rewrite_config(directory, lambda c: c["config"].update(latent_size=64))
     with pytest.raises(RouteSAEError, match="does not match its config"):
         load_sae(directory)
 
 
 def test_missing_weights_and_newer_formats_are_refused(saved):
     _, directory = saved
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    (directory / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 99}))
+    rewrite_config(directory, lambda c: c.update(format_version=99))
     with pytest.raises(RouteSAEError, match="newer routesae"):
         load_sae(directory)
-    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    rewrite_config(directory, lambda c: c.update(format_version=FORMAT_VERSION))
     (directory / WEIGHTS_FILE).unlink()
     with pytest.raises(RouteSAEError, match="incomplete"):
         load_sae(directory)
@@ -63,8 +67,6 @@ def test_missing_weights_and_newer_formats_are_refused(saved):
 
 def test_unknown_config_keys_are_refused_not_dropped(saved):
     _, directory = saved
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    config["config"]["kk"] = 3
-    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    rewrite_config(directory, lambda c: c["config"].update(kk=3))
     with pytest.raises(RouteSAEError, match="unknown setting"):
         load_sae(directory)

@@ -13,17 +13,23 @@ def low_rank(n: int, d: int, rank: int = 4, seed: int = 0) -> Callable[[], Tenso
     return lambda: (torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, d, generator=g))[:, None]
 
 
-def train_steps(sae, sample: Callable[[], Tensor], steps: int = 300, lr: float = 3e-3):
-    """Adam, renormalise every 10 steps, after_step: returns (losses, the last step's logged terms)."""
+def train_steps(sae, sample: Callable[[], Tensor], steps: int = 300, lr: float = 3e-3, on_step=None):
+    """Adam, renormalise every 10 steps, after_step: returns (losses, the last step's logged terms).
+
+    ``on_step(step, out)``, if given, sees each step's SAE output (e.g. to record which latents fire).
+    """
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     losses, terms = [], {}
     for step in range(steps):
-        loss, terms = sae.loss(sae(sample()))
+        out = sae(sample())
+        loss, terms = sae.loss(out)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if (step + 1) % 10 == 0:
             sae.normalize_decoder()
         sae.after_step(step)
+        if on_step is not None:
+            on_step(step, out)
         losses.append(loss.item())
     return losses, terms
