@@ -42,16 +42,16 @@ import routesae
 from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference
 from routesae.checkpoint import load_sae, read_json, read_sae_config, write_json
-from routesae.data import TokenBlocks, load_corpus
+from routesae.data import TokenBlocks
 from routesae.errors import RouteSAEError
 from routesae.lm import Edit, LanguageModel
+from routesae.loading import corpus_for, model_for, training_seed
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
 from routesae.reporters import build_reporters, run_dir_of
 
 EVAL_FILE = "eval.json"
 SPLIT = "eval"
-MODEL_IDENTITY = ("path", "hub_name", "embedded", "architecture", "n_layers", "d_model")
 
 
 def expand_dirs(paths: Iterable[Path | str]) -> list[Path]:
@@ -75,22 +75,6 @@ def metric_classes(names: Sequence[str] | None) -> list[type[Metric]]:
         if not (isinstance(cls, type) and issubclass(cls, Metric)):
             raise RouteSAEError(f"metric {cls!r} is not a subclass of routesae.metrics.Metric")
     return list(dict.fromkeys(classes))
-
-
-def _identity(model: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(model.get(key) for key in MODEL_IDENTITY)
-
-
-def check_same_model(dirs: Sequence[Path], configs: Sequence[dict[str, Any]], lm: LanguageModel | None) -> None:
-    """Every SAE must read the same model (the one given, if any) at its width."""
-    reference = _identity(lm.describe()) if lm is not None else _identity(configs[0]["model"])
-    where = f"the given model {lm.spec!r}" if lm is not None else f"{dirs[0]} ({configs[0]['model']['spec']})"
-    for directory, config in zip(dirs, configs):
-        if _identity(config["model"]) != reference or config["d_model"] != reference[-1]:
-            raise RouteSAEError(
-                f"{directory} was trained on {config['model']['spec']!r} (d_model {config['d_model']}), which is not "
-                f"the model of {where}; evaluate SAEs of one model at a time"
-            )
 
 
 def eval_blocks(blocks: TokenBlocks, tokens: int | None, reference: bool) -> tuple[int, int]:
@@ -256,20 +240,15 @@ def _evaluate(
     override = Inference(k=infer_k, theta=theta)
     configs = [read_sae_config(d) for d in dirs]
     classes = metric_classes(metrics)
-    check_same_model(dirs, configs, lm)
-    if lm is None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        lm = LanguageModel.load(configs[0]["model"]["spec"], device=device)
+    lm = model_for(dirs, configs, lm, device)
     saes = [Evaluated(d, c, load_sae(d, lm.device)[0], [cls() for cls in classes]) for d, c in zip(dirs, configs)]
 
     data = configs[0]["data"]
-    seed = configs[0].get("training", {}).get("seed", 0)
+    seed = training_seed(configs[0])
     with ExitStack() as overrides:
         for s in saes:  # before the data: an override an SAE refuses fails fast
             overrides.enter_context(s.sae.inference(override))
-        corpus = load_corpus(
-            data["source"], lm.tokenizer, context_length=data["context_length"], text_field=data["text_field"], seed=seed
-        )
+        corpus = corpus_for(configs[0], lm)
         blocks = corpus.split(SPLIT)
         n_blocks, n_tokens = eval_blocks(blocks, tokens, reference_metrics)
         layers = sorted({block for s in saes for block in s.sae.layers})
