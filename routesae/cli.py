@@ -253,6 +253,45 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
     )
 
 
+def make_contexts_command(pm: PluginManager) -> click.Command:
+    from routesae.contexts import extract_contexts
+
+    def callback(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
+        results = extract_contexts(list(paths), **options)
+        if as_json:
+            keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
+            _print_json({d: {"file": f"{d}/contexts.json", **{k: r[k] for k in keys}} for d, r in results.items()})
+
+    def option(name: str, type_: Any, default: Any, help_: str) -> click.Option:
+        return click.Option([name], type=type_, default=default, show_default=default is not None, help=help_)
+
+    params: list[click.Parameter] = [
+        click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),
+        option("--threshold", float, 15.0, "A latent activates at a token when z > threshold. 15 suits d_model 2048 "
+               "(the reference); activations scale with sqrt(d_model), so ~5-8 for SmolLM2."),
+        option("--window", int, 64, "Most tokens per context (a sentence around the token, cropped around it)."),
+        option("--top-per-class", int, 2, "Contexts kept per (latent, activating-token class), highest first."),
+        option("--max-classes", int, 32, "Drop latents that fire on more token classes than this (0: keep all)."),
+        option("--min-contexts", int, 5, "Keep latents with at least this many shown contexts."),
+        option("--held-out", int, 5, "Random extra contexts per latent (and non-activating windows) for detection."),
+        option("--pool", int, 100, "Random windows of the split, the negatives for detection."),
+        option("--tokens", int, None, "Apply-split tokens to read. [default: the whole apply split]"),
+        option("--batch-size", int, 8, "Sequences per language-model batch."),
+        option("--infer-k", int, None, "Read every SAE with TopK over its pre-activations instead of its trained activation. Excludes --theta."),
+        option("--theta", float, None, "Read every SAE with one global threshold, z = a * (a > theta). Excludes --infer-k."),
+        option("--seed", int, 0, "Seed of the held-out sample and the pool."),
+        option("--device", str, None, "Device for the model and SAEs. [default: CUDA when available]"),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print a summary per SAE as JSON on stdout."),
+    ]
+    return click.Command(
+        "contexts",
+        callback=callback,
+        params=params,
+        help="Find each latent's top-activating contexts on the apply split (one pass for several SAEs of one model); "
+        "writes contexts.json next to each checkpoint.",
+    )
+
+
 def make_plugins_command(pm: PluginManager) -> click.Command:
     def callback(as_json: bool) -> None:
         infos = pm.plugin_infos()
@@ -291,7 +330,9 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
     _quiet_dependencies()
     cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
     cli = click.version_option(package_name="routesae")(cli)
-    builders: list[Callable[[PluginManager], click.Command]] = [make_train_command, make_evaluate_command, make_plugins_command]
+    builders: list[Callable[[PluginManager], click.Command]] = [
+        make_train_command, make_evaluate_command, make_plugins_command, make_contexts_command
+    ]
     for build in builders:
         cli.add_command(build(pm))
     pm.add_commands(cli)

@@ -1,0 +1,11 @@
+"""Top-activating contexts per latent: ``routesae contexts`` and the ``contexts.json`` it writes.
+
+``extract_contexts`` runs the pass (:mod:`routesae.contexts.extract`), ``render_context`` shows a
+context with its activating token marked, ``read_contexts`` reads and checks a file
+(:mod:`routesae.contexts.schema`).
+"""
+
+from routesae.contexts.extract import ContextSettings, extract_contexts
+from routesae.contexts.schema import CONTEXTS_FILE, read_contexts, render_context
+
+__all__ = ["CONTEXTS_FILE", "ContextSettings", "extract_contexts", "read_contexts", "render_context"]

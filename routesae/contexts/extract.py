@@ -1,0 +1,407 @@
+"""Top-activating contexts per latent (reference §7.1), vectorised, for many SAEs in one pass.
+
+One pass over the ``apply`` split serves every SAE of one model: per batch, one forward captures
+every block the SAEs read. For each SAE, all (token, latent) pairs with z > ``threshold`` are found
+with tensor ops and merged into running top-N tables (:mod:`routesae.contexts.topn`):
+
+- per (latent, token class), the ``top_per_class`` highest activations (what is shown);
+- per latent, the hits with the highest random keys (a key hashed from seed, block, position and
+  latent: a uniform sample of all hits, independent of batching and of the other SAEs), from which
+  ``held_out`` contexts not among the shown ones are drawn for detection scoring;
+- per pool window (random sentences of the split, chosen before the pass), the maximum activation
+  of every latent, so ``non_activating`` can list windows where a latent never fires.
+
+Text is built only at the end, for the contexts written out. Latents are those of the SAE's own
+input, as in training (``sae(acts).latents``): for RouteSAE the routed (p-scaled) vector, whose
+block — the router's argmax — is recorded with each context.
+
+Positions: real tokens, never padding; position 0 (the attention sink) only when the SAE was
+trained with ``keep_bos`` (:func:`routesae.activations.training_positions`), and never a special
+token (BOS, EOS between documents), which has no text to explain. See
+:mod:`routesae.contexts.windows` for the window rules and how they differ from the reference.
+
+Thresholds: the reference uses 15 for Llama-3.2-1B (d_model 2048). Inputs are standardised per
+token, so ‖x‖ ≈ √d and latent activations scale roughly with √d: 15·√(576/2048) ≈ 8 for SmolLM2.
+Measured on the demo run (SmolLM2 block 21, 4,096 latents, k = 32, 200k training tokens), positive
+activations have percentiles 50/90/99/99.9 of 3.2/5.7/6.9/7.7 for TopK and 2.2/4.1/5.8/6.9 for
+RouteSAE (whose input is scaled by the router probability), with maxima under 9: threshold 15 finds
+nothing there, 5 keeps ~20 % of TopK's and ~3 % of RouteSAE's activations. Each SAE's summary line
+gives its hits per token and largest activation, so a far-off threshold shows at once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+
+import routesae
+from routesae.activations import training_positions
+from routesae.architectures.base import SAE, Inference, SAEOutput
+from routesae.checkpoint import load_sae, read_sae_config, write_json
+from routesae.contexts.schema import CONTEXTS_FILE, FORMAT, FORMAT_VERSION
+from routesae.contexts.topn import TopN
+from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
+from routesae.data import TokenBlocks
+from routesae.errors import RouteSAEError
+from routesae.evaluate import expand_dirs
+from routesae.lm import LanguageModel
+from routesae.loading import corpus_for, model_for
+
+SPLIT = "apply"
+NO_LAYER = -1
+SHOWN_BOUND_WITHOUT_CLASS_FILTER = 256  # classes assumed shown when sizing the held-out sample, if max_classes=0
+_HASH_MOD = 2**31 - 1  # keys stay below 2^31, so products with the multipliers fit in int64
+_HASH_MULTIPLIERS = (1_103_515_245, 48_271, 69_621)
+_PAYLOAD = {"row": torch.long, "position": torch.long, "layer": torch.long, "activation": torch.float32}
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """What an extraction was asked for; validated before anything loads."""
+
+    threshold: float = 15.0
+    window: int = 64
+    top_per_class: int = 2
+    max_classes: int = 32
+    min_contexts: int = 5
+    held_out: int = 5
+    pool: int = 100
+    tokens: int | None = None
+    batch_size: int = 8
+    infer_k: int | None = None
+    theta: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.threshold):
+            raise RouteSAEError(f"threshold must be a finite number, got {self.threshold!r}")
+        positive = {"window": self.window, "top_per_class": self.top_per_class, "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise RouteSAEError(f"{name} must be at least 1, got {value}")
+        for name in ("max_classes", "min_contexts", "held_out", "pool"):
+            if getattr(self, name) < 0:
+                raise RouteSAEError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise RouteSAEError(f"tokens must be positive, got {self.tokens}")
+        if self.max_classes and self.min_contexts > self.max_classes * self.top_per_class:
+            raise RouteSAEError(
+                f"min_contexts={self.min_contexts} can never be met: a latent shows at most max_classes × top_per_class "
+                f"= {self.max_classes * self.top_per_class} contexts; lower --min-contexts or raise --max-classes/--top-per-class"
+            )
+        Inference(k=self.infer_k, theta=self.theta)  # --infer-k with --theta fails here
+
+    @property
+    def sample_size(self) -> int:
+        """Random hits kept per latent: enough that ``held_out`` remain after removing the shown ones."""
+        if not self.held_out:
+            return 0
+        classes = self.max_classes or SHOWN_BOUND_WITHOUT_CLASS_FILTER
+        return self.held_out + classes * self.top_per_class
+
+
+def random_key(seed: int, row: Tensor, position: Tensor, latent: Tensor) -> Tensor:
+    """A float in [0, 1) per hit, a hash of (seed, row, position, latent): a random order that no batching changes."""
+    h = torch.full_like(row, seed % _HASH_MOD)
+    for value, multiplier in zip((row, position, latent), _HASH_MULTIPLIERS):
+        h = (h * multiplier + value) % _HASH_MOD
+        h = h ^ (h >> 13)
+        h = (h * _HASH_MULTIPLIERS[0]) % _HASH_MOD
+    return h.double().div(_HASH_MOD).float()
+
+
+class Extraction:
+    """One SAE's running state during the pass."""
+
+    def __init__(
+        self, directory: Path, config: dict[str, Any], sae: SAE, settings: ContextSettings, n_classes: int, n_pool: int
+    ) -> None:
+        self.directory, self.config, self.sae, self.settings = directory, config, sae, settings
+        device = next(sae.parameters()).device
+        self.F = sae.cfg.latent_size
+        self.n_classes = n_classes
+        self.keep_bos = bool(config.get("data", {}).get("keep_bos", False))
+        self.top = TopN(settings.top_per_class, _PAYLOAD, device)
+        self.sample = TopN(settings.sample_size, _PAYLOAD, device)
+        self.hits = torch.zeros(self.F, dtype=torch.long, device=device)
+        self.max_activation = torch.full((self.F,), -math.inf, device=device)
+        self.overflow = torch.zeros(self.F, dtype=torch.bool, device=device)
+        self.pool_max = torch.full((n_pool, self.F), -math.inf, device=device)
+
+    def hit_layers(self, out: SAEOutput, n: int) -> Tensor:
+        """The block each token was read at: RouteSAE's routed block, a single-layer SAE's block, else none."""
+        layers = torch.tensor(self.sae.layers, device=out.latents.device)
+        if "chosen" in out.extras:
+            return layers[out.extras["chosen"]]
+        return torch.full((n,), int(layers[0]) if len(layers) == 1 else NO_LAYER, device=out.latents.device)
+
+    def update(self, acts_BTLD: Tensor, slots: list[int], ids_BT: Tensor, mask_BT: Tensor, first_row: int, tables: Tables,
+               pool_windows: list[tuple[int, int, int, int]]) -> None:
+        B, T = ids_BT.shape
+        with torch.no_grad():
+            out = self.sae(acts_BTLD[:, :, slots].reshape(B * T, len(slots), -1))
+        z_NF = out.latents
+        counted_N = (training_positions(mask_BT, self.keep_bos) & ~tables.special[ids_BT]).reshape(-1)
+        n, f = ((z_NF > self.settings.threshold) & counted_N[:, None]).nonzero(as_tuple=True)
+        activation = z_NF[n, f]
+        self.hits += torch.bincount(f, minlength=self.F)
+        self.max_activation.scatter_reduce_(0, f, activation, "amax")
+        payload = {"row": first_row + n // T, "position": n % T, "layer": self.hit_layers(out, B * T)[n], "activation": activation}
+        fresh = ~self.overflow[f]  # a latent past max_classes is dropped anyway: skip its hits
+        self.top.update(f[fresh] * self.n_classes + tables.class_id[ids_BT.reshape(-1)[n[fresh]]], activation[fresh],
+                        **{k: v[fresh] for k, v in payload.items()})
+        if self.settings.max_classes:
+            classes = torch.bincount(torch.unique_consecutive(self.top.group) // self.n_classes, minlength=self.F)
+            self.overflow |= classes > self.settings.max_classes
+            self.top.keep(~self.overflow[self.top.group // self.n_classes])
+        self.sample.update(f, random_key(self.settings.seed, payload["row"], payload["position"], f), **payload)
+        counted_BT = counted_N.view(B, T)
+        for p, row, lo, hi in pool_windows:
+            inside = counted_BT[row - first_row, lo : hi + 1]
+            if inside.any():
+                z = z_NF.view(B, T, -1)[row - first_row, lo : hi + 1][inside]
+                self.pool_max[p] = torch.maximum(self.pool_max[p], z.amax(0))
+
+
+@dataclass
+class Tables:
+    """Vocabulary tables on the model's device, plus the text-side tables on the CPU."""
+
+    vocab: Vocabulary
+    class_id: Tensor
+    special: Tensor
+
+
+def apply_blocks(blocks: TokenBlocks, tokens: int | None) -> tuple[int, int]:
+    """(blocks to read, counted tokens in them): the fewest leading blocks of the apply split holding ``tokens``."""
+    counted = training_positions(blocks.attention_mask, keep_bos=False).sum(-1).cumsum(0)
+    available = int(counted[-1]) if len(counted) else 0
+    if not available:
+        raise RouteSAEError("the apply split holds no tokens: the corpus is too small; use a larger --dataset")
+    if tokens is None:
+        return len(counted), available
+    if tokens > available:
+        raise RouteSAEError(
+            f"asked for {tokens:,} tokens but the apply split holds {available:,} (real tokens except position 0); "
+            "lower --tokens or give no --tokens to use the whole split"
+        )
+    n = int(torch.searchsorted(counted, torch.tensor(tokens))) + 1
+    return n, int(counted[n - 1])
+
+
+def choose_pool(ids_BT: Tensor, counted_BT: Tensor, start_BT: Tensor, end_BT: Tensor, settings: ContextSettings) -> Tensor:
+    """``[P, 3]`` (row, first, last) of ``settings.pool`` distinct random sentence windows, in a seeded order."""
+    rows, positions = counted_BT.nonzero(as_tuple=True)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(settings.seed))
+    rows, positions = rows[order], positions[order]
+    lo, hi = crop(start_BT[rows, positions], end_BT[rows, positions], positions, settings.window)
+    windows = torch.stack([rows, lo, hi], 1)
+    unique, inverse = torch.unique(windows, dim=0, return_inverse=True)
+    first_seen = torch.full((len(unique),), len(windows), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(windows)), "amin"
+    )
+    return windows[first_seen.sort().values[: settings.pool]]
+
+
+def extract_contexts(
+    sae_dirs: Path | str | Sequence[Path | str],
+    *,
+    threshold: float = 15.0,
+    window: int = 64,
+    top_per_class: int = 2,
+    max_classes: int = 32,
+    min_contexts: int = 5,
+    held_out: int = 5,
+    pool: int = 100,
+    tokens: int | None = None,
+    batch_size: int = 8,
+    infer_k: int | None = None,
+    theta: float | None = None,
+    seed: int = 0,
+    lm: LanguageModel | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Extract top-activating contexts for SAEs of one model in one pass over the ``apply`` split.
+
+    Writes ``contexts.json`` into each SAE directory (run directories expand to their SAEs) and
+    returns ``{directory: record}``. ``tokens`` (default: the whole split) counts real tokens
+    except each block's position 0. See the module docstring for the algorithm and thresholds.
+
+    >>> extract_contexts(["runs/demo"], threshold=5.0)
+    """
+    if isinstance(sae_dirs, (str, Path)):
+        sae_dirs = [sae_dirs]
+    settings = ContextSettings(threshold, window, top_per_class, max_classes, min_contexts, held_out, pool, tokens,
+                               batch_size, infer_k, theta, seed)
+    dirs = expand_dirs(sae_dirs)
+    configs = [read_sae_config(d) for d in dirs]
+    lm = model_for(dirs, configs, lm, device)
+    corpus = corpus_for(configs[0], lm)
+    blocks = corpus.split(SPLIT)
+    n_blocks, n_tokens = apply_blocks(blocks, settings.tokens)
+    ids_BT, mask_BT = blocks.input_ids[:n_blocks], blocks.attention_mask[:n_blocks]
+    vocab = Vocabulary.build(lm.tokenizer, max(lm.vocab_size, len(lm.tokenizer), int(ids_BT.max()) + 1))
+    tables = Tables(vocab, vocab.class_id.to(lm.device), vocab.special.to(lm.device))
+    start_BT, end_BT = sentence_bounds(ids_BT, mask_BT, vocab)
+    counted_BT = training_positions(mask_BT, keep_bos=False) & ~vocab.special[ids_BT]
+    pool_windows = choose_pool(ids_BT, counted_BT, start_BT, end_BT, settings)
+
+    with ExitStack() as overrides:
+        extractions = []
+        for directory, config in zip(dirs, configs):
+            sae = load_sae(directory, lm.device)[0]
+            overrides.enter_context(sae.inference(Inference(k=infer_k, theta=theta)))
+            extractions.append(Extraction(directory, config, sae, settings, len(vocab.class_names), len(pool_windows)))
+        _pass(lm, extractions, ids_BT, mask_BT, tables, pool_windows, settings.batch_size)
+
+    data = {"source": corpus.source, "split": SPLIT, "fingerprint": corpus.fingerprint}
+    recorded = {**asdict(settings), "tokens": n_tokens, "data": data}
+    del recorded["batch_size"]
+    results = {}
+    console = Console(stderr=True)
+    for e in extractions:
+        record = _record(e, recorded, ids_BT, start_BT, end_BT, pool_windows, lm.tokenizer, vocab)
+        write_json(e.directory / CONTEXTS_FILE, record)
+        results[str(e.directory)] = record
+        _summarise(console, e, record, n_tokens)
+    return results
+
+
+def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask_BT: Tensor, tables: Tables,
+          pool_windows: Tensor, batch_size: int) -> None:
+    layers = sorted({block for e in extractions for block in e.sae.layers})
+    slots = [[layers.index(block) for block in e.sae.layers] for e in extractions]
+    pool_by_row: dict[int, list[tuple[int, int, int, int]]] = {}
+    for p, (row, lo, hi) in enumerate(pool_windows.tolist()):
+        pool_by_row.setdefault(row, []).append((p, row, lo, hi))
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]contexts"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
+        task = progress.add_task("contexts", total=math.ceil(len(ids_BT) / batch_size))
+        for first in range(0, len(ids_BT), batch_size):
+            ids, mask = ids_BT[first : first + batch_size].to(lm.device), mask_BT[first : first + batch_size].to(lm.device)
+            acts = lm.capture(ids, mask, layers)
+            in_batch = [w for row in range(first, first + len(ids)) for w in pool_by_row.get(row, [])]
+            for e, s in zip(extractions, slots):
+                e.update(acts, s, ids, mask, first, tables, in_batch)
+            progress.advance(task)
+
+
+def _record(e: Extraction, settings: dict[str, Any], ids_BT: Tensor, start_BT: Tensor, end_BT: Tensor,
+            pool_windows: Tensor, tokenizer: Any, vocab: Vocabulary) -> dict[str, Any]:
+    top = {k: v.cpu() for k, v in e.top.rows.items()}
+    top_latent = e.top.group.cpu() // e.n_classes
+    top_class = e.top.group.cpu() % e.n_classes
+    shown = torch.bincount(top_latent, minlength=e.F)
+    classes = torch.bincount(torch.unique_consecutive(e.top.group.cpu()) // e.n_classes, minlength=e.F)
+    kept = (shown >= max(e.settings.min_contexts, 1)) & ~e.overflow.cpu()
+    if e.settings.max_classes:
+        kept &= classes <= e.settings.max_classes
+    in_kept = kept[top_latent]
+
+    sample = {k: v.cpu() for k, v in e.sample.rows.items()}
+    sample_latent = e.sample.group.cpu()
+    T = ids_BT.shape[1]
+    shown_key = (top["row"][in_kept] * T + top["position"][in_kept]) * e.F + top_latent[in_kept]
+    candidate = kept[sample_latent] & ~torch.isin((sample["row"] * T + sample["position"]) * e.F + sample_latent, shown_key)
+    held = candidate.nonzero().squeeze(1)
+    rank = torch.arange(len(held)) - torch.searchsorted(sample_latent[held], sample_latent[held], side="left")
+    held = held[rank < e.settings.held_out]
+
+    rows = torch.cat([top["row"][in_kept], sample["row"][held]])
+    positions = torch.cat([top["position"][in_kept], sample["position"][held]])
+    contexts = _contexts(rows, positions, torch.cat([top["activation"][in_kept], sample["activation"][held]]),
+                         torch.cat([top["layer"][in_kept], sample["layer"][held]]), ids_BT, start_BT, end_BT,
+                         e.settings.window, tokenizer, vocab)
+    pool = [_context(tokens, None, 0.0, NO_LAYER, row, lo) for tokens, (row, lo, _) in zip(
+        window_tokens(tokenizer, vocab, [ids_BT[r, lo : hi + 1].tolist() for r, lo, hi in pool_windows.tolist()]),
+        pool_windows.tolist())]
+
+    latents: dict[str, Any] = {}
+    for latent in kept.nonzero().squeeze(1).tolist():
+        latents[str(latent)] = {
+            "activations": int(e.hits[latent]),
+            "max_activation": float(e.max_activation[latent]),
+            "classes": {},
+            "held_out": [],
+            "non_activating": _non_activating(e, latent),
+        }
+    n_shown = int(in_kept.sum())
+    for context, latent, cls in zip(contexts[:n_shown], top_latent[in_kept].tolist(), top_class[in_kept].tolist()):
+        latents[str(latent)]["classes"].setdefault(vocab.class_names[cls], []).append(context)
+    for context, latent in zip(contexts[n_shown:], sample_latent[held].tolist()):
+        latents[str(latent)]["held_out"].append(context)
+    for record in latents.values():
+        record["classes"] = dict(sorted(record["classes"].items()))
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "routesae_version": routesae.__version__,
+        "sae": e.config.get("name", e.directory.name),
+        "architecture": e.sae.name,
+        "model": e.config["model"]["spec"],
+        "latent_size": e.F,
+        "settings": settings,
+        "hits": int(e.hits.sum()),
+        "interpretable_latents": len(latents),
+        "latents": latents,
+        "pool": pool,
+    }
+
+
+def _non_activating(e: Extraction, latent: int) -> list[int]:
+    """Up to ``held_out`` pool windows (a seeded random choice) where the latent is never positive."""
+    inactive = (e.pool_max[:, latent] <= 0).nonzero().squeeze(1).cpu()
+    keys = random_key(e.settings.seed + 1, inactive, torch.zeros_like(inactive), torch.full_like(inactive, latent))
+    return sorted(inactive[keys.argsort(descending=True)[: e.settings.held_out]].tolist())
+
+
+def _contexts(rows: Tensor, positions: Tensor, activations: Tensor, layers: Tensor, ids_BT: Tensor, start_BT: Tensor,
+              end_BT: Tensor, window: int, tokenizer: Any, vocab: Vocabulary) -> list[dict[str, Any]]:
+    lo, hi = crop(start_BT[rows, positions], end_BT[rows, positions], positions, window)
+    spans = list(zip(rows.tolist(), lo.tolist(), hi.tolist()))
+    texts = window_tokens(tokenizer, vocab, [ids_BT[r, a : b + 1].tolist() for r, a, b in spans])
+    return [
+        _context(tokens, position - a, activation, layer, row, position)
+        for tokens, (row, a, _), position, activation, layer in zip(
+            texts, spans, positions.tolist(), activations.tolist(), layers.tolist()
+        )
+    ]
+
+
+def _context(tokens: list[str], index: int | None, activation: float, layer: int, row: int, position: int) -> dict[str, Any]:
+    return {
+        "tokens": tokens,
+        "index": index,
+        "activation": activation,
+        "layer": None if layer == NO_LAYER else layer,
+        "document": row,
+        "position": position,
+    }
+
+
+def _summarise(console: Console, e: Extraction, record: dict[str, Any], n_tokens: int) -> None:
+    hits, kept, threshold = record["hits"], record["interpretable_latents"], e.settings.threshold
+    top = float(e.max_activation.max()) if hits else None
+    largest = f", largest {top:.3g}" if top is not None else ""
+    console.print(
+        f"{record['sae']}: {hits:,} activations > {threshold:g} ({hits / max(n_tokens, 1):.3g} per token{largest}); "
+        f"{kept:,} of {e.F:,} latents kept ({kept / e.F:.1%}) → {e.directory / CONTEXTS_FILE}"
+    )
+    if not kept:
+        hint = (
+            "no activation exceeded the threshold: lower --threshold (activations scale with √d_model; 15 suits d=2048)"
+            if not hits else "no latent passed the filters: lower --min-contexts or raise --max-classes"
+        )
+        warnings.warn(f"{record['sae']}: 0 interpretable latents; {hint}", stacklevel=3)
