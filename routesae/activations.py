@@ -12,14 +12,47 @@ current group, skips the batches already used, and continues bit-identically.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from routesae.config import Config, setting
 from routesae.data import TokenBlocks
+from routesae.errors import ConfigError
 from routesae.lm import LanguageModel
+
+
+@dataclass
+class HarvestConfig(Config):
+    """Which activations to harvest: model, text, packing, positions and data order.
+
+    Shared by training and the on-disk cache (:mod:`routesae.cache`), so both read the same
+    blocks and positions and a cache can stand in for the live harvest.
+    """
+
+    model: str = setting("smollm2", "Language model: 'smollm2' (embedded), a local HF directory, or a hub name.")
+    dataset: str = setting("wiki", "Text: 'wiki' (embedded), local .txt/.jsonl/.json/.parquet files or a folder, or a hub dataset.")
+    text_field: str = setting("text", "Field holding the text in record-shaped datasets.")
+    context_length: int = setting(128, "Tokens per sequence fed to the language model.")
+    batch_size: int = setting(16, "Sequences per language-model batch.")
+    tokens: int = setting(200_000, "Tokens to harvest (BOS and padding positions excluded).")
+    keep_bos: bool = setting(False, "Train on each sequence's first position too (the reference does; it is an attention sink).")
+    seed: int = setting(42, "Seed for SAE initialisation, data order and shuffling.")
+    device: str = setting("auto", "Device for the model and SAEs: 'auto' (CUDA when available), 'cpu', 'cuda', ...")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("context_length", "batch_size", "tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
 
 def training_positions(attention_mask_BT: Tensor, keep_bos: bool) -> Tensor:
@@ -41,8 +74,69 @@ class Group:
     tokens: int  # kept tokens in the group
 
 
-class ActivationStream:
-    """Iterate over shuffled ``[tokens, layers, d_model]`` batches harvested from ``blocks``."""
+def plan_groups(kept_per_block: Sequence[int], lm_batch_size: int, buffer_tokens: int) -> list[Group]:
+    """Consecutive LM batches of blocks, cut once a group holds ``buffer_tokens`` kept tokens (the last may hold fewer)."""
+    groups, first, tokens = [], 0, 0
+    for start in range(0, len(kept_per_block), lm_batch_size):
+        end = min(start + lm_batch_size, len(kept_per_block))
+        tokens += sum(kept_per_block[start:end])
+        if tokens >= buffer_tokens or end == len(kept_per_block):
+            groups.append(Group(first, end, tokens))
+            first, tokens = end, 0
+    return groups
+
+
+class ShuffledStream:
+    """Group-shuffled ``[tokens, layers, d_model]`` batches; subclasses say where a group's activations come from.
+
+    The plan (groups, batch sizes) depends only on how many tokens each block keeps, so a live
+    harvest (:class:`ActivationStream`) and an on-disk cache (:class:`routesae.cache.CachedStream`)
+    of the same blocks serve the same batches in the same order.
+    """
+
+    def __init__(
+        self,
+        kept_per_block: Sequence[int],
+        *,
+        lm_batch_size: int,
+        sae_batch_tokens: int,
+        buffer_tokens: int,
+        seed: int = 0,
+        position: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.lm_batch_size = lm_batch_size
+        self.sae_batch_tokens = sae_batch_tokens
+        self.seed = seed
+        self.groups = plan_groups(kept_per_block, lm_batch_size, max(buffer_tokens, sae_batch_tokens))
+        self.position = position  # (group, batch within group) of the next batch served
+        self.harvest_seconds = 0.0  # time spent obtaining and permuting groups (LM forwards or cache reads)
+
+    def harvest(self, group: Group) -> Tensor:
+        """Activations of the kept positions of one group, ``[n, L, D]``, in corpus order."""
+        raise NotImplementedError
+
+    def batch_sizes(self) -> Iterator[int]:
+        """Sizes of every SAE batch the stream serves from the start, known without running the LM."""
+        for group in self.groups:
+            full, rest = divmod(group.tokens, self.sae_batch_tokens)
+            yield from [self.sae_batch_tokens] * full + ([rest] if rest else [])
+
+    def __iter__(self) -> Iterator[Tensor]:
+        first_group, skip = self.position
+        for index in range(first_group, len(self.groups)):
+            start = time.perf_counter()
+            acts = self.harvest(self.groups[index])
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            batches = acts[torch.randperm(acts.shape[0], generator=generator).to(acts.device)].split(self.sae_batch_tokens)
+            self.harvest_seconds += time.perf_counter() - start
+            for b in range(skip, len(batches)):
+                self.position = (index, b + 1) if b + 1 < len(batches) else (index + 1, 0)
+                yield batches[b]
+            skip = 0
+
+
+class ActivationStream(ShuffledStream):
+    """Harvest ``layers`` of ``lm`` over ``blocks`` live: one truncated forward per LM batch."""
 
     def __init__(
         self,
@@ -60,47 +154,28 @@ class ActivationStream:
         self.lm = lm
         self.blocks = blocks
         self.layers = list(layers)
-        self.lm_batch_size = lm_batch_size
-        self.sae_batch_tokens = sae_batch_tokens
         self.keep_bos = keep_bos
-        self.seed = seed
-        self.groups = self._plan_groups(max(buffer_tokens, sae_batch_tokens))
-        self.position = position  # (group, batch within group) of the next batch served
-
-    def _plan_groups(self, buffer_tokens: int) -> list[Group]:
-        kept_per_block = training_positions(self.blocks.attention_mask, self.keep_bos).sum(-1).tolist()
-        groups, first, tokens = [], 0, 0
-        for start in range(0, len(kept_per_block), self.lm_batch_size):
-            end = min(start + self.lm_batch_size, len(kept_per_block))
-            tokens += sum(kept_per_block[start:end])
-            if tokens >= buffer_tokens or end == len(kept_per_block):
-                groups.append(Group(first, end, tokens))
-                first, tokens = end, 0
-        return groups
-
-    def batch_sizes(self) -> Iterator[int]:
-        """Sizes of every SAE batch the stream serves from the start, known without running the LM."""
-        for group in self.groups:
-            full, rest = divmod(group.tokens, self.sae_batch_tokens)
-            yield from [self.sae_batch_tokens] * full + ([rest] if rest else [])
+        kept_per_block = training_positions(blocks.attention_mask, keep_bos).sum(-1).tolist()
+        super().__init__(
+            kept_per_block, lm_batch_size=lm_batch_size, sae_batch_tokens=sae_batch_tokens, buffer_tokens=buffer_tokens,
+            seed=seed, position=position,
+        )
 
     def harvest(self, group: Group) -> Tensor:
-        """Activations of the kept positions of one group, ``[n, L, D]``, in corpus order."""
-        parts = []
-        for start in range(group.first_block, group.end_block, self.lm_batch_size):
-            end = min(start + self.lm_batch_size, group.end_block)
-            ids, mask = self.blocks.input_ids[start:end], self.blocks.attention_mask[start:end]
-            acts_BTLD = self.lm.capture(ids.to(self.lm.device), mask.to(self.lm.device), self.layers)
-            parts.append(acts_BTLD[training_positions(mask, self.keep_bos).to(acts_BTLD.device)])
-        return torch.cat(parts)
+        return torch.cat(list(harvest_batches(self.lm, self.blocks, self.layers, self.keep_bos, self.lm_batch_size,
+                                              group.first_block, group.end_block)))
 
-    def __iter__(self) -> Iterator[Tensor]:
-        first_group, skip = self.position
-        for index in range(first_group, len(self.groups)):
-            acts = self.harvest(self.groups[index])
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            batches = acts[torch.randperm(acts.shape[0], generator=generator).to(acts.device)].split(self.sae_batch_tokens)
-            for b in range(skip, len(batches)):
-                self.position = (index, b + 1) if b + 1 < len(batches) else (index + 1, 0)
-                yield batches[b]
-            skip = 0
+
+def harvest_batches(
+    lm: LanguageModel, blocks: TokenBlocks, layers: Sequence[int], keep_bos: bool, lm_batch_size: int, start: int, end: int
+) -> Iterator[Tensor]:
+    """Kept positions' activations ``[n, L, D]`` of blocks ``start..end``, one LM batch at a time, in corpus order.
+
+    Batches start at ``start`` and step by ``lm_batch_size``: the trainer and the cache batch the same
+    blocks together, so (on one device) they compute bit-identical activations.
+    """
+    for first in range(start, end, lm_batch_size):
+        last = min(first + lm_batch_size, end)
+        ids, mask = blocks.input_ids[first:last], blocks.attention_mask[first:last]
+        acts_BTLD = lm.capture(ids.to(lm.device), mask.to(lm.device), layers)
+        yield acts_BTLD[training_positions(mask, keep_bos).to(acts_BTLD.device)]

@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import routesae
-from routesae.activations import ActivationStream
+from routesae.activations import ActivationStream, HarvestConfig, ShuffledStream
 from routesae.architectures.base import SAE, SAEConfig
+from routesae.cache import ActivationCache, CachedModel, CachedStream
 from routesae.checkpoint import (
     TRAINER_STATE_FILE,
     WEIGHTS_FILE,
@@ -36,7 +37,7 @@ from routesae.checkpoint import (
     write_json,
     write_safetensors,
 )
-from routesae.config import Config, setting
+from routesae.config import setting
 from routesae.data import Corpus, load_corpus
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.lm import LanguageModel
@@ -52,14 +53,9 @@ Schedule = Literal["wsd", "reference-2025"]
 
 
 @dataclass
-class TrainConfig(Config):
+class TrainConfig(HarvestConfig):
     """Settings of a training run (shared by every SAE in it)."""
 
-    model: str = setting("smollm2", "Language model: 'smollm2' (embedded), a local HF directory, or a hub name.")
-    dataset: str = setting("wiki", "Text: 'wiki' (embedded), local .txt/.jsonl/.json/.parquet files or a folder, or a hub dataset.")
-    text_field: str = setting("text", "Field holding the text in record-shaped datasets.")
-    context_length: int = setting(128, "Tokens per sequence fed to the language model.")
-    batch_size: int = setting(16, "Sequences per language-model batch.")
     tokens: int = setting(200_000, "Training tokens per SAE (BOS and padding positions excluded).")
     sae_batch_tokens: int = setting(2048, "Tokens per SAE optimisation step.")
     buffer_tokens: int = setting(16_384, "Shuffle-buffer size in tokens; mixes tokens from many sequences per step.")
@@ -75,29 +71,26 @@ class TrainConfig(Config):
     remove_parallel_grad: bool = setting(
         False, "Remove the gradient component parallel to each decoder direction before every Adam step."
     )
-    keep_bos: bool = setting(False, "Train on each sequence's first position too (the reference does; it is an attention sink).")
-    seed: int = setting(42, "Seed for SAE initialisation, data order and shuffling.")
     checkpoint_every: int | None = setting(
         None, f"Steps between checkpoints (0: only at the end). Default: every {CHECKPOINT_SECONDS:.0f} s of training."
     )
     log_every: int = setting(10, "Steps between progress reports.")
     dead_after_tokens: int = setting(100_000, "A latent counts as dead when it has not fired for this many tokens.")
-    device: str = setting("auto", "Device for the model and SAEs: 'auto' (CUDA when available), 'cpu', 'cuda', ...")
+    from_cache: str | None = setting(
+        None,
+        "Train from an activation cache written by `routesae cache` instead of running the language model; "
+        "model and data settings come from the cache.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("context_length", "batch_size", "tokens", "sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every"):
+        for name in ("sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not (0 <= self.warmup and 0 <= self.decay and self.warmup + self.decay <= 1):
             raise ConfigError(f"warmup ({self.warmup}) and decay ({self.decay}) must be fractions that sum to at most 1")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 @dataclass
@@ -258,13 +251,27 @@ class Trainer:
         self.cfg = cfg
         self.specs = specs
         self.out = Path(out)
-        self.request = {"train": cfg.to_dict(), "saes": [s.to_dict() for s in specs]}
+        train_request = cfg.to_dict()
+        if train_request["from_cache"] is None:  # so runs begun before caches existed still resume
+            del train_request["from_cache"]
+        self.request = {"train": train_request, "saes": [s.to_dict() for s in specs]}
         self.progress = self._check_out_dir(overwrite, resume)
         self.reporters = build_reporters(reporters if reporters is not None else ["console"], self.out)
         self.device = cfg.resolved_device()
-        self.lm = lm or LanguageModel.load(cfg.model, device=self.device)
+        # Training from a cache needs the model's shape and identity only, which the cache records.
+        self.cache = ActivationCache(cfg.from_cache) if cfg.from_cache else None
+        self.lm: LanguageModel | None = None
+        self.model: LanguageModel | CachedModel
+        if self.cache is not None:
+            self.cache.check_train_config(cfg)
+            self.model = self.cache.model
+        else:
+            self.model = self.lm = lm or LanguageModel.load(cfg.model, device=self.device)
         self.saes = self._build_saes()
+        if self.cache is not None:
+            self._check_cached_blocks(self.cache)
         self.corpus: Corpus | None = None
+        self.data: dict[str, Any] | None = None  # the training data's describe(), once loaded
 
     # -- set-up -------------------------------------------------------------------------------
     def _check_out_dir(self, overwrite: bool, resume: bool) -> dict[str, int]:
@@ -298,7 +305,7 @@ class Trainer:
 
     def _build_saes(self) -> list[TrainedSAE]:
         pm = get_plugin_manager()
-        resolved = [(s, s.config.resolve(self.lm.n_layers)) for s in self.specs]
+        resolved = [(s, s.config.resolve(self.model.n_layers)) for s in self.specs]
         self.layers = sorted({layer for _, c in resolved for layer in c.resolved_layers()})
         names = [s.name or "-".join([s.architecture, *c.name_parts()]) for s, c in resolved]
         duplicates = {n for n in names if names.count(n) > 1}
@@ -308,26 +315,39 @@ class Trainer:
         for (spec, config), name in zip(resolved, names):
             arch = pm.get("architecture", spec.architecture)
             torch.manual_seed(seed_for(self.cfg.seed, name))
-            sae = arch(config, self.lm.d_model).to(self.device).train()
+            sae = arch(config, self.model.d_model).to(self.device).train()
             index = torch.tensor([self.layers.index(layer) for layer in config.resolved_layers()], device=self.device)
             trained.append(TrainedSAE(name, sae, index, self.cfg))
         return trained
 
-    def _stream(self) -> ActivationStream:
-        assert self.corpus is not None
-        return ActivationStream(
-            self.lm,
-            self.corpus.split("train"),
-            self.layers,
-            lm_batch_size=self.cfg.batch_size,
-            sae_batch_tokens=self.cfg.sae_batch_tokens,
-            buffer_tokens=self.cfg.buffer_tokens,
-            keep_bos=self.cfg.keep_bos,
-            seed=self.cfg.seed,
-            position=(self.progress["group"], self.progress["batch"]),
-        )
+    def _check_cached_blocks(self, cache: ActivationCache) -> None:
+        lacking = [f"{t.name} reads {cache.missing_blocks(t.sae.layers)}" for t in self.saes if cache.missing_blocks(t.sae.layers)]
+        if lacking:
+            raise RouteSAEError(
+                f"the activation cache in {cache.path} holds blocks {cache.layers}, but {'; '.join(lacking)}: cache those "
+                "blocks too (routesae cache --layer N / --layers A:B) or train without --from-cache"
+            )
 
-    def _total_steps(self, stream: ActivationStream) -> int:
+    def _stream(self) -> ShuffledStream:
+        """The live harvest, or the same batches read from the cache; loads the training data's description."""
+        shuffle = {
+            "lm_batch_size": self.cfg.batch_size,
+            "sae_batch_tokens": self.cfg.sae_batch_tokens,
+            "buffer_tokens": self.cfg.buffer_tokens,
+            "seed": self.cfg.seed,
+            "position": (self.progress["group"], self.progress["batch"]),
+        }
+        if self.cache is not None:
+            self.data = self.cache.data
+            return CachedStream(self.cache, self.layers, **shuffle)
+        assert self.lm is not None
+        self.corpus = load_corpus(
+            self.cfg.dataset, self.lm.tokenizer, context_length=self.cfg.context_length, text_field=self.cfg.text_field, seed=self.cfg.seed
+        )
+        self.data = {**self.corpus.describe(), "split": "train", "keep_bos": self.cfg.keep_bos}
+        return ActivationStream(self.lm, self.corpus.split("train"), self.layers, keep_bos=self.cfg.keep_bos, **shuffle)
+
+    def _total_steps(self, stream: ShuffledStream) -> int:
         """Steps until ``cfg.tokens`` tokens, from the stream's batch plan (no LM needed)."""
         seen = 0
         for steps, size in enumerate(stream.batch_sizes(), start=1):
@@ -340,14 +360,14 @@ class Trainer:
         )
 
     def _manifest(self, status: str) -> dict[str, Any]:
-        assert self.corpus is not None
+        assert self.data is not None
         return {
             "routesae_version": routesae.__version__,
             "request": self.request,
             "status": status,
             "progress": self.progress,
-            "model": self.lm.describe(),
-            "data": self.corpus.describe(),
+            "model": self.model.describe(),
+            "data": {k: v for k, v in self.data.items() if k not in ("split", "keep_bos")},
             "layers": self.layers,
             "saes": [
                 {"name": t.name, "architecture": t.sae.name, "config": t.sae.cfg.to_dict(), "path": t.name}
@@ -371,13 +391,13 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _sae_meta(self, t: TrainedSAE, finished: bool) -> dict[str, Any]:
-        assert self.corpus is not None
+        assert self.data is not None
         return {
             "name": t.name,
-            "model": self.lm.describe(),
-            "hooks": [self.lm.hook_name(layer) for layer in t.sae.layers],
+            "model": self.model.describe(),
+            "hooks": [self.model.hook_name(layer) for layer in t.sae.layers],
             "hf_hidden_states_index": [layer + 1 for layer in t.sae.layers],
-            "data": {**self.corpus.describe(), "split": "train", "keep_bos": self.cfg.keep_bos},
+            "data": self.data,
             "training": {
                 **self.cfg.to_dict(),
                 "finished": finished,
@@ -401,9 +421,6 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train to ``cfg.tokens`` tokens; returns the summary (also given to the reporters)."""
-        self.corpus = load_corpus(
-            self.cfg.dataset, self.lm.tokenizer, context_length=self.cfg.context_length, text_field=self.cfg.text_field, seed=self.cfg.seed
-        )
         stream = self._stream()
         total_steps = self._total_steps(stream)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -428,7 +445,7 @@ class Trainer:
             return time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
         return self.cfg.checkpoint_every > 0 and step % self.cfg.checkpoint_every == 0
 
-    def _loop(self, stream: ActivationStream, total_steps: int) -> dict[str, Any]:
+    def _loop(self, stream: ShuffledStream, total_steps: int) -> dict[str, Any]:
         cfg = self.cfg
         start_tokens = self.progress["tokens"]
         started = last_checkpoint = time.monotonic()
@@ -462,7 +479,7 @@ class Trainer:
         for t in self.saes:
             t.sae.normalize_decoder()
         self.checkpoint(finished=True)
-        return self._summary(seconds, self.progress["tokens"] - start_tokens)
+        return self._summary(seconds, self.progress["tokens"] - start_tokens, stream.harvest_seconds)
 
     def _step(self, t: TrainedSAE, acts: Tensor, lr: float, step: int) -> dict[str, float]:
         try:
@@ -487,22 +504,34 @@ class Trainer:
         for r in self.reporters:
             r.step(report)
 
-    def _summary(self, seconds: float, tokens: int) -> dict[str, Any]:
-        rate = tokens / seconds if seconds > 0 else 0.0
+    def _summary(self, seconds: float, session_tokens: int, harvest_seconds: float) -> dict[str, Any]:
+        """The run's outcome and timings.
+
+        ``seconds`` is the training loop's wall time in this session (model loading and tokenisation
+        excluded); ``tokens_per_s`` is ``session_tokens / seconds``, which equals ``tokens / seconds``
+        unless the run was resumed. ``harvest_seconds`` is the part spent obtaining and shuffling
+        activations (LM forwards, or cache reads), ``sae_step_seconds`` each SAE's own steps.
+        """
+        rate = session_tokens / seconds if seconds > 0 else 0.0
         return {
             "run": str(self.out),
             "model": self.cfg.model,
+            "source": "cache" if self.cache is not None else "live",
             "layers": self.layers,
             "tokens": self.progress["tokens"],
+            "session_tokens": session_tokens,
             "steps": self.progress["step"],
             "seconds": seconds,
             "tokens_per_s": rate,
+            "harvest_seconds": harvest_seconds,
+            "sae_step_seconds": sum(t.step_seconds for t in self.saes),
             "saes": [
                 {
                     "name": t.name,
                     "architecture": t.sae.name,
                     "layers": list(t.sae.layers),
                     "tokens": self.progress["tokens"],
+                    "session_tokens": session_tokens,
                     "seconds": seconds,
                     "tokens_per_s": rate,
                     "sae_step_seconds": t.step_seconds,
