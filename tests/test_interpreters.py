@@ -1,0 +1,285 @@
+"""Interpreter backends and answer parsing: the openai backend against a real HTTP server (retries,
+back-off, Retry-After, timeouts, dropped connections, fatal statuses, prices), the local backend on a
+tiny real model, prompt templates, and answer parsing over many shapes."""
+
+import socket
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from openai_server import FakeOpenAI, Reply
+
+from routesae.errors import ConfigError, RouteSAEError
+from routesae.interpreters.answers import CATEGORIES, Explanation, parse_detection, parse_explanation
+from routesae.interpreters.base import InterpreterError, InterpreterUnavailable
+from routesae.interpreters.local import LocalConfig, LocalInterpreter
+from routesae.interpreters.openai import DEFAULT_PRICES, OpenAIConfig, OpenAIInterpreter, _retry_after
+from routesae.interpreters.templates import load_template, placeholders, render_classes, render_numbered
+
+SECRET = "sk-test-SECRET-7f3a9c"
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Explain lat3."}]
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAI() as s:
+        yield s
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+
+def openai_backend(server, **settings):
+    return OpenAIInterpreter(OpenAIConfig(base_url=server.base_url, backoff=0.01, max_backoff=0.05, **settings))
+
+
+# -- answer parsing ----------------------------------------------------------------------------------
+
+PARSED = [
+    ("Feature category: Low-level\nScore: 4\nExplanation: the word Paris", ("low-level", 4, "the word Paris")),
+    ("**Feature category:** High-Level\n**Score:** 5/5\n**Explanation:** lists of items", ("high-level", 5, "lists of items")),
+    ("## Answer\n- **Feature category**: low level\n- **Score**: 3\n- **Explanation**: capitals", ("low-level", 3, "capitals")),
+    ("Sure, here is my analysis.\n\nFeature category: Undiscernible\nScore: 1\nExplanation: noise.\n\nLet me know!",
+     ("undiscernible", 1, "noise.")),
+    ("feature category: HIGH_LEVEL\nscore: 2\nexplanation: x", ("high-level", 2, "x")),
+    ("Feature category: high-level\nScore: 2 out of 5\nExplanation: enumerations", ("high-level", 2, "enumerations")),
+    ("Score: 4\nExplanation: dates\nFeature category: Low-level", ("low-level", 4, "dates")),
+    ("Feature category: Low-level, Score: 5, Explanation: the token 'the'", ("low-level", 5, "the token 'the'")),
+    ("Feature category: Low-level | Score: 4 | Explanation: numbers", ("low-level", 4, "numbers")),
+    ("Category: indiscernible\nMonosemanticity score: 1\nExplanation: nothing shared", ("undiscernible", 1, "nothing shared")),
+    (("Feature category: [Low-level/High-level/Undiscernible]\nScore: [5/4/3/2/1]\nExplanation: [brief]\n\n"
+     "Feature category: High-level\nScore: 3\nExplanation: questions"), ("high-level", 3, "questions")),
+    ("### Feature category:\nLow-level\n### Score:\n4\n### Explanation:\nParis, the city.", ("low-level", 4, "Paris, the city.")),
+    ("Feature category: Low-level\nScore (1-5): 4\nExplanation: x", ("low-level", 4, "x")),
+    ("Feature category: `Low-level`\nScore: **4**\nExplanation: code", ("low-level", 4, "code")),
+    ("Feature category: Low-level\nScore: 4.0\nExplanation: y", ("low-level", 4, "y")),
+    # unreadable answers
+    ("Feature category: Low-level\nScore: 4.5\nExplanation: y", None),
+    ("Feature category: Low-level\nScore: 7\nExplanation: y", None),
+    ("Feature category: Low-level or high-level\nScore: 3\nExplanation: y", None),
+    ("Feature category: Medium-level\nScore: 3\nExplanation: y", None),
+    ("Feature category: Low-level\nScore: 3", None),
+    ("I cannot tell what this feature does.", None),
+    ("", None),
+    ("the the the assistant assistant", None),
+]
+
+
+@pytest.mark.parametrize(("answer", "expected"), PARSED)
+def test_explanations_parse_across_answer_shapes(answer, expected):
+    got = parse_explanation(answer)
+    assert (None if got is None else (got.category, got.score, got.explanation)) == expected
+
+
+@given(
+    category=st.sampled_from(CATEGORIES),
+    spelling=st.sampled_from(["{}", "{upper}", "{title}", "{space}"]),
+    score=st.integers(1, 5),
+    score_form=st.sampled_from(["{}", "{}/5", "{} out of 5", "[{}]"]),
+    words=st.lists(st.sampled_from(["fires", "on", "Paris", "lists", "dates", "the", "word", "commas"]), min_size=1, max_size=8),
+    label_case=st.sampled_from([str.lower, str.title, str.upper, lambda s: s]),
+    bold=st.booleans(),
+    bullet=st.sampled_from(["", "- ", "* ", "1. "]),
+    order=st.permutations([0, 1, 2]),
+    preamble=st.sampled_from(["", "Here is my analysis.\n\n", "## Feature analysis\n"]),
+    postscript=st.sampled_from(["", "\n\nI hope this helps.", "\n\n---\nNote: the contexts were short."]),
+)
+def test_parsing_recovers_what_any_decorated_answer_says(
+    category, spelling, score, score_form, words, label_case, bold, bullet, order, preamble, postscript
+):
+    low, high = category.split("-") if "-" in category else (category, "")
+    shown = spelling.format(category, upper=category.upper(), title=category.title(), space=f"{low} {high}".strip())
+    explanation = " ".join(words)
+    labels = [label_case("Feature category"), label_case("Score"), label_case("Explanation")]
+    values = [shown, score_form.format(score), explanation]
+    lines = [f"{bullet}{'**' if bold else ''}{labels[i]}:{'**' if bold else ''} {values[i]}" for i in order]
+    answer = preamble + "\n".join(lines) + postscript
+    assert parse_explanation(answer) == Explanation(category, score, explanation)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("Activating: 1, 3", {1, 3}),
+        ("**Activating:** 2 and 4", {2, 4}),
+        ("Activating: none", set()),
+        ("None.", set()),
+        ("1, 2, 5", {1, 2, 5}),
+        ("Activating: 2 (mentions 1905), 3", {2, 3}),
+        ("Reasoning first.\nActivating: 6\nBecause 6 says Paris.", {6}),
+        ("Activating: 1, 9", None),  # 9 is not an excerpt: the model lost track
+        ("Excerpt 3 looks right to me", None),
+        ("", None),
+    ],
+)
+def test_detection_answers_parse(answer, expected):
+    assert parse_detection(answer, 6) == expected
+
+
+# -- templates -----------------------------------------------------------------------------------------
+
+def test_builtin_templates_have_exactly_their_placeholders():
+    assert placeholders(load_template("explain").text) == {"contexts"}
+    assert placeholders(load_template("detect").text) == {"explanation", "contexts", "count"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("explain", "Explain: $context", "unknown placeholder(s) $context; missing required placeholder(s) $contexts"),
+        ("explain", "Nothing to fill in", "missing required placeholder(s) $contexts"),
+        ("detect", "$explanation ${contexts} $count $latent $numbers", "unknown placeholder(s) $numbers"),
+        ("explain", "$contexts costs 5$", "line 1: a '$' that starts no placeholder"),
+    ],
+)
+def test_bad_templates_are_refused_naming_the_problem(tmp_path, kind, text, message):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="--(prompt|detection)-template") as err:
+        load_template(kind, path)
+    assert message in str(err.value)
+
+
+def test_a_custom_template_renders_and_records_its_path(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("Latent $latent costs $$5:\n$contexts")
+    template = load_template("explain", path)
+    assert template.name == str(path) and len(template.sha256) == 64
+    assert template.render(contexts="C", latent=7) == "Latent 7 costs $5:\nC"
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_template("explain", tmp_path / "missing.txt")
+
+
+def _context(tokens, index, activation):
+    return {"tokens": tokens, "index": index, "activation": activation, "layer": 2, "document": 0, "position": 1}
+
+
+def test_contexts_render_strongest_class_first_with_marked_tokens():
+    latent = {"classes": {
+        "a": [_context(["x", " a", "\ny"], 1, 3.14159)],
+        "paris": [_context(["In", " Paris", "."], 1, 17.0), _context(["Paris", " is"], 0, 27.53)],
+    }}
+    assert render_classes(latent) == (
+        'Token "paris":\n- activation 27.5: <<Paris>> is\n- activation 17.0: In<< Paris>>.\n\n'
+        'Token "a":\n- activation 3.14: x<< a>>\\ny'
+    )
+    assert render_numbered([_context(["a", "b"], 1, 1.0), _context(["c"], None, 0.0)]) == "1. ab\n2. c"
+
+
+# -- the openai backend, over real HTTP ----------------------------------------------------------------
+
+def test_missing_key_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY environment variable"):
+        OpenAIInterpreter()
+
+
+def test_an_answer_with_usage_and_cost(server, key):
+    backend = openai_backend(server, price_input=1.0, price_output=2.0)
+    c = backend.complete(MESSAGES, max_tokens=32, temperature=0.1)
+    assert c.text.startswith("Feature category: Low-level")
+    usage = server.log[0]["usage"]
+    assert (c.prompt_tokens, c.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert c.cost_usd == pytest.approx((usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6)
+    body = server.log[0]["body"]
+    assert (body["model"], body["max_tokens"], body["temperature"]) == ("gpt-4o-mini", 32, 0.1)
+    assert server.log[0]["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in repr(backend.describe())
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [Reply(429, headers={"Retry-After": "0"}), Reply(500), Reply(503), Reply(drop=True), Reply(delay=1.0)],
+    ids=["429", "500", "503", "dropped", "timeout"],
+)
+def test_transient_failures_are_retried(server, key, failure):
+    server.script(failure, failure)
+    backend = openai_backend(server, timeout=0.3)
+    c = backend.complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert "Score: 4" in c.text
+    assert len(server.log) == 3, "two failures, then the answer"
+
+
+def test_retry_after_is_honoured(server, key):
+    server.script(Reply(429, headers={"Retry-After": "0.4"}))
+    start = time.monotonic()
+    openai_backend(server).complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert time.monotonic() - start >= 0.4 and len(server.log) == 2
+
+
+def test_retry_after_headers_parse():
+    assert _retry_after({"retry-after": "2.5"}) == 2.5
+    assert _retry_after({"retry-after-ms": "250"}) == 0.25
+    assert _retry_after({}) is None
+    assert _retry_after({"retry-after": "soon"}) is None
+    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+    assert 50 < _retry_after({"retry-after": in_a_minute}) <= 60
+
+
+def test_retries_are_bounded_and_then_the_backend_is_unavailable(server, key):
+    server.script(*[Reply(500)] * 10)
+    with pytest.raises(InterpreterUnavailable, match="no answer after 3 attempts .*HTTP 500"):
+        openai_backend(server, max_retries=2).complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert len(server.log) == 3
+
+
+def test_an_unreachable_endpoint_is_unavailable(key):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    backend = OpenAIInterpreter(OpenAIConfig(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff=0.01))
+    with pytest.raises(InterpreterUnavailable, match="connection failed"):
+        backend.complete(MESSAGES, max_tokens=16, temperature=0.0)
+
+
+def test_fatal_and_per_request_statuses(server, key):
+    server.script(Reply(401))
+    with pytest.raises(InterpreterUnavailable, match="HTTP 401.*OPENAI_API_KEY"):
+        openai_backend(server).complete(MESSAGES, max_tokens=16, temperature=0.0)
+    server.script(Reply(400))
+    with pytest.raises(InterpreterError, match="HTTP 400") as err:
+        openai_backend(server).complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert not isinstance(err.value, InterpreterUnavailable)
+    assert len(server.log) == 2, "neither is retried"
+
+
+def test_prices_come_from_flags_or_the_dated_table(key):
+    assert OpenAIInterpreter(OpenAIConfig(model="gpt-4o")).cost(1_000_000, 1_000_000) == sum(DEFAULT_PRICES["gpt-4o"])
+    described = OpenAIInterpreter(OpenAIConfig(model="gpt-4o-mini")).describe()
+    assert described["price_input"] == 0.15 and "prices change" in described["prices"]
+    unknown = OpenAIInterpreter(OpenAIConfig(model="my-local-llama"))
+    assert unknown.cost(10, 10) is None and unknown.describe()["prices"] == "unknown"
+    given_prices = OpenAIInterpreter(OpenAIConfig(model="my-local-llama", price_input=0.0, price_output=0.0))
+    assert given_prices.cost(10, 10) == 0.0
+    with pytest.raises(ConfigError, match="both --price-input and --price-output"):
+        OpenAIConfig(price_input=1.0)
+
+
+def test_missing_usage_counts_the_upper_bounds(server, key):
+    server.script(Reply(usage=False))
+    backend = openai_backend(server, price_input=1.0, price_output=1.0)
+    c = backend.complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert (c.prompt_tokens, c.completion_tokens) == (backend.estimate_prompt_tokens(MESSAGES), 16)
+
+
+# -- the local backend, on a tiny real model -----------------------------------------------------------
+
+def test_local_backend_generates_with_the_chat_template(tiny_model_dir):
+    backend = LocalInterpreter(LocalConfig(model=str(tiny_model_dir)))
+    first = backend.complete(MESSAGES, max_tokens=6, temperature=0.1)
+    again = backend.complete(MESSAGES, max_tokens=6, temperature=0.1)
+    assert first == again, "greedy decoding is reproducible"
+    assert 1 <= first.completion_tokens <= 6 and first.cost_usd == 0.0
+    assert first.prompt_tokens == backend.estimate_prompt_tokens(MESSAGES) > 0
+    assert backend.describe()["model_path"] == str(tiny_model_dir)
+
+
+def test_local_backend_refuses_what_it_cannot_run(tiny_model_dir, tmp_path):
+    with pytest.raises(RouteSAEError, match="not a local model directory"):
+        LocalInterpreter(LocalConfig(model="some-org/some-model"))
+    long_prompt = [{"role": "user", "content": "Paris " * 600}]
+    with pytest.raises(InterpreterError, match="reads at most 512"):
+        LocalInterpreter(LocalConfig(model=str(tiny_model_dir))).complete(long_prompt, max_tokens=8, temperature=0.0)
