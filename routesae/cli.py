@@ -172,7 +172,12 @@ def make_train_command(pm: PluginManager) -> click.Command:
             specs = expand_specs(list(arch or ("topk",)), arch_settings)
         if not out:
             raise RouteSAEError("say where the run goes: --out DIR (or out = \"DIR\" in the run file's [train] table)")
-        cfg = TrainConfig.from_dict(train_settings)
+        if train_settings.get("from_cache"):  # model and data come from the cache unless given (and then checked)
+            from routesae.cache import ActivationCache
+
+            cfg = ActivationCache(train_settings["from_cache"]).train_config(**train_settings)
+        else:
+            cfg = TrainConfig.from_dict(train_settings)
         summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=_reporter_names(report))
         if as_json:
             _print_json(summary)
@@ -292,6 +297,67 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
     )
 
 
+def make_cache_command(pm: PluginManager) -> click.Command:
+    from routesae.architectures.base import parse_layer_range
+    from routesae.cache import ActivationCache, CacheConfig, cache_activations
+    from routesae.specs import expand_specs
+
+    cache_fields = {f.name for f in dataclasses.fields(CacheConfig)}
+
+    def callback(
+        out: str, arch: tuple[str, ...], layer: tuple[list[int], ...], layers: tuple[str, ...], resume: bool, overwrite: bool,
+        as_json: bool, **values: Any,
+    ) -> None:
+        given = {k: v for k, v in values.items() if v is not None}
+        arch_settings = {k: v for k, v in given.items() if k not in cache_fields}
+        cfg = CacheConfig.from_dict({k: v for k, v in given.items() if k in cache_fields})
+        singles = [block for group in layer for block in group]
+        blocks: list[int] = []
+        specs = []
+        if arch:  # cache what these SAEs would read; --layer/--layers are their settings, as in train
+            if singles:
+                arch_settings["layer"] = singles
+            if layers:
+                arch_settings["layers"] = list(layers)
+            specs = expand_specs(list(arch), arch_settings)
+        elif arch_settings:
+            options = ", ".join(_option_name(k) for k in arch_settings)
+            raise RouteSAEError(f"{options} configure an architecture: add --arch, or name the blocks with --layer/--layers")
+        else:
+            ranges = [parse_layer_range(text) for text in layers]
+            blocks = singles + [b for first, last in ranges for b in range(first, last + 1)]
+        path = cache_activations(out, cfg, blocks, saes=specs, resume=resume, overwrite=overwrite)
+        if as_json:
+            _print_json(ActivationCache(path).summary())
+
+    arch_options = [o for o in architecture_options(pm, reserved=cache_fields) if o.name not in ("layer", "layers")]
+    params: list[click.Parameter] = [
+        click.Option(["--out"], type=click.Path(file_okay=False), required=True, help="Cache directory (shards and manifest.json)."),
+        click.Option(["--layers"], multiple=True, help="Blocks A:B (inclusive) to cache; repeatable. With --arch, that setting of it."),
+        click.Option(
+            ["--layer"], type=CommaList(int), multiple=True,
+            help="A block to cache (0-based); repeatable or comma-separated. With --arch, that setting of it.",
+        ),
+        click.Option(
+            ["--arch", "arch"], multiple=True,
+            help="Cache the blocks these SAEs (with the architecture options given) would read; repeatable. "
+            f"Installed: {', '.join(pm.names('architecture'))}.",
+        ),
+        click.Option(["--overwrite"], is_flag=True, help="Replace a cache of other settings in --out."),
+        click.Option(["--resume"], is_flag=True, help="Continue the unfinished cache in --out (also done without this flag)."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print the cache's summary (size, tokens/s) on stdout at the end."),
+        *config_options(CacheConfig),
+        *arch_options,
+    ]
+    return click.Command(
+        "cache",
+        callback=callback,
+        params=params,
+        help="Harvest residual-stream activations once into sharded safetensors, for `routesae train --from-cache`. "
+        "Prints the size first and refuses when the disk cannot hold it; a killed run continues where it stopped.",
+    )
+
+
 def make_plugins_command(pm: PluginManager) -> click.Command:
     def callback(as_json: bool) -> None:
         infos = pm.plugin_infos()
@@ -331,7 +397,7 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
     cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
     cli = click.version_option(package_name="routesae")(cli)
     builders: list[Callable[[PluginManager], click.Command]] = [
-        make_train_command, make_evaluate_command, make_plugins_command, make_contexts_command
+        make_train_command, make_evaluate_command, make_plugins_command, make_contexts_command, make_cache_command,
     ]
     for build in builders:
         cli.add_command(build(pm))

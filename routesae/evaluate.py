@@ -29,6 +29,7 @@ Recovered uses zero-ablation of the spliced positions (the reference) and also r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ class Evaluated:
     config: dict[str, Any]
     sae: SAE
     metrics: list[Metric]
+    seconds: float = 0.0  # this SAE's own work: its forward and its spliced forwards (the clean forwards are shared)
 
     @property
     def forwards(self) -> list[Forward]:
@@ -158,6 +160,7 @@ def _evaluate_batch(
     acts_BTLD = lm.capture(input_ids, attention_mask, layers)
     clean_logits = lm.logits(input_ids, attention_mask) if any(s.forwards for s in saes) else None
     for s in saes:
+        started = time.perf_counter()
         slots = [layers.index(block) for block in s.sae.layers]
         acts_NLD = acts_BTLD[:, :, slots].reshape(B * T, len(slots), -1)
         with torch.no_grad():
@@ -179,6 +182,7 @@ def _evaluate_batch(
         )
         for metric in s.metrics:
             metric.update(batch)
+        s.seconds += time.perf_counter() - started
 
 
 def evaluate(
@@ -252,11 +256,22 @@ def _evaluate(
         blocks = corpus.split(SPLIT)
         n_blocks, n_tokens = eval_blocks(blocks, tokens, reference_metrics)
         layers = sorted({block for s in saes for block in s.sae.layers})
+        started = time.perf_counter()  # the pass only: model loading and tokenisation excluded
         for input_ids, attention_mask in blocks.batches(batch_size):
             if n_blocks <= 0:
                 break
             _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], reference_metrics)
             n_blocks -= input_ids.shape[0]
+        seconds = time.perf_counter() - started
+
+    rate = n_tokens / seconds if seconds > 0 else 0.0
+    timing = {  # the pass all SAEs shared; each record's seconds/tokens_per_s are the same, its sae_seconds its own
+        "saes": len(saes),
+        "tokens": n_tokens,
+        "seconds": seconds,
+        "tokens_per_s": rate,
+        "shared_seconds": max(0.0, seconds - sum(s.seconds for s in saes)),
+    }
 
     settings = {
         "metrics": [cls.name for cls in classes],
@@ -282,6 +297,10 @@ def _evaluate(
             "model": s.config["model"]["spec"],
             "split": SPLIT,
             "tokens": n_tokens,
+            "seconds": seconds,
+            "tokens_per_s": rate,
+            "sae_seconds": s.seconds,
+            "pass": timing,
             "settings": settings,
             "metrics": {k: v for m in s.metrics for k, v in m.result().items()},
         }
