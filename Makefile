@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.routesae-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 
 $(STAMP): pyproject.toml plugins/routesae-batchtopk/pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,8 +26,16 @@ demo: setup
 	$(VENV)/bin/routesae train --arch routesae --arch topk --k 32 --latent-size 4096 --tokens 200000 --out runs/demo --overwrite
 	$(VENV)/bin/routesae evaluate runs/demo --tokens 4096
 
+# The report tests drive headless Chromium; on Debian the set-up installs it (sudo unless root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "chromium not found and no apt-get: the browser tests will be skipped"; fi; }
+
 # pytest exits 5 when it collected no tests; that is not a failure of the set-up.
-test: setup
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: setup

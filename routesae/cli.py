@@ -358,6 +358,29 @@ def make_cache_command(pm: PluginManager) -> click.Command:
     )
 
 
+def make_report_command(pm: PluginManager) -> click.Command:
+    from routesae.report import DEFAULT_MAX_CARDS, write_report
+
+    def callback(path: str, out: str | None, max_cards: int) -> None:
+        click.echo(f"report written to {write_report(path, out, max_cards=max_cards)}")
+
+    params: list[click.Parameter] = [
+        click.Argument(["path"], type=click.Path(exists=True, file_okay=False)),
+        click.Option(["--out"], type=click.Path(dir_okay=False), default=None, help="HTML file to write. [default: PATH/report.html]"),
+        click.Option(
+            ["--max-cards"], type=click.IntRange(min=0), default=DEFAULT_MAX_CARDS, show_default=True,
+            help="Cards per SAE for latents that have contexts but no interpretation (interpreted ones are always shown).",
+        ),
+    ]
+    return click.Command(
+        "report",
+        callback=callback,
+        params=params,
+        help="Write a self-contained HTML report of a run or SAE directory: metrics, routing histogram, contexts and "
+        "interpretations of each SAE.",
+    )
+
+
 def make_plugins_command(pm: PluginManager) -> click.Command:
     def callback(as_json: bool) -> None:
         infos = pm.plugin_infos()
@@ -398,6 +421,7 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
     cli = click.version_option(package_name="routesae")(cli)
     builders: list[Callable[[PluginManager], click.Command]] = [
         make_train_command, make_evaluate_command, make_plugins_command, make_contexts_command, make_cache_command,
+        make_report_command,
     ]
     for build in builders:
         cli.add_command(build(pm))

@@ -1,0 +1,428 @@
+"""One self-contained HTML page per run: metrics, routing, contexts and interpretations side by side.
+
+Every stage (``train``, ``evaluate``, ``contexts``, ``interpret``) leaves JSON beside the
+checkpoints; reading several of those files at once is what comparing SAEs needs, and a page is
+what people share. The page is a single file (inline CSS, inline SVG, no script, no external
+resource) so it can be mailed, archived with the run or opened from disk anywhere; its
+Content-Security-Policy forbids everything else, so even an escaping bug could not run script.
+
+Everything taken from the data (SAE names, token texts, explanations, model answers) reaches the
+page only through jinja2 with autoescaping on. A stage that has not run, or whose file cannot be
+read, becomes a note telling which command produces it: a report is most useful while a run is
+still being worked on, so a missing piece must never stop it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+
+import routesae
+from routesae.checkpoint import CONFIG_FILE, _atomic_write, read_json, read_sae_config
+from routesae.contexts import CONTEXTS_FILE, read_contexts
+from routesae.errors import RouteSAEError
+from routesae.evaluate import EVAL_FILE, expand_dirs
+from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
+from routesae.interpret import INTERPRETATIONS_FILE
+from routesae.train import MANIFEST_FILE
+
+REPORT_FILE = "report.html"
+DEFAULT_MAX_CARDS = 24
+CONTEXTS_PER_CARD = 5
+
+Better = Literal["lower", "higher"]
+BETTER: dict[str, Better] = {
+    "normmse": "lower",
+    "kldiv": "lower",
+    "deltace": "lower",
+    "fvu": "lower",
+    "dead": "lower",
+    "recovered": "higher",
+    "recovered_mean_ablation": "higher",
+    "cosine": "higher",
+}
+"""Which way each built-in metric improves; metrics not listed (``l0``, plugins' own) are not ranked."""
+
+CATEGORY_BADGES = {"low-level": "low", "high-level": "high", "undiscernible": "undiscernible"}
+"""Known interpretation categories -> CSS class suffix; anything else is drawn as ``other``."""
+
+
+@dataclass
+class Stage:
+    """A stage's file as read for the report: its data, or why there is none and which command makes it."""
+
+    data: dict[str, Any] | None
+    problem: str | None = None
+    command: str | None = None
+
+
+def _command(*words: str | Path) -> str:
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def read_stage(path: Path, reader: Callable[[Path], dict[str, Any]], command: str) -> Stage:
+    """Read a stage's file with its own reader, turning absence or damage into a problem that names ``command``."""
+    if not path.is_file():
+        return Stage(None, "not run yet", command)
+    try:
+        return Stage(reader(path))
+    except (RouteSAEError, OSError, UnicodeDecodeError) as e:
+        return Stage(None, f"{path.name} cannot be used ({e})", command)
+
+
+def read_evaluation(path: Path) -> dict[str, Any]:
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+        raise RouteSAEError(f"{path} holds no metrics")
+    return record
+
+
+def read_interpretations(path: Path) -> dict[str, Any]:
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != INTERPRETATIONS_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise RouteSAEError(f"{path} is not a routesae interpretations file (format {found!r})")
+    return doc
+
+
+@dataclass
+class SAEFiles:
+    """One SAE checkpoint directory and what its stages have written so far."""
+
+    directory: Path
+    config: dict[str, Any]
+    evaluation: Stage
+    contexts: Stage
+    interpretations: Stage
+    contexts_sha256: str | None
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.directory.name)
+
+    @classmethod
+    def read(cls, directory: Path, evaluate_target: Path) -> SAEFiles:
+        config = read_sae_config(directory)
+        evaluation = read_stage(directory / EVAL_FILE, read_evaluation, _command("routesae", "evaluate", evaluate_target))
+        contexts_path = directory / CONTEXTS_FILE
+        contexts = read_stage(contexts_path, read_contexts, _command("routesae", "contexts", directory))
+        interpretations = read_stage(
+            directory / INTERPRETATIONS_FILE, read_interpretations, _command("routesae", "interpret", directory)
+        )
+        digest = hashlib.sha256(contexts_path.read_bytes()).hexdigest() if contexts.data is not None else None
+        return cls(directory, config, evaluation, contexts, interpretations, digest)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_table(saes: list[SAEFiles]) -> dict[str, Any]:
+    """Rows = SAEs, columns = every metric some eval.json holds; the best value of a ranked column marked.
+
+    A column is ranked only when at least two SAEs have a finite value in it: a lone number is
+    not "best" of anything. Ties are all marked.
+    """
+    names = list(dict.fromkeys(m for s in saes if s.evaluation.data for m in s.evaluation.data["metrics"]))
+    columns = [{"name": n, "label": n.replace("_", " "), "better": BETTER.get(n)} for n in names]
+    best: dict[str, float] = {}
+    for column in columns:
+        values = [
+            s.evaluation.data["metrics"][column["name"]]
+            for s in saes
+            if s.evaluation.data and _finite(s.evaluation.data["metrics"].get(column["name"]))
+        ]
+        if column["better"] and len(values) >= 2:
+            best[column["name"]] = min(values) if column["better"] == "lower" else max(values)
+    rows = []
+    for s in saes:
+        record = s.evaluation.data
+        metrics = record["metrics"] if record else {}
+        cells = []
+        for n in names:
+            value = metrics.get(n)
+            cells.append(
+                {
+                    "metric": n,
+                    "text": f"{value:.4g}" if _finite(value) else ("–" if value is None else str(value)),
+                    "best": n in best and _finite(value) and value == best[n],
+                }
+            )
+        rows.append(
+            {
+                "sae": s.name,
+                "anchor": f"sae-{len(rows)}",
+                "tokens": record.get("tokens") if record else None,
+                "split": record.get("split") if record else None,
+                "settings": _eval_settings(record),
+                "cells": cells,
+                "missing": s.evaluation if s.evaluation.data is None else None,
+            }
+        )
+    missing = {(s.evaluation.problem, s.evaluation.command): s.evaluation for s in saes if s.evaluation.data is None}
+    return {"columns": columns, "rows": rows, "missing": list(missing.values())}
+
+
+def _eval_settings(record: dict[str, Any] | None) -> str:
+    """The settings that change what the numbers mean, in a few words."""
+    if not record:
+        return ""
+    settings = record.get("settings", {})
+    parts = []
+    if settings.get("infer_k") is not None:
+        parts.append(f"infer-k {settings['infer_k']}")
+    if settings.get("theta") is not None:
+        parts.append(f"theta {settings['theta']}")
+    if settings.get("reference_metrics"):
+        parts.append("reference metrics")
+    return ", ".join(parts)
+
+
+def histograms(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bar-chart geometry for each ``{label: number}`` training statistic (RouteSAE's routing counts)."""
+    charts = []
+    statistics = config.get("training", {}).get("statistics", {})
+    for stat, histogram in statistics.items():
+        if not (isinstance(histogram, dict) and histogram and all(_finite(v) for v in histogram.values())):
+            continue
+        total, peak = sum(histogram.values()), max(histogram.values())
+        bar, gap, height, top = 36, 8, 120, 18
+        bars = []
+        for i, (label, value) in enumerate(histogram.items()):
+            share = value / total if total else 0.0
+            h = round(height * value / peak, 1) if peak > 0 else 0.0
+            bars.append(
+                {"label": label, "value": value, "share": share, "x": gap + i * (bar + gap), "y": top + height - h, "height": h}
+            )
+        charts.append(
+            {
+                "title": "routing histogram" if stat == "routing_counts" else stat.replace("_", " "),
+                "stat": stat,
+                "bars": bars,
+                "bar_width": bar,
+                "width": gap + len(bars) * (bar + gap),
+                "height": top + height + 20,
+                "baseline": top + height,
+                "total": total,
+            }
+        )
+    return charts
+
+
+def _split_context(context: dict[str, Any]) -> dict[str, Any]:
+    """A context as (text before, activating token, text after), for HTML that marks the token.
+
+    ``render_context`` joins the same tokens with text markers; HTML needs the token as its own
+    escaped element instead, and splitting a marked string back apart breaks on tokens that
+    contain the markers.
+    """
+    tokens = [str(t) for t in context.get("tokens", [])]
+    index = context.get("index")
+    if not isinstance(index, int) or not 0 <= index < len(tokens):
+        return {"before": "".join(tokens), "token": None, "after": "", **_context_meta(context)}
+    return {
+        "before": "".join(tokens[:index]),
+        "token": tokens[index],
+        "after": "".join(tokens[index + 1 :]),
+        **_context_meta(context),
+    }
+
+
+def _context_meta(context: dict[str, Any]) -> dict[str, Any]:
+    return {"activation": context.get("activation"), "layer": context.get("layer")}
+
+
+def _card(latent_id: str, kept: dict[str, Any] | None, interpretation: dict[str, Any] | None) -> dict[str, Any]:
+    contexts = []
+    for token_class, items in (kept or {}).get("classes", {}).items():
+        contexts.extend({**_split_context(c), "class": token_class} for c in items)
+    contexts.sort(key=lambda c: -(c["activation"] if _finite(c["activation"]) else -math.inf))
+    interpretation = interpretation or {}
+    category = interpretation.get("category")
+    detection = interpretation.get("detection") or {}
+    return {
+        "id": latent_id,
+        "interpreted": bool(interpretation),
+        "status": interpretation.get("status"),
+        "category": category,
+        "badge": CATEGORY_BADGES.get(category, "other") if category else None,
+        "score": interpretation.get("score"),
+        "explanation": interpretation.get("explanation"),
+        "error": interpretation.get("error"),
+        "answer": interpretation.get("answer") if interpretation.get("status") == "unparsable" else None,
+        "detection": detection.get("accuracy") if detection.get("status", "done") == "done" else None,
+        "detection_n": detection.get("n"),
+        "activations": (kept or {}).get("activations"),
+        "max_activation": (kept or {}).get("max_activation"),
+        "classes": len((kept or {}).get("classes", {})),
+        "contexts": contexts[:CONTEXTS_PER_CARD],
+        "kept": kept is not None,
+    }
+
+
+def latent_cards(contexts: dict[str, Any] | None, interpretations: dict[str, Any] | None, max_cards: int) -> list[dict[str, Any]]:
+    """Interpreted latents first (best score first, unscored after), then up to ``max_cards`` others.
+
+    The uninterpreted ones are the kept latents with the strongest activations, so a run that
+    has contexts but no interpretations still shows what its latents fire on.
+    """
+    kept = (contexts or {}).get("latents", {})
+    interpreted = (interpretations or {}).get("latents", {})
+
+    def by_score(item: tuple[str, dict[str, Any]]) -> tuple[bool, float, int]:
+        latent_id, entry = item
+        score = entry.get("score")
+        return (not _finite(score), -(score if _finite(score) else 0), _latent_order(latent_id))
+
+    cards = [_card(i, kept.get(i), entry) for i, entry in sorted(interpreted.items(), key=by_score)]
+    others = [i for i in kept if i not in interpreted]
+    others.sort(key=lambda i: (-_number(kept[i].get("max_activation")), _latent_order(i)))
+    return cards + [_card(i, kept[i], None) for i in others[:max_cards]]
+
+
+def _number(value: Any) -> float:
+    return value if _finite(value) else -math.inf
+
+
+def _latent_order(latent_id: str) -> int:
+    return int(latent_id) if latent_id.isdigit() else -1
+
+
+def _interpretation_notes(files: SAEFiles) -> list[Stage]:
+    data = files.interpretations.data
+    if data is None or files.contexts_sha256 is None:
+        return []
+    if data.get("contexts_fingerprint") not in (None, files.contexts_sha256):
+        command = _command("routesae", "interpret", files.directory, "--overwrite")
+        return [Stage(None, f"these interpretations were made from an earlier {CONTEXTS_FILE}; redo them", command)]
+    return []
+
+
+def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
+    config = files.config
+    contexts, interpretations = files.contexts.data, files.interpretations.data
+    layers = config.get("layers", [])
+    return {
+        "name": files.name,
+        "anchor": f"sae-{index}",
+        "directory": str(files.directory),
+        "architecture": config.get("architecture"),
+        "layers": f"{layers[0]}–{layers[-1]}" if len(layers) > 1 else ", ".join(map(str, layers)),
+        "latent_size": config.get("config", {}).get("latent_size"),
+        "config_json": json.dumps(config.get("config", {}), indent=2, ensure_ascii=False),
+        "training": config.get("training", {}),
+        "histograms": histograms(config),
+        "contexts": files.contexts,
+        "interpretations": files.interpretations,
+        "interpretation_warnings": _interpretation_notes(files),
+        "cards": latent_cards(contexts, interpretations, max_cards),
+    }
+
+
+def _modified(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def header(path: Path, saes: list[SAEFiles]) -> dict[str, Any]:
+    """Run name, model, data, tokens, date and versions, from ``run.json`` or a lone SAE's config."""
+    manifest_path = path / MANIFEST_FILE
+    if manifest_path.is_file() and not (path / CONFIG_FILE).is_file():
+        run = read_json(manifest_path)
+        model, data = run.get("model", {}), run.get("data", {})
+        tokens, status = run.get("progress", {}).get("tokens"), run.get("status")
+        version, dated = run.get("routesae_version"), manifest_path
+    else:
+        config = saes[0].config
+        model, data = config.get("model", {}), config.get("data", {})
+        tokens = config.get("training", {}).get("tokens_done")
+        status = "finished" if config.get("training", {}).get("finished") else "unfinished"
+        version, dated = config.get("routesae_version"), path / CONFIG_FILE
+    return {
+        "name": path.resolve().name,
+        "path": str(path),
+        "model": model.get("spec"),
+        "model_shape": f"{model['n_layers']} blocks, d_model {model['d_model']}" if "n_layers" in model and "d_model" in model else "",
+        "data": data.get("source"),
+        "fingerprint": data.get("fingerprint"),
+        "tokens": tokens,
+        "status": status,
+        "date": _modified(dated),
+        "run_version": version,
+        "version": routesae.__version__,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _format_number(value: Any, spec: str = ",") -> str:
+    if value is None or isinstance(value, jinja2.Undefined):
+        return "–"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _format_share(value: Any, digits: int = 1) -> str:
+    return f"{value:.{digits}%}" if _finite(value) else "–"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("routesae", "templates"),
+        autoescape=True,
+        undefined=jinja2.ChainableUndefined,  # a file missing an optional key renders '–', not a crash
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _format_number
+    env.filters["pct"] = _format_share
+    return env
+
+
+def render_report(path: Path | str, *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
+    """The report's HTML for a run directory (all its SAEs) or a single SAE checkpoint directory."""
+    path = Path(path)
+    if max_cards < 0:
+        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+    if not path.is_dir():
+        raise RouteSAEError(f"{path} is not a directory; pass a run or SAE directory written by `routesae train`")
+    is_run = (path / MANIFEST_FILE).is_file() and not (path / CONFIG_FILE).is_file()
+    if not is_run and not (path / CONFIG_FILE).is_file():
+        raise RouteSAEError(
+            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}); "
+            "pass a directory written by `routesae train`"
+        )
+    saes = [SAEFiles.read(d, path) for d in expand_dirs([path])]
+    template = _environment().get_template("report.html.j2")
+    return template.render(
+        header=header(path, saes),
+        metrics=metric_table(saes),
+        saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
+        max_cards=max_cards,
+    )
+
+
+def write_report(run_dir: Path | str, out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS) -> Path:
+    """Write the report (default ``RUN_DIR/report.html``) atomically and return its path.
+
+    >>> write_report("runs/demo")
+    PosixPath('runs/demo/report.html')
+    """
+    target = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    if target.is_dir():
+        raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
+    html = render_report(run_dir, max_cards=max_cards)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(html, encoding="utf-8")
+
+    _atomic_write(target, write)
+    return target
