@@ -275,6 +275,7 @@ def test_local_backend_generates_with_the_chat_template(tiny_model_dir):
     assert 1 <= first.completion_tokens <= 6 and first.cost_usd == 0.0
     assert first.prompt_tokens == backend.estimate_prompt_tokens(MESSAGES) > 0
     assert backend.describe()["model_path"] == str(tiny_model_dir)
+    assert "model_path" not in LocalInterpreter().describe(), "the embedded model is not converted just to describe it"
 
 
 def test_local_backend_refuses_what_it_cannot_run(tiny_model_dir, tmp_path):

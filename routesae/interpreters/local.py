@@ -34,8 +34,9 @@ class LocalInterpreter(Interpreter):
     def __init__(self, cfg: LocalConfig | None = None) -> None:
         super().__init__(cfg)
         self.cfg: LocalConfig
-        self.source = resolve_model(self.cfg.model)
-        if self.source.path is None:
+        # The embedded model is resolved (converted on first use, ~15 s) only when a request needs it.
+        self.path = None if self.cfg.model == EMBEDDED_NAME else resolve_model(self.cfg.model).path
+        if self.path is None and self.cfg.model != EMBEDDED_NAME:
             raise RouteSAEError(
                 f"the local interpreter runs offline: {self.cfg.model!r} is not a local model directory; "
                 f"pass a directory or {EMBEDDED_NAME!r}"
@@ -50,7 +51,7 @@ class LocalInterpreter(Interpreter):
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                path = self.source.path
+                path = self.path or resolve_model(EMBEDDED_NAME).path
                 try:
                     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
@@ -99,4 +100,4 @@ class LocalInterpreter(Interpreter):
         return Completion(text, int(input_ids.shape[1]), int(new.shape[0]), 0.0)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self.cfg.to_dict(), "model_path": str(self.source.path)}
+        return {"name": self.name, **self.cfg.to_dict(), **({"model_path": str(self.path)} if self.path else {})}
