@@ -332,14 +332,12 @@ def _modified(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def header(path: Path, saes: list[SAEFiles]) -> dict[str, Any]:
-    """Run name, model, data, tokens, date and versions, from ``run.json`` or a lone SAE's config."""
-    manifest_path = path / MANIFEST_FILE
-    if manifest_path.is_file() and not (path / CONFIG_FILE).is_file():
-        run = read_json(manifest_path)
+def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict[str, Any]:
+    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config."""
+    if run is not None:
         model, data = run.get("model", {}), run.get("data", {})
         tokens, status = run.get("progress", {}).get("tokens"), run.get("status")
-        version, dated = run.get("routesae_version"), manifest_path
+        version, dated = run.get("routesae_version"), path / MANIFEST_FILE
     else:
         config = saes[0].config
         model, data = config.get("model", {}), config.get("data", {})
@@ -403,10 +401,9 @@ def render_report(path: Path | str, *, max_cards: int = DEFAULT_MAX_CARDS) -> st
     saes = [SAEFiles.read(d, path) for d in expand_dirs([path])]
     template = _environment().get_template("report.html.j2")
     return template.render(
-        header=header(path, saes),
+        header=header(path, saes, read_json(path / MANIFEST_FILE) if is_run else None),
         metrics=metric_table(saes),
         saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
-        max_cards=max_cards,
     )
 
 
