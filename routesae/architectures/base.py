@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -205,6 +205,9 @@ class Inference:
 
 NO_INFERENCE = Inference()
 
+LatentEdit = Callable[[Tensor], Tensor]
+"""Maps latents ``[N, F]`` to the latents to decode instead (steering's clamps)."""
+
 
 def normalized_mse(x_hat: Tensor, target: Tensor) -> Tensor:
     """Mean over vectors of ||x_hat - x||² / ||x||² (the reference's NMSE, per vector then averaged)."""
@@ -220,6 +223,14 @@ class SAE(nn.Module):
     the override instead of the trained :meth:`activation`. It applies whenever set, in train or
     eval mode; the trainer never sets it, so training is unaffected. An architecture whose
     pre-activations an override cannot replace sets ``supports_inference = False``.
+
+    Latent edits: inside ``with sae.edit_latents(fn):`` every path that produces latents
+    (``forward``, ``encode``, and so ``reconstruction``) passes them through ``fn`` before
+    decoding, so ``out.latents`` are the edited latents and ``x_hat`` decodes them. The kernel
+    steers any architecture through this alone, without knowing its internals. :meth:`sparsify`
+    applies it; an architecture that makes latents some other way (Gated) calls
+    :meth:`apply_latent_edit` itself, and one with a sparse decode decodes densely while an edit
+    is set (an edit may switch on latents the sparse selection did not keep).
     """
 
     name: ClassVar[str] = ""
@@ -233,6 +244,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         self.d_model = d_model
         self.inference_override = NO_INFERENCE
+        self.latent_edit: LatentEdit | None = None
 
     @contextmanager
     def inference(self, override: Inference) -> Iterator[None]:
@@ -252,15 +264,39 @@ class SAE(nn.Module):
         finally:
             self.inference_override = previous
 
+    @contextmanager
+    def edit_latents(self, edit: LatentEdit) -> Iterator[None]:
+        """Pass every latent this SAE produces through ``edit`` inside the ``with`` block (see the class docstring).
+
+        The edit replaces any edit already set (restored on exit); it never applies in training,
+        because the trainer never sets one.
+        """
+        previous, self.latent_edit = self.latent_edit, edit
+        try:
+            yield
+        finally:
+            self.latent_edit = previous
+
+    def apply_latent_edit(self, latents_NF: Tensor) -> Tensor:
+        """``latents_NF`` through the edit set by :meth:`edit_latents`, or unchanged when none is."""
+        return latents_NF if self.latent_edit is None else self.latent_edit(latents_NF)
+
+    def steering_caveat(self) -> str | None:
+        """Why a clamp on this SAE's latents has no single block to act on, or None when it has.
+
+        Steering refuses an SAE that returns a reason unless the user accepts the approximation
+        (RouteSAE with soft routing: its latents encode a mix of blocks).
+        """
+        return None
+
     def activation(self, pre_NF: Tensor) -> Tensor:
         """The architecture's trained sparsifying nonlinearity (ReLU, TopK, JumpReLU, ...)."""
         raise NotImplementedError
 
     def sparsify(self, pre_NF: Tensor) -> Tensor:
-        """Latents from pre-activations: the inference override when one is set, else :meth:`activation`."""
-        if self.inference_override.active:
-            return self.inference_override.apply(pre_NF)
-        return self.activation(pre_NF)
+        """Latents from pre-activations: the inference override when one is set, else :meth:`activation`; then the edit."""
+        override = self.inference_override
+        return self.apply_latent_edit(override.apply(pre_NF) if override.active else self.activation(pre_NF))
 
     @classmethod
     def check_contract(cls) -> None:
@@ -370,9 +406,10 @@ class SingleLayerSAE(SAE):
         return self.sparsify_decode(self.preactivations(x_ND))
 
     def sparsify_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents, x_hat) from pre-activations: the override, densely decoded, else :meth:`activate_decode`."""
-        if self.inference_override.active:
-            z = self.inference_override.apply(pre_NF)
+        """(latents, x_hat) from pre-activations: with an override or an edit set, :meth:`sparsify` densely
+        decoded, else :meth:`activate_decode` (which may decode sparsely)."""
+        if self.inference_override.active or self.latent_edit is not None:
+            z = self.sparsify(pre_NF)
             return z, self.decode(z)
         return self.activate_decode(pre_NF)
 

@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routesae.architectures.base import MultiLayerConfig, SAE, SAEConfig, SAEOutput, l0, normalized_mse, standardize
+from routesae.architectures.base import SAE, MultiLayerConfig, SAEConfig, SAEOutput, l0, normalized_mse, standardize
 from routesae.architectures.topk import check_k
 from routesae.architectures.vanilla import DEFAULT_L1, L1_HELP
 from routesae.config import setting
 from routesae.errors import ConfigError
-
 
 # As the vanilla SAE's default, not the reference example's 0.01: on standardised inputs 0.01/latent_size per token
 # leaves most latents firing on every token. Sweep it for real models (the paper reports L0 of about 46-69).
@@ -119,7 +118,7 @@ class Crosscoder(SAE):
             )
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         pre_NF = self.preactivations(x_NLD)
-        if not self.cfg.k or self.inference_override.active:
+        if not self.cfg.k or self.inference_override.active or self.latent_edit is not None:
             z_NF = self.sparsify(pre_NF)
             return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_NLD, norm=norm)
         values, indices = self.select(pre_NF)  # sparse decode: gather only the k kept [L·D] rows

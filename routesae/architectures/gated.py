@@ -92,13 +92,13 @@ class GatedSAE(SingleLayerSAE):
         return torch.where(pi_gate_NF > 0, pi_mag_NF.relu(), 0.0)
 
     def encode(self, x_ND: Tensor) -> Tensor:
-        return self.combine(*self.gate_and_magnitude(x_ND))
+        return self.apply_latent_edit(self.combine(*self.gate_and_magnitude(x_ND)))
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         x_ND = x_NLD[:, 0]
         pi_gate_NF, pi_mag_NF = self.gate_and_magnitude(x_ND)
-        z_NF = self.combine(pi_gate_NF, pi_mag_NF)
+        z_NF = self.apply_latent_edit(self.combine(pi_gate_NF, pi_mag_NF))  # no sparsify() here, so edit ourselves
         return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_ND, norm=norm, extras={"pi_gate": pi_gate_NF})
 
     def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:

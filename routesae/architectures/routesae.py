@@ -39,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from routesae.architectures.base import (
-    Inference,
-    MultiLayerConfig,
     SAE,
+    Inference,
+    LatentEdit,
+    MultiLayerConfig,
     SAEConfig,
     SAEOutput,
     SingleLayerConfig,
@@ -245,6 +246,19 @@ class RouteSAE(SAE):
     def inference(self, override: Inference) -> AbstractContextManager[None]:
         """The inner SAE does all encoding, so the override (and its checks) is the inner's."""
         return self.sae.inference(override)
+
+    def edit_latents(self, edit: LatentEdit) -> AbstractContextManager[None]:
+        """The inner SAE makes every latent (``forward`` and ``reconstruction`` alike), so the edit is the inner's."""
+        return self.sae.edit_latents(edit)
+
+    def steering_caveat(self) -> str | None:
+        """Hard routing puts each token's latents at one block; any other router mixes blocks."""
+        if self.cfg.router == "hard":
+            return None
+        return (
+            f"this RouteSAE routes with {self.cfg.router!r}: each token's latents encode a mix of blocks, so no "
+            "single block holds what a clamp changes"
+        )
 
     def encode(self, x_route_ND: Tensor) -> Tensor:
         """Latents of a routed input (the SAE's input space, like ``out.target``); ``forward`` routes raw activations."""

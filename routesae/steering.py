@@ -1,0 +1,466 @@
+"""Steering: clamp SAE latents while the language model generates, and compare with the unclamped text.
+
+For every architecture alike (plugins included), through :meth:`SAE.edit_latents` only. At each
+generation step the whole sequence so far is run three ways:
+
+1. a clean capture of the blocks the SAE reads (routing decisions come from it, as in evaluation);
+2. the SAE on those activations, plain and with the clamps as a latent edit, giving per block
+   ``plain`` and ``edited`` reconstructions;
+3. a forward in which each block's output becomes ``resid + (edited − plain)`` at the steered
+   positions the SAE reconstructs there (RouteSAE: each token's routed block only), whose last
+   logits give the next token.
+
+So the SAE's error term stays in the residual stream: with no clamps nothing changes at all, and
+only the clamp's effect reaches the model. ``replace=True`` instead puts the edited
+reconstruction itself in the stream (the reference's behaviour), which also adds the SAE's
+reconstruction error.
+
+Every generated token is steered, not only the prompt's forward (the reference's hooks fired on
+the prefill only, §12.11). Multi-layer SAEs need all their blocks before they can edit the first,
+hence the clean capture per step. The whole sequence is recomputed each step: the TransformerLens
+bridge (4.3, with transformers 5) leaves Hugging Face's KV cache empty (``get_seq_length() == 0``
+after a cached forward), so an incremental forward attends to the new token alone and gives wrong
+logits; its own ``generate(use_past_kv_cache=True)`` diverges from the uncached one for the same
+reason. Recomputing costs O(T²) over a continuation of T tokens.
+
+Positions. ``"all"`` (default) steers every position but 0, the attention sink (its residual is
+~100× the others' and no SAE here trained on it), so prompt and continuation both carry the clamp.
+``"generation"`` steers only the positions whose logits pick new tokens: the last prompt position
+and every generated one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+import routesae
+from routesae.architectures.base import SAE, Inference, LatentEdit
+from routesae.checkpoint import load_sae
+from routesae.errors import RouteSAEError
+from routesae.lm import Edit, LanguageModel
+from routesae.loading import model_for
+
+Op = Literal["set", "add", "mul"]
+Positions = Literal["all", "generation"]
+POSITIONS: tuple[str, ...] = get_args(Positions)
+_CLAMP = re.compile(r"^\s*(\d+)\s*=\s*([+\-*]?)\s*([^\s+\-*].*?)\s*$")
+_SYMBOL: dict[Op, str] = {"set": "", "add": "+", "mul": "*"}
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """One latent edit: ``set`` latent to value, ``add`` value (negative: subtract) or ``mul`` by value.
+
+    Written ``LATENT=OP``: ``123=20`` sets latent 123 to 20 (the paper's "increased to 20"),
+    ``123=+15`` adds 15, ``123=-15`` subtracts 15, ``123=*2`` doubles it (``123=*0`` ablates).
+    """
+
+    latent: int
+    op: Op
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.op not in _SYMBOL:
+            raise RouteSAEError(f"clamp op must be one of {', '.join(_SYMBOL)}, got {self.op!r}")
+        if isinstance(self.latent, bool) or not isinstance(self.latent, int) or self.latent < 0:
+            raise RouteSAEError(f"a clamp's latent must be an integer >= 0, got {self.latent!r}")
+        if not math.isfinite(self.value):
+            raise RouteSAEError(f"clamp on latent {self.latent}: the value must be a finite number, got {self.value}")
+
+    @classmethod
+    def parse(cls, text: str) -> Clamp:
+        match = _CLAMP.match(text)
+        value = _number(match.group(3)) if match else None
+        if match is None or value is None:
+            raise RouteSAEError(
+                f"cannot read the clamp {text!r}: write LATENT=VALUE (set), LATENT=+VALUE (add), LATENT=-VALUE "
+                "(subtract) or LATENT=*VALUE (multiply), e.g. 123=20"
+            )
+        latent, sign = int(match.group(1)), match.group(2)
+        if sign == "*":
+            return cls(latent, "mul", value)
+        return cls(latent, "add", -value if sign == "-" else value) if sign else cls(latent, "set", value)
+
+    def __str__(self) -> str:
+        if self.op == "add":
+            return f"{self.latent}={'-' if self.value < 0 else '+'}{abs(self.value):g}"
+        return f"{self.latent}={_SYMBOL[self.op]}{self.value:g}"
+
+    def apply(self, latents_NF: Tensor) -> None:
+        """Edit column ``latent`` of ``latents_NF`` in place."""
+        column = latents_NF[:, self.latent]
+        if self.op == "set":
+            column.fill_(self.value)
+        elif self.op == "add":
+            column.add_(self.value)
+        else:
+            column.mul_(self.value)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_clamps(clamps: Sequence[str | Clamp], latent_size: int) -> tuple[Clamp, ...]:
+    """Clamps from strings or :class:`Clamp` objects, checked against the SAE's dictionary size."""
+    parsed = tuple(c if isinstance(c, Clamp) else Clamp.parse(c) for c in clamps)
+    seen: set[int] = set()
+    for clamp in parsed:
+        if clamp.latent >= latent_size:
+            raise RouteSAEError(
+                f"clamp {clamp}: latent {clamp.latent} is out of range; this SAE has {latent_size} latents, "
+                f"numbered 0 to {latent_size - 1}"
+            )
+        if clamp.latent in seen:
+            raise RouteSAEError(f"latent {clamp.latent} is clamped twice; give each latent at most one clamp")
+        seen.add(clamp.latent)
+    return parsed
+
+
+def clamp_edit(clamps: Sequence[Clamp]) -> LatentEdit:
+    """The latent edit applying ``clamps`` (a copy: the SAE's own latents are not touched)."""
+
+    def edit(latents_NF: Tensor) -> Tensor:
+        latents_NF = latents_NF.clone()
+        for clamp in clamps:
+            clamp.apply(latents_NF)
+        return latents_NF
+
+    return edit
+
+
+def _identity(latents_NF: Tensor) -> Tensor:
+    return latents_NF
+
+
+@dataclass
+class BlockChange:
+    """What steering does to one block in one forward: ``[B, T, D]`` reconstructions and ``[B, T]`` positions."""
+
+    plain_BTD: Tensor
+    edited_BTD: Tensor
+    where_BT: Tensor
+
+    def edit(self, replace: bool) -> Edit:
+        where_BT1 = self.where_BT[..., None]
+        if replace:
+            return lambda resid_BTD: torch.where(where_BT1, self.edited_BTD.to(resid_BTD.dtype), resid_BTD)
+        delta_BTD = torch.where(where_BT1, self.edited_BTD - self.plain_BTD, 0.0)
+        return lambda resid_BTD: resid_BTD + delta_BTD.to(resid_BTD.dtype)
+
+    def delta_norm_BT(self) -> Tensor:
+        """‖edited − plain‖ where applied, else 0: how far the clamp moves this block's residual."""
+        return torch.where(self.where_BT, (self.edited_BTD - self.plain_BTD).norm(dim=-1), 0.0)
+
+
+def block_changes(sae: SAE, acts_BTLD: Tensor, steer_BT: Tensor, clamps: Sequence[Clamp]) -> dict[int, BlockChange]:
+    """Per block the SAE writes to: its plain and clamped reconstructions of clean ``acts_BTLD``, and where to apply them.
+
+    ``acts_BTLD`` holds the SAE's blocks (``sae.layers``, in order). Both reconstructions go
+    through an edit (the identity for ``plain``), so both take the same decode path and no clamps
+    give exactly zero change. Raises if the architecture ignored the edit.
+    """
+    B, T = steer_BT.shape
+    acts_NLD = acts_BTLD.reshape(B * T, *acts_BTLD.shape[2:])
+    edit = clamp_edit(clamps)
+    with torch.no_grad():
+        with sae.edit_latents(_identity):
+            plain_out = sae(acts_NLD)
+            plain = sae.reconstruction(plain_out)
+        with sae.edit_latents(edit):
+            edited_out = sae(acts_NLD)
+            edited = sae.reconstruction(edited_out)
+    if not torch.equal(edited_out.latents, edit(plain_out.latents)):
+        raise RouteSAEError(
+            f"architecture {sae.name!r} does not apply latent edits (SAE.edit_latents), so its latents cannot be "
+            "clamped; its forward must produce latents through sparsify() or apply_latent_edit()"
+        )
+    changes = {}
+    for block, (plain_ND, mask_N) in plain.items():
+        edited_ND = edited[block][0]
+        changes[block] = BlockChange(
+            plain_ND.view(B, T, -1), edited_ND.view(B, T, -1), mask_N.view(B, T) & steer_BT.to(mask_N.device)
+        )
+    return changes
+
+
+def steered_positions(length: int, prompt_length: int, positions: Positions, device: torch.device) -> Tensor:
+    """``[1, length]`` bool: which positions of a single unpadded sequence are steered (see the module docstring)."""
+    if positions not in POSITIONS:
+        raise RouteSAEError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    first = 1 if positions == "all" else max(1, prompt_length - 1)
+    return (torch.arange(length, device=device) >= first)[None]
+
+
+def steered_logits(
+    lm: LanguageModel,
+    sae: SAE,
+    input_ids_BT: Tensor,
+    steer_BT: Tensor,
+    clamps: Sequence[Clamp],
+    replace: bool = False,
+    single_pass: bool = True,
+) -> tuple[Tensor, dict[int, BlockChange]]:
+    """(logits ``[B, T, V]`` of the steered forward, the block changes) for unpadded ``input_ids_BT``.
+
+    The one step of generation, exposed so that the clamp's effect on the next-token
+    distribution can be inspected directly. An SAE that reads one block needs no separate clean
+    capture (``single_pass``, the default): nothing upstream of its block is edited, so the
+    residual arriving there in the steered forward is the clean one, and the hook computes the
+    change from it. That saves most of a forward per step; multi-layer SAEs always capture first.
+    """
+    mask_BT = torch.ones_like(input_ids_BT)
+    if single_pass and len(sae.layers) == 1:
+        changes: dict[int, BlockChange] = {}
+
+        def edit(resid_BTD: Tensor) -> Tensor:
+            changes.update(block_changes(sae, resid_BTD[:, :, None], steer_BT, clamps))
+            return changes[sae.layers[0]].edit(replace)(resid_BTD)
+
+        return lm.splice(input_ids_BT, mask_BT, {sae.layers[0]: edit}), changes
+    acts_BTLD = lm.capture(input_ids_BT, mask_BT, sae.layers)
+    changes = block_changes(sae, acts_BTLD, steer_BT, clamps)
+    edits = {block: change.edit(replace) for block, change in changes.items()}
+    return lm.splice(input_ids_BT, mask_BT, edits), changes
+
+
+class Sampler:
+    """Picks next tokens: greedy at temperature 0, else temperature and nucleus (top-p) sampling.
+
+    Each continuation gets a fresh sampler from the same seed, so the original and the steered
+    text draw the same random stream and differ only through the clamp.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device: torch.device) -> None:
+        self.greedy = temperature == 0
+        self.warpers = LogitsProcessorList()
+        if not self.greedy:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids_1T: Tensor, logits_V: Tensor) -> int:
+        if self.greedy:
+            return int(logits_V.argmax())
+        scores = self.warpers(input_ids_1T, logits_V[None].float())
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+
+@dataclass
+class SteeringResult:
+    """One prompt, continued without and with the clamps.
+
+    ``prompt`` is the text as fed (chat template applied); ``delta_norms`` has, per steered
+    generation step, the summed ‖edited − plain‖ over blocks at the position that picked the
+    token (0 where that position is not steered or the SAE does not write there).
+    """
+
+    prompt: str
+    original: str
+    steered: str
+    prompt_ids: list[int]
+    original_ids: list[int]
+    steered_ids: list[int]
+    settings: dict[str, Any]
+    delta_norms: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "routesae_version": routesae.__version__,
+            "prompt": self.prompt,
+            "original": self.original,
+            "steered": self.steered,
+            "prompt_ids": self.prompt_ids,
+            "original_ids": self.original_ids,
+            "steered_ids": self.steered_ids,
+            "settings": self.settings,
+            "delta_norms": self.delta_norms,
+            "seconds": self.seconds,
+        }
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat: bool | None, system: str | None) -> tuple[str, list[int], bool]:
+    """(text as fed, its token ids, whether the chat template was used).
+
+    ``chat=None`` uses the template when the tokenizer has one (instruct models). A templated
+    prompt is tokenised without special tokens, since the template writes its own.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_chat = has_template if chat is None else chat
+    if use_chat and not has_template:
+        raise RouteSAEError("this model's tokenizer has no chat template; drop --chat (or chat=True) to feed the text as is")
+    if system is not None and not use_chat:
+        raise RouteSAEError("a system message needs the chat template; drop --system or use --chat with an instruct model")
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = prompt
+        ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise RouteSAEError("the prompt is empty: give some text to continue")
+    return text, list(ids), use_chat
+
+
+def _continue(
+    lm: LanguageModel, sae: SAE | None, prompt_ids: list[int], clamps: Sequence[Clamp], opts: _Options
+) -> tuple[list[int], list[float]]:
+    """Generate from ``prompt_ids``; with ``sae`` every step is steered. Returns (new ids, delta norms)."""
+    sample = Sampler(opts.temperature, opts.top_p, opts.seed, lm.device)
+    ids = torch.tensor([prompt_ids], device=lm.device)
+    new: list[int] = []
+    norms: list[float] = []
+    for _ in range(opts.max_new_tokens):
+        if sae is None:
+            logits_V = lm.logits(ids, torch.ones_like(ids))[0, -1]
+        else:
+            steer_BT = steered_positions(ids.shape[1], len(prompt_ids), opts.positions, lm.device)
+            logits, changes = steered_logits(lm, sae, ids, steer_BT, clamps, opts.replace)
+            logits_V = logits[0, -1]
+            norms.append(float(sum(change.delta_norm_BT()[0, -1] for change in changes.values())))
+        token = sample(ids, logits_V)
+        new.append(token)
+        if token == lm.tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]], device=lm.device)], dim=1)
+    return new, norms
+
+
+@dataclass(frozen=True)
+class _Options:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    positions: Positions
+    replace: bool
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise RouteSAEError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RouteSAEError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RouteSAEError(f"top_p must satisfy 0 < top_p <= 1, got {self.top_p}")
+        if self.positions not in POSITIONS:
+            raise RouteSAEError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+
+
+def _open(sae: SAE | Path | str) -> tuple[SAE, Path | None, dict[str, Any] | None]:
+    """(the SAE in eval mode, its checkpoint directory and config, or None twice when given loaded)."""
+    if isinstance(sae, SAE):
+        return sae.eval(), None, None
+    directory = Path(sae)
+    loaded, config = load_sae(directory)
+    return loaded, directory, config
+
+
+def _model_for(
+    sae: SAE, directory: Path | None, config: dict[str, Any] | None, lm: LanguageModel | None, device: str | torch.device | None
+) -> LanguageModel:
+    """The checkpoint's model (``lm`` if given, checked against it); a loaded SAE needs ``lm``."""
+    if directory is not None and config is not None:
+        return model_for([directory], [config], lm, device)
+    if lm is None:
+        raise RouteSAEError("steering a loaded SAE needs its language model: pass lm=LanguageModel.load(...)")
+    if sae.d_model != lm.d_model:
+        raise RouteSAEError(f"the SAE reads d_model {sae.d_model} but {lm.spec!r} has d_model {lm.d_model}")
+    return lm
+
+
+def steer(
+    sae: SAE | Path | str,
+    prompt: str,
+    clamps: Sequence[str | Clamp],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool | None = None,
+    system: str | None = None,
+    replace: bool = False,
+    positions: Positions = "all",
+    soft_at_argmax: bool = False,
+    infer_k: int | None = None,
+    theta: float | None = None,
+    lm: LanguageModel | None = None,
+    device: str | torch.device | None = None,
+) -> SteeringResult:
+    """Continue ``prompt`` twice from the same seed, without and with ``clamps`` on ``sae``'s latents.
+
+    ``sae`` is a checkpoint directory (its model is loaded unless ``lm`` is given) or a loaded
+    SAE (then ``lm`` is required). ``clamps``: strings like ``"123=20"`` or :class:`Clamp`
+    objects. ``chat=None`` applies the tokenizer's chat template when it has one. ``replace``
+    puts the clamped reconstruction itself in the residual stream instead of adding the clamp's
+    change (see the module docstring, also for ``positions``). ``soft_at_argmax`` accepts
+    steering a soft-routed RouteSAE at each token's highest-weight block. ``infer_k`` /
+    ``theta`` read the SAE with an inference-time sparsity override.
+
+    >>> steer("runs/demo/topk-L21-k32-F4096", "Tell me about Paris.", ["1234=20"]).steered
+    """
+    opts = _Options(max_new_tokens, temperature, top_p, seed, positions, replace)
+    override = Inference(k=infer_k, theta=theta)
+    sae, directory, config = _open(sae)  # everything about the SAE is checked before the model loads
+    parsed = parse_clamps(clamps, sae.cfg.latent_size)
+    caveat = sae.steering_caveat()
+    if caveat is not None and not soft_at_argmax:
+        raise RouteSAEError(
+            f"{caveat}. Pass --soft-at-argmax (soft_at_argmax=True) to steer each token at its highest-weight block, "
+            "as evaluation splices it"
+        )
+    with sae.inference(override):
+        lm = _model_for(sae, directory, config, lm, device)
+        sae.to(lm.device)
+        text, prompt_ids, used_chat = render_prompt(lm.tokenizer, prompt, chat, system)
+        start = time.perf_counter()
+        original_ids, _ = _continue(lm, None, prompt_ids, (), opts)
+        middle = time.perf_counter()
+        steered_ids, norms = _continue(lm, sae, prompt_ids, parsed, opts)
+        end = time.perf_counter()
+    decode = lm.tokenizer.decode
+    settings = {
+        "sae": str(directory) if directory is not None else sae.name,
+        "architecture": sae.name,
+        "layers": list(sae.layers),
+        "model": lm.spec,
+        "clamps": [str(c) for c in parsed],
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "chat": used_chat,
+        "system": system,
+        "replace": replace,
+        "positions": positions,
+        "soft_at_argmax": soft_at_argmax,
+        "infer_k": infer_k,
+        "theta": theta,
+    }
+    return SteeringResult(
+        prompt=text,
+        original=decode(original_ids, skip_special_tokens=True),
+        steered=decode(steered_ids, skip_special_tokens=True),
+        prompt_ids=prompt_ids,
+        original_ids=original_ids,
+        steered_ids=steered_ids,
+        settings=settings,
+        delta_norms=norms,
+        seconds={"original": middle - start, "steered": end - middle},
+    )
