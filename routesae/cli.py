@@ -358,6 +358,65 @@ def make_cache_command(pm: PluginManager) -> click.Command:
     )
 
 
+def make_steer_command(pm: PluginManager) -> click.Command:
+    from routesae.steering import POSITIONS, steer
+
+    def callback(sae_dir: str, clamp: tuple[str, ...], as_json: bool, **options: Any) -> None:
+        result = steer(sae_dir, options.pop("prompt"), list(clamp), **options)
+        if as_json:
+            _print_json(result.to_dict())
+            return
+        table = Table(title=f"{result.settings['sae']}  clamps {' '.join(result.settings['clamps']) or '(none)'}", show_lines=True)
+        table.add_column("original", ratio=1, overflow="fold")
+        table.add_column("steered", ratio=1, overflow="fold")
+        table.add_row(result.original, result.steered)
+        Console(width=160 if not sys.stdout.isatty() else None).print(table)
+
+    params: list[click.Parameter] = [
+        click.Argument(["sae_dir"], type=click.Path(exists=True, file_okay=False)),
+        click.Option(
+            ["--clamp"], multiple=True, metavar="LATENT=OP",
+            help="Clamp a latent at every steered token; repeatable. 123=20 sets it to 20, 123=+15 adds 15, "
+            "123=-15 subtracts 15, 123=*2 multiplies it by 2.",
+        ),
+        click.Option(["--prompt"], required=True, help="Text to continue (wrapped as a user message for instruct models)."),
+        click.Option(["--max-new-tokens"], type=int, default=64, show_default=True, help="Most tokens to generate (stops at EOS)."),
+        click.Option(["--temperature"], type=float, default=0.7, show_default=True, help="Sampling temperature; 0 is greedy."),
+        click.Option(["--top-p"], type=float, default=1.0, show_default=True, help="Nucleus sampling: keep the smallest set of tokens with this probability."),
+        click.Option(["--seed"], type=int, default=0, show_default=True, help="Seed of both continuations (the same stream for each)."),
+        click.Option(
+            ["--chat/--no-chat"], default=None,
+            help="Wrap the prompt in the tokenizer's chat template. [default: when the tokenizer has one]",
+        ),
+        click.Option(["--system"], default=None, help="A system message for the chat template."),
+        click.Option(
+            ["--replace"], is_flag=True,
+            help="Put the clamped reconstruction itself in the residual stream (the reference), adding the SAE's error; "
+            "by default only the clamp's change is added.",
+        ),
+        click.Option(
+            ["--positions"], type=click.Choice(POSITIONS), default="all", show_default=True,
+            help="'all': every token but position 0 (the attention sink), prompt included; 'generation': only the "
+            "positions that pick new tokens.",
+        ),
+        click.Option(
+            ["--soft-at-argmax"], is_flag=True,
+            help="Steer a soft-routed RouteSAE at each token's highest-weight block, as evaluation splices it.",
+        ),
+        click.Option(["--infer-k"], type=int, default=None, help="Read the SAE with TopK over its pre-activations. Excludes --theta."),
+        click.Option(["--theta"], type=float, default=None, help="Read the SAE with one global threshold. Excludes --infer-k."),
+        click.Option(["--device"], default=None, help="Device for the model and SAE. [default: CUDA when available]"),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print the record (texts, token ids, settings) as JSON."),
+    ]
+    return click.Command(
+        "steer",
+        callback=callback,
+        params=params,
+        help="Continue a prompt twice from one seed, without and with latents clamped at every generated token, "
+        "and show both continuations side by side.",
+    )
+
+
 def interpreter_options(pm: PluginManager, reserved: Iterable[str]) -> list[click.Option]:
     """One option per settable config field across the installed interpreters.
 
@@ -530,7 +589,7 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
     cli = click.version_option(package_name="routesae")(cli)
     builders: list[Callable[[PluginManager], click.Command]] = [
         make_train_command, make_evaluate_command, make_plugins_command, make_contexts_command, make_cache_command,
-        make_interpret_command, make_report_command,
+        make_steer_command, make_interpret_command, make_report_command,
     ]
     for build in builders:
         cli.add_command(build(pm))
