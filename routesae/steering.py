@@ -1,7 +1,7 @@
 """Steering: clamp SAE latents while the language model generates, and compare with the unclamped text.
 
 For every architecture alike (plugins included), through :meth:`SAE.edit_latents` only. At each
-generation step the whole sequence so far is run three ways:
+generation step the whole sequence so far goes through:
 
 1. a clean capture of the blocks the SAE reads (routing decisions come from it, as in evaluation);
 2. the SAE on those activations, plain and with the clamps as a latent edit, giving per block
@@ -17,11 +17,15 @@ reconstruction error.
 
 Every generated token is steered, not only the prompt's forward (the reference's hooks fired on
 the prefill only, §12.11). Multi-layer SAEs need all their blocks before they can edit the first,
-hence the clean capture per step. The whole sequence is recomputed each step: the TransformerLens
-bridge (4.3, with transformers 5) leaves Hugging Face's KV cache empty (``get_seq_length() == 0``
+hence the clean capture per step. An SAE that reads one block skips it: nothing upstream of its
+block is edited, so the hook in step 3 sees the clean residual and computes the change itself
+(one forward per step instead of about 1.7; a test checks that both ways agree). The original
+continuation costs one forward per token.
+
+No KV cache: the whole sequence is recomputed each step, O(T²) over T tokens. The TransformerLens
+bridge (4.3, with transformers 5) leaves Hugging Face's cache empty (``get_seq_length() == 0``
 after a cached forward), so an incremental forward attends to the new token alone and gives wrong
-logits; its own ``generate(use_past_kv_cache=True)`` diverges from the uncached one for the same
-reason. Recomputing costs O(T²) over a continuation of T tokens.
+logits; the bridge's own ``generate(use_past_kv_cache=True)`` diverges from the uncached one.
 
 Positions. ``"all"`` (default) steers every position but 0, the attention sink (its residual is
 ~100× the others' and no SAE here trained on it), so prompt and continuation both carry the clamp.
@@ -31,6 +35,7 @@ and every generated one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -76,6 +81,11 @@ class Clamp:
             raise RouteSAEError(f"a clamp's latent must be an integer >= 0, got {self.latent!r}")
         if not math.isfinite(self.value):
             raise RouteSAEError(f"clamp on latent {self.latent}: the value must be a finite number, got {self.value}")
+        if self.op == "set" and self.value < 0:  # LATENT=-V means subtract, so a negative set could not be written
+            raise RouteSAEError(
+                f"clamp on latent {self.latent}: set takes a value >= 0; to push a latent below zero, subtract "
+                f"({self.latent}=-{-self.value:g}) or multiply by a negative number"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Clamp:
@@ -280,18 +290,7 @@ class SteeringResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "routesae_version": routesae.__version__,
-            "prompt": self.prompt,
-            "original": self.original,
-            "steered": self.steered,
-            "prompt_ids": self.prompt_ids,
-            "original_ids": self.original_ids,
-            "steered_ids": self.steered_ids,
-            "settings": self.settings,
-            "delta_norms": self.delta_norms,
-            "seconds": self.seconds,
-        }
+        return {"routesae_version": routesae.__version__, **dataclasses.asdict(self)}
 
 
 def render_prompt(tokenizer: Any, prompt: str, chat: bool | None, system: str | None) -> tuple[str, list[int], bool]:
@@ -318,6 +317,26 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool | None, system: str | 
     return text, list(ids), use_chat
 
 
+@dataclass(frozen=True)
+class _Options:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    positions: Positions
+    replace: bool
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise RouteSAEError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RouteSAEError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RouteSAEError(f"top_p must satisfy 0 < top_p <= 1, got {self.top_p}")
+        if self.positions not in POSITIONS:
+            raise RouteSAEError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+
+
 def _continue(
     lm: LanguageModel, sae: SAE | None, prompt_ids: list[int], clamps: Sequence[Clamp], opts: _Options
 ) -> tuple[list[int], list[float]]:
@@ -340,26 +359,6 @@ def _continue(
             break
         ids = torch.cat([ids, torch.tensor([[token]], device=lm.device)], dim=1)
     return new, norms
-
-
-@dataclass(frozen=True)
-class _Options:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    positions: Positions
-    replace: bool
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise RouteSAEError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise RouteSAEError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RouteSAEError(f"top_p must satisfy 0 < top_p <= 1, got {self.top_p}")
-        if self.positions not in POSITIONS:
-            raise RouteSAEError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
 
 
 def _open(sae: SAE | Path | str) -> tuple[SAE, Path | None, dict[str, Any] | None]:

@@ -150,9 +150,11 @@ def test_unreadable_clamps_say_how_to_write_one(text):
         Clamp.parse(text)
 
 
-def test_non_finite_values_are_refused():
+def test_non_finite_values_and_negative_sets_are_refused():
     with pytest.raises(RouteSAEError, match="finite"):
         Clamp.parse("3=inf")
+    with pytest.raises(RouteSAEError, match=r"set takes a value >= 0.*3=-2"):
+        Clamp(3, "set", -2.0)
 
 
 def test_latents_out_of_range_and_twice_are_refused():
