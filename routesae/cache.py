@@ -467,25 +467,13 @@ class ActivationCache:
 class CachedStream(ShuffledStream):
     """The trainer's stream, served from a cache: same groups, same permutations, no language model."""
 
-    def __init__(
-        self,
-        cache: ActivationCache,
-        layers: Sequence[int],
-        *,
-        lm_batch_size: int,
-        sae_batch_tokens: int,
-        buffer_tokens: int,
-        seed: int = 0,
-        position: tuple[int, int] = (0, 0),
-    ) -> None:
+    def __init__(self, cache: ActivationCache, layers: Sequence[int], **shuffle: Any) -> None:
+        """``shuffle``: the keyword arguments of :class:`ShuffledStream` (batch sizes, buffer, seed, position)."""
         self.cache = cache
         self.layers = list(layers)
         kept = cache.kept_per_block
         self.first_row = torch.tensor([0, *kept]).cumsum(0).tolist()  # row of each block's first kept position
-        super().__init__(
-            kept, lm_batch_size=lm_batch_size, sae_batch_tokens=sae_batch_tokens, buffer_tokens=buffer_tokens,
-            seed=seed, position=position,
-        )
+        super().__init__(kept, **shuffle)
 
     def harvest(self, group: Group) -> Tensor:
         return self.cache.rows(self.first_row[group.first_block], self.first_row[group.end_block], self.layers)
