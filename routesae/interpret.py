@@ -199,8 +199,9 @@ def _detect(req: _Requester, template: PromptTemplate, contexts: dict[str, Any],
     return result, [c]
 
 
-def _wants_detection(record: dict[str, Any], latent: dict[str, Any], detection: bool) -> bool:
-    pending = record.get("detection") is None or record["detection"].get("status") == "error"
+def _wants_detection(record: dict[str, Any], latent: dict[str, Any], detection: bool, retry_unparsable: bool = False) -> bool:
+    redo = ("error", "unparsable") if retry_unparsable else ("error",)
+    pending = record.get("detection") is None or record["detection"].get("status") in redo
     return detection and record["status"] == "done" and bool(latent.get("held_out")) and pending
 
 
@@ -215,7 +216,7 @@ def _run_job(job: _Job, req: _Requester, contexts: dict[str, Any], templates: tu
         except _Stopped:
             return None
         record = _add_usage(record, spent)
-    if _wants_detection(record, latent, detection):
+    if _wants_detection(record, latent, detection) or (job.record is not None and detection):
         try:
             found, spent = _detect(req, templates[1], contexts, job.latent_id, record["explanation"], seed)
         except _Stopped:  # keep a new explanation; its detection is done by the next run
@@ -288,7 +289,7 @@ def _pending_jobs(doc: dict[str, Any], contexts: dict[str, Any], detection: bool
         record = doc["latents"].get(str(latent_id))
         if record is None or record["status"] == "error" or (record["status"] == "unparsable" and retry_unparsable):
             jobs.append(_Job(latent_id, None))
-        elif _wants_detection(record, contexts["latents"][str(latent_id)], detection):
+        elif _wants_detection(record, contexts["latents"][str(latent_id)], detection, retry_unparsable):
             jobs.append(_Job(latent_id, record))
     return jobs
 

@@ -143,17 +143,21 @@ def test_retries_and_odd_answers_are_recorded_honestly(sae_dir, server):
 
 
 def test_resume_skips_finished_latents_and_retries_only_what_is_asked(sae_dir, server):
-    server.script(Reply(), Reply(), Reply(text="no idea"))
+    server.script(Reply(), Reply(text="maybe?"), Reply(text="no idea"))  # an unreadable detection, then explanation
     first = run(sae_dir, server, sample=3)
-    assert first["summary"]["unparsable"] == 1
+    one, two, three = first["sampled"]
+    assert first["latents"][str(one)]["detection"]["status"] == "unparsable"
+    assert first["latents"][str(two)]["status"] == "unparsable" and first["summary"]["unparsable"] == 1
+    assert first["summary"]["detection_scored"] == 1
     asked = len(server.log)
     again = run(sae_dir, server, sample=3)
     assert len(server.log) == asked, "nothing new to do"
     assert again["latents"] == first["latents"]
-    unparsable = [int(k) for k, r in first["latents"].items() if r["status"] == "unparsable"]
     retried = run(sae_dir, server, sample=3, retry_unparsable=True)
-    assert latents_asked(server, asked) == unparsable * 2
-    assert retried["summary"]["features_scored"] == 3 and retried["usage"]["requests"] == first["usage"]["requests"] + 2
+    assert latents_asked(server, asked) == [one, two, two], "only the unreadable detection and explanation"
+    assert retried["latents"][str(three)] == first["latents"][str(three)]
+    assert retried["summary"]["features_scored"] == 3 and retried["summary"]["detection_scored"] == 3
+    assert retried["usage"]["requests"] == first["usage"]["requests"] + 3
 
 
 def test_the_budget_stops_cleanly_and_a_later_run_finishes(sae_dir, server):
@@ -317,3 +321,16 @@ def test_local_interpreter_on_real_contexts_of_a_trained_sae(tiny_model_dir, tex
         assert 0 < record["usage"]["completion_tokens"] <= 8 and record["answer"] is not None
     assert doc["summary"]["features_scored"] == 0 and doc["summary"]["average_score"] is None
     assert doc["usage"]["cost_usd"] == 0.0
+
+
+@pytest.mark.embedded
+def test_the_embedded_smollm2_interprets_offline(sae_dir, embedded_home, monkeypatch):
+    """The default backend end to end: SmolLM2-135M-Instruct with the built-in prompts, greedy, offline."""
+    monkeypatch.setenv("ROUTESAE_HOME", str(embedded_home))
+    doc = interpret(sae_dir, sample=1, detection=False, max_tokens=32, progress=False)
+    assert doc["interpreter"]["model"] == "smollm2" and "model_path" not in doc["interpreter"]
+    for record in doc["latents"].values():
+        assert record["status"] in ("done", "unparsable") and record["answer"]
+        assert record["usage"]["prompt_tokens"] > 300 and record["usage"]["cost_usd"] == 0.0
+    summary = doc["summary"]
+    assert summary["features_scored"] + summary["unparsable"] == 1 and doc["usage"]["cost_usd"] == 0.0
