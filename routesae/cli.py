@@ -366,7 +366,7 @@ def make_steer_command(pm: PluginManager) -> click.Command:
         if as_json:
             _print_json(result.to_dict())
             return
-        table = Table(title=f"{result.settings['sae']}  clamps {' '.join(result.settings['clamps']) or '(none)'}", show_lines=True)
+        table = Table(title=f"{result.settings['sae']}  clamps {' '.join(result.settings['clamps']) or '(none)'}", expand=True)
         table.add_column("original", ratio=1, overflow="fold")
         table.add_column("steered", ratio=1, overflow="fold")
         table.add_row(result.original, result.steered)
