@@ -86,7 +86,7 @@ class _Requester:
     max_cost: float | None
     usage: _Usage = field(default_factory=_Usage)
     reserved: float = 0.0
-    stop_reason: str | None = None  # "budget" | "unavailable"
+    stop_reason: str | None = None  # "budget" | "unavailable" | "interrupted"
     stop_message: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -406,12 +406,16 @@ def _run(jobs: list[_Job], req: _Requester, doc: dict[str, Any], write: Callable
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="interpret") as pool:
             futures = {pool.submit(_run_job, job, req, contexts, templates, detection, seed): job for job in jobs}
-            for future in as_completed(futures):
-                record = future.result()
-                if record is not None:
-                    doc["latents"][str(futures[future].latent_id)] = record
-                    write()
-                advance(req)
+            try:
+                for future in as_completed(futures):
+                    record = future.result()
+                    if record is not None:
+                        doc["latents"][str(futures[future].latent_id)] = record
+                        write()
+                    advance(req)
+            except BaseException:  # Ctrl-C or a bug: queued jobs must not start while the pool winds down
+                req.stop_reason = req.stop_reason or "interrupted"
+                raise
     finally:
         bar()
 

@@ -2,8 +2,10 @@
 backend on a tiny model over a real ``extract_contexts`` output, budget stops, resume, refusals,
 the CLI, and a third-party interpreter registered through the plugin manager."""
 
+import _thread
 import json
 import re
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -297,6 +299,33 @@ def test_interpreter_instances_and_options_are_checked(sae_dir):
         interpret(sae_dir, Canned(InterpreterConfig()), model="x", progress=False)
     doc = interpret(sae_dir, Canned(), sample=1, detection=False, progress=False)
     assert doc["summary"]["features_scored"] == 1
+
+
+class InterruptedOnSecondRequest(Canned):
+    """Ctrl-C during the second request."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def complete(self, messages, *, max_tokens, temperature):
+        self.calls += 1
+        if self.calls == 2:  # Ctrl-C reaches the main thread while this request is in flight
+            _thread.interrupt_main()
+            time.sleep(0.3)
+        return super().complete(messages, max_tokens=max_tokens, temperature=temperature)
+
+
+def test_an_interrupt_starts_no_queued_request_and_keeps_finished_latents(sae_dir):
+    backend = InterruptedOnSecondRequest()
+    with pytest.raises(KeyboardInterrupt):
+        interpret(sae_dir, backend, sample=5, detection=False, concurrency=1, progress=False)
+    assert backend.calls == 2, "the three queued latents were not started"
+    kept = read(sae_dir)
+    assert set(kept["latents"]) <= {str(kept["sampled"][0])}, "at most the answer before the interrupt was written"
+    assert kept["summary"]["features_scored"] == len(kept["latents"]) and kept["complete"] is False
+    finished = interpret(sae_dir, Canned(), sample=5, detection=False, progress=False)
+    assert finished["summary"]["features_scored"] == 5 and finished["complete"] is True
 
 
 def test_local_interpreter_on_real_contexts_of_a_trained_sae(tiny_model_dir, text_corpus_dir, tmp_path):
