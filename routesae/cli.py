@@ -493,7 +493,7 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
                      help="Also score each explanation by asking which held-out and pool contexts activate the feature."),
         click.Option(["--max-tokens"], type=int, default=128, show_default=True, help="Longest answer, in tokens."),
         click.Option(["--temperature"], type=float, default=0.1, show_default=True, help="Sampling temperature of the answers."),
-        click.Option(["--retry-unparsable"], is_flag=True, help="Ask again for latents whose earlier answer could not be read."),
+        click.Option(["--retry-unparsable"], is_flag=True, help="Ask again where an earlier answer (explanation or detection) could not be read."),
         click.Option(["--overwrite"], is_flag=True, help="Discard an existing interpretations.json instead of continuing it."),
         click.Option(["--json", "as_json"], is_flag=True, help="Print the summary and usage as JSON on stdout."),
         *interpreter_options(pm, reserved),
