@@ -273,7 +273,7 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),
         option("--threshold", float, 15.0, "A latent activates at a token when z > threshold. 15 suits d_model 2048 "
-               "(the reference); activations scale with sqrt(d_model), so ~5-8 for SmolLM2."),
+               "(the reference); activations scale with sqrt(d_model): 3-4 suits the SmolLM2 demo SAEs."),
         option("--window", int, 64, "Most tokens per context (a sentence around the token, cropped around it)."),
         option("--top-per-class", int, 2, "Contexts kept per (latent, activating-token class), highest first."),
         option("--max-classes", int, 32, "Drop latents that fire on more token classes than this (0: keep all)."),

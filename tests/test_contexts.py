@@ -15,11 +15,13 @@ from tiny_models import TRAINING_TEXT
 
 from routesae.activations import training_positions
 from routesae.architectures.base import NO_INFERENCE, Inference
-from routesae.checkpoint import load_sae, read_sae_config
+from routesae.architectures.topk import TopKSAE
+from routesae.checkpoint import load_sae, read_sae_config, save_sae
 from routesae.cli import make_cli
 from routesae.contexts import extract_contexts, read_contexts, render_context
 from routesae.contexts.topn import TopN, top_per_group
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, token_class, window_tokens
+from routesae.data import load_corpus
 from routesae.errors import RouteSAEError
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for
@@ -62,7 +64,7 @@ def run(tiny_model_dir, corpus_dir, home, tmp_path_factory):
         SAESpec.build("routesae", k=4, latent_size=64, layers="1:2"),
         SAESpec.build("crosscoder", latent_size=64, layers="1:2", k=4),
     ]
-    cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(corpus_dir), tokens=4096, batch_size=8,
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(corpus_dir), tokens=2048, batch_size=8,
                       context_length=CONTEXT, sae_batch_tokens=128, buffer_tokens=512, device="cpu", seed=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ROUTESAE_HOME", str(home))
@@ -323,7 +325,7 @@ def test_several_saes_in_one_pass_give_the_same_files_as_one_at_a_time(extracted
 
 def test_inference_override_is_applied(run, lm, blocks):
     name = NAMES[0]
-    record = extract_contexts(run / name, threshold=1.0, infer_k=2, min_contexts=1, held_out=0, pool=0, lm=lm)[str(run / name)]
+    record = extract_contexts(run / name, threshold=1.0, infer_k=2, min_contexts=1, held_out=0, pool=0, tokens=300, lm=lm)[str(run / name)]
     assert record["settings"]["infer_k"] == 2
     z, _ = latents_of(lm, run, name, blocks, Inference(k=2))
     for latent, _, c in all_contexts(record):
@@ -397,3 +399,24 @@ def test_cli_writes_files_and_reports(run):
         assert f"{s['sae']}: {s['hits']:,} activations > {THRESHOLD:g}" in " ".join(result.stderr.split())
     bad = CliRunner().invoke(make_cli(), ["contexts", str(run), "--infer-k", "2", "--theta", "1"])
     assert bad.exit_code == 2 and "exclude each other" in bad.output
+
+
+@pytest.mark.embedded
+def test_contexts_on_smollm2_and_wiki(embedded_home, tmp_path, monkeypatch):
+    """The real tokenizer (no BOS, pad == EOS between documents, byte-level pieces) on an SAE at block 3."""
+    monkeypatch.setenv("ROUTESAE_HOME", str(embedded_home))
+    lm = LanguageModel.load("smollm2")
+    corpus = load_corpus("wiki", lm.tokenizer, context_length=128, seed=0)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAE.build_config({"layer": 3, "latent_size": 256, "k": 8}).resolve(lm.n_layers), lm.d_model)
+    meta = {"name": "topk", "model": lm.describe(), "data": {**corpus.describe(), "split": "train", "keep_bos": False}}
+    save_sae(sae, tmp_path / "topk", meta)
+    record = extract_contexts(tmp_path / "topk", threshold=1.0, tokens=2048, held_out=2, pool=10, lm=lm)[str(tmp_path / "topk")]
+    assert record["interpretable_latents"] > 0 and record["settings"]["data"]["source"] == "wiki"
+    blocks = corpus.split("apply")
+    eos = lm.tokenizer.eos_token_id
+    for _, _, c in all_contexts(record):
+        first = c["position"] - c["index"]
+        ids = blocks.input_ids[c["document"], first : first + len(c["tokens"])].tolist()
+        assert eos not in ids and "".join(c["tokens"]) == lm.tokenizer.decode(ids) and c["layer"] == 3
+        assert c["position"] > 0, "position 0 (the attention sink) never activates"
