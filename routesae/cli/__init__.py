@@ -1,0 +1,79 @@
+"""The ``routesae`` command line: a thin layer over the Python API.
+
+Commands are built after the plugins are loaded, so ``--arch`` and the architecture options
+(``--k``, ``--layer``, ...) come from whatever architectures are installed: each config field
+of each registered architecture becomes an option, with the field's help text. Interpreter
+options come from the installed interpreters' configs the same way. One module per group of
+commands; plugins add theirs through the ``register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from routesae.cli.application import make_contexts_command, make_steer_command
+from routesae.cli.evaluation import make_evaluate_command
+from routesae.cli.interpretation import make_interpret_command
+from routesae.cli.reporting import make_plugins_command, make_report_command
+from routesae.cli.training import make_cache_command, make_pipeline_command, make_train_command
+from routesae.errors import RouteSAEError
+from routesae.plugins import PluginManager, get_plugin_manager
+
+__all__ = ["main", "make_cli"]
+
+
+class RouteSAEGroup(click.Group):
+    """Turns :class:`RouteSAEError` into a short message and exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RouteSAEError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+
+
+def _quiet_dependencies() -> None:
+    """routesae draws its own progress; the per-file bars of transformers and datasets are noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def make_cli(pm: PluginManager | None = None) -> click.Group:
+    """Build the CLI for the given (default: the process-wide) plugin manager."""
+    pm = pm or get_plugin_manager()
+    _quiet_dependencies()
+    cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
+    cli = click.version_option(package_name="routesae")(cli)
+    builders: list[Callable[[PluginManager], click.Command]] = [
+        make_train_command,
+        make_cache_command,
+        make_evaluate_command,
+        make_contexts_command,
+        make_steer_command,
+        make_interpret_command,
+        make_report_command,
+        make_pipeline_command,
+        make_plugins_command,
+    ]
+    for build in builders:
+        cli.add_command(build(pm))
+    pm.add_commands(cli)
+    return cli
+
+
+def main() -> None:
+    try:
+        cli = make_cli()
+    except RouteSAEError as e:  # e.g. two plugins registering one name
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    cli(prog_name="routesae")

@@ -1,0 +1,170 @@
+"""Option builders shared by the commands: architecture and config fields become click options."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from typing import Any, Literal, get_args, get_origin
+
+import click
+
+from routesae.config import Config, field_help, field_types
+from routesae.errors import PluginError
+from routesae.plugins import PluginManager
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def click_type(tp: Any) -> Any:
+    if get_origin(tp) is Literal:
+        return click.Choice([str(c) for c in get_args(tp)])
+    if tp in (int, float, str):
+        return tp
+    raise PluginError(f"config fields of type {tp!r} cannot be set from the command line")
+
+
+class CommaList(click.ParamType):
+    """``32,64,128`` -> [32, 64, 128]: every architecture setting can be swept from the command line."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = click.types.convert_type(item)
+        self.name = f"{self.item.name}[,...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[Any]:
+        if isinstance(value, list):
+            return value
+        return [self.item.convert(part.strip(), param, ctx) for part in str(value).split(",")]
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else None
+
+
+def field_option(
+    field: dataclasses.Field,
+    tp: Any,
+    extra_help: str = "",
+    sweepable: bool = False,
+    default_text: str | None = None,
+    prefix: str = "",
+) -> click.Option:
+    """A click option for a config field; its default is None so we know what the user set.
+
+    ``prefix`` namespaces it (``interpreter_`` turns ``model`` into ``--interpreter-model``) where a
+    command takes the settings of two configs that share a field name.
+    """
+    name = prefix + field.name
+    help_text = f"{field_help(field)}{extra_help} [default: {default_text or field_default(field)}]"
+    if tp is bool:
+        flag = name.replace("_", "-")
+        return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_text)
+    item_type = click_type(tp)
+    return click.Option(
+        [option_name(name), name], type=CommaList(item_type) if sweepable else item_type, default=None, help=help_text
+    )
+
+
+def cli_settable(tp: Any) -> bool:
+    return tp in (bool, int, float, str) or get_origin(tp) is Literal
+
+
+def config_options(config_cls: type[Config]) -> list[click.Option]:
+    types = field_types(config_cls)
+    return [field_option(f, types[f.name][0]) for f in dataclasses.fields(config_cls)]
+
+
+def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[click.Option]:
+    """One (sweepable) option per settable config field across all installed architectures.
+
+    A setting several architectures share takes its help text from the first that has it,
+    built-ins before plugins.
+    """
+    owners: dict[str, set[str]] = {}
+    first: dict[str, tuple[dataclasses.Field, Any]] = {}
+    defaults: dict[str, dict[str, Any]] = {}
+    builtin_first = sorted(
+        pm.names("architecture"), key=lambda n: (pm.provider("architecture", n).distribution != "routesae", n)
+    )
+    for arch_name in builtin_first:
+        arch = pm.get("architecture", arch_name)
+        for name in arch.setting_names():
+            owners.setdefault(name, set()).add(arch_name)
+        for f in dataclasses.fields(arch.Config):
+            tp = field_types(arch.Config)[f.name][0]
+            if not cli_settable(tp):
+                continue  # e.g. a composite's nested settings, set through its parts' options
+            if f.name in reserved:
+                raise PluginError(
+                    f"architecture {arch_name!r} has a setting {f.name!r} that clashes with a training option"
+                )
+            if f.name in first and first[f.name][1] != tp:
+                raise PluginError(
+                    f"architectures disagree on the type of setting {f.name!r} ({arch_name!r} and others)"
+                )
+            first.setdefault(f.name, (f, tp))
+            defaults.setdefault(f.name, {})[arch_name] = field_default(f)
+    everyone = set(pm.names("architecture"))
+
+    def default_text(name: str) -> str:
+        """One default, or each architecture's where they differ (``--l1``: vanilla 10, crosscoder 3)."""
+        values = defaults[name]
+        if len(set(map(repr, values.values()))) == 1:
+            return str(next(iter(values.values())))
+        return ", ".join(f"{arch} {value}" for arch, value in values.items())
+
+    return [
+        field_option(
+            f,
+            tp,
+            "" if owners[name] == everyone else f" ({', '.join(sorted(owners[name]))} only)",
+            sweepable=True,
+            default_text=default_text(name),
+        )
+        for name, (f, tp) in sorted(first.items())
+    ]
+
+
+def report_option(pm: PluginManager) -> click.Option:
+    return click.Option(
+        ["--report"],
+        default="console",
+        show_default=True,
+        help=f"Comma-separated reporters (the run's metrics.jsonl is always written). Installed: {', '.join(pm.names('reporter'))}.",
+    )
+
+
+def reporter_names(report: str) -> list[str]:
+    return [name.strip() for name in report.split(",") if name.strip()]
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def inference_options(reads: str = "every SAE") -> list[click.Option]:
+    """``--infer-k`` / ``--theta``: read SAEs with an inference-time sparsity override (evaluate, contexts, steer)."""
+    return [
+        click.Option(
+            ["--infer-k"],
+            type=int,
+            default=None,
+            help=f"Read {reads} with TopK over its pre-activations (signed values, as the reference) instead of its "
+            "trained activation; at most the latent size. Not for gated SAEs. Excludes --theta.",
+        ),
+        click.Option(
+            ["--theta"],
+            type=float,
+            default=None,
+            help=f"Read {reads} with one global threshold, z = a * (a > theta), instead of its trained activation. "
+            "Not for gated SAEs. Excludes --infer-k.",
+        ),
+    ]
+
+
+def device_option() -> click.Option:
+    return click.Option(
+        ["--device"], default=None, help="Device for the model and SAEs. [default: CUDA when available]"
+    )

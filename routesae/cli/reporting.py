@@ -1,0 +1,67 @@
+"""``routesae report`` and ``routesae plugins``: what a run produced and what is installed."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from routesae.cli.options import (
+    print_json,
+)
+from routesae.plugins import PluginManager
+
+
+def make_report_command(pm: PluginManager) -> click.Command:
+    from routesae.report import DEFAULT_MAX_CARDS, write_report
+
+    def callback(path: str, out: str | None, max_cards: int) -> None:
+        click.echo(f"report written to {write_report(path, out, max_cards=max_cards)}")
+
+    params: list[click.Parameter] = [
+        click.Argument(["path"], type=click.Path(exists=True, file_okay=False)),
+        click.Option(
+            ["--out"],
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="HTML file to write. [default: PATH/report.html]",
+        ),
+        click.Option(
+            ["--max-cards"],
+            type=click.IntRange(min=0),
+            default=DEFAULT_MAX_CARDS,
+            show_default=True,
+            help="Cards per SAE for latents that have contexts but no interpretation (interpreted ones are always shown).",
+        ),
+    ]
+    return click.Command(
+        "report",
+        callback=callback,
+        params=params,
+        help="Write a self-contained HTML report of a run or SAE directory: metrics, routing histogram, contexts and "
+        "interpretations of each SAE.",
+    )
+
+
+def make_plugins_command(pm: PluginManager) -> click.Command:
+    def callback(as_json: bool) -> None:
+        infos = pm.plugin_infos()
+        if as_json:
+            print_json([i.to_dict() for i in infos])
+            return
+        table = Table(title="routesae plugins")
+        for column in ("plugin", "distribution", "version", "registered", "status"):
+            table.add_column(column)
+        for i in infos:
+            registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in i.registered.items())
+            table.add_row(i.name, i.distribution, i.version, registered or "-", f"[red]{i.error}" if i.error else "ok")
+        Console(width=200 if not sys.stdout.isatty() else None).print(table)
+
+    return click.Command(
+        "plugins",
+        callback=callback,
+        params=[click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable output.")],
+        help="List installed plugins, what each registered, and load errors.",
+    )

@@ -1,0 +1,258 @@
+"""``routesae train``, ``routesae cache`` and ``routesae pipeline``: the commands that harvest activations."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import click
+
+from routesae.cli.options import (
+    CommaList,
+    architecture_options,
+    config_options,
+    option_name,
+    print_json,
+    report_option,
+    reporter_names,
+)
+from routesae.errors import RouteSAEError
+from routesae.plugins import PluginManager
+from routesae.train import SAESpec, TrainConfig
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+INTERPRETER_PREFIX = "interpreter_"
+
+
+def training_params(pm: PluginManager) -> list[click.Parameter]:
+    """What to train, where, and how: shared by ``train`` and ``pipeline``."""
+    return [
+        click.Option(
+            ["--arch", "arch"],
+            multiple=True,
+            help=f"Architecture(s) to train from one harvest; repeat for several (default: topk). "
+            f"Installed: {', '.join(pm.names('architecture'))}.",
+        ),
+        click.Option(
+            ["--config"],
+            type=click.Path(dir_okay=False),
+            help="TOML run file: a [train] table and one [sae.NAME] table per SAE.",
+        ),
+        click.Option(["--out"], type=click.Path(file_okay=False), help="Run directory (one sub-directory per SAE)."),
+        report_option(pm),
+        *config_options(TrainConfig),
+        *architecture_options(pm, reserved=TRAIN_FIELDS),
+    ]
+
+
+def training_request(
+    arch: tuple[str, ...], config: str | None, out: str | None, values: dict[str, Any]
+) -> tuple[list[SAESpec], str, TrainConfig]:
+    """(SAEs, run directory, training config) from ``--arch``/architecture options or a ``--config`` run file."""
+    from routesae.specs import expand_specs, load_run_file
+
+    given = {k: v for k, v in values.items() if v is not None}
+    arch_settings = {k: v for k, v in given.items() if k not in TRAIN_FIELDS}
+    train_settings = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
+    if config:
+        if arch or arch_settings:
+            raise RouteSAEError("give the SAEs either in --config or with --arch and its options, not both")
+        file_train, specs = load_run_file(config)
+        out = out or file_train.pop("out", None)
+        file_train.pop("out", None)
+        train_settings = {**file_train, **train_settings}
+    else:
+        specs = expand_specs(list(arch or ("topk",)), arch_settings)
+    if not out:
+        raise RouteSAEError('say where the run goes: --out DIR (or out = "DIR" in the run file\'s [train] table)')
+    if train_settings.get("from_cache"):  # model and data come from the cache unless given (and then checked)
+        from routesae.cache import ActivationCache
+
+        cfg = ActivationCache(train_settings["from_cache"]).train_config(**train_settings)
+    else:
+        cfg = TrainConfig.from_dict(train_settings)
+    return specs, out, cfg
+
+
+def make_train_command(pm: PluginManager) -> click.Command:
+    from routesae.train import train
+
+    def callback(
+        arch: tuple[str, ...],
+        config: str | None,
+        out: str | None,
+        overwrite: bool,
+        resume: bool,
+        as_json: bool,
+        report: str,
+        **values: Any,
+    ) -> None:
+        if overwrite and resume:
+            raise RouteSAEError("--overwrite and --resume contradict each other; pick one")
+        specs, out, cfg = training_request(arch, config, out, values)
+        summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=reporter_names(report))
+        if as_json:
+            print_json(summary)
+
+    params: list[click.Parameter] = [
+        click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
+        click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
+        click.Option(
+            ["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout at the end."
+        ),
+        *training_params(pm),
+    ]
+    return click.Command(
+        "train",
+        callback=callback,
+        params=params,
+        help="Train one or more SAEs on one model's residual stream, all from one activation harvest. "
+        "Comma-separated architecture settings (--k 32,64,128) train one SAE per value.",
+    )
+
+
+def make_pipeline_command(pm: PluginManager) -> click.Command:
+    from routesae.cli.interpretation import interpreter_options
+    from routesae.interpret import BudgetReached
+    from routesae.pipeline import PipelineConfig, pipeline
+
+    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+
+    def callback(
+        arch: tuple[str, ...],
+        config: str | None,
+        out: str | None,
+        overwrite: bool,
+        as_json: bool,
+        report: str,
+        **values: Any,
+    ) -> None:
+        interpreter = {
+            k.removeprefix(INTERPRETER_PREFIX): v
+            for k, v in values.items()
+            if k.startswith(INTERPRETER_PREFIX) and v is not None
+        }
+        stages = {k: v for k, v in values.items() if k in pipeline_fields and v is not None}
+        rest = {k: v for k, v in values.items() if not k.startswith(INTERPRETER_PREFIX) and k not in pipeline_fields}
+        specs, out, train_cfg = training_request(arch, config, out, rest)
+        try:
+            record = pipeline(
+                specs,
+                out,
+                train_cfg,
+                PipelineConfig.from_dict(stages),
+                interpreter_options=interpreter,
+                overwrite=overwrite,
+                reporters=reporter_names(report),
+            )
+        except BudgetReached as e:
+            click.echo(f"{e}", err=True)
+            sys.exit(3)
+        if as_json:
+            print_json(record)
+        report_file = record["stages"]["report"].get("result", {}).get("report")
+        if report_file:
+            click.echo(f"report: {report_file}", err=True)
+
+    params: list[click.Parameter] = [
+        click.Option(["--overwrite"], is_flag=True, help="Start the run in --out over instead of continuing it."),
+        click.Option(
+            ["--json", "as_json"], is_flag=True, help="Print the pipeline record (stages, timings, versions) as JSON."
+        ),
+        *training_params(pm),
+        *config_options(PipelineConfig),
+        *interpreter_options(pm, reserved=set(), prefix=INTERPRETER_PREFIX),
+    ]
+    return click.Command(
+        "pipeline",
+        callback=callback,
+        params=params,
+        help="Train -> evaluate -> contexts -> interpret -> report into one run directory, recording every stage in "
+        "run.json. Re-running the same command continues where it stopped. Exit code 3: --max-cost reached.",
+    )
+
+
+def make_cache_command(pm: PluginManager) -> click.Command:
+    from routesae.architectures.base import parse_layer_range
+    from routesae.cache import ActivationCache, CacheConfig, cache_activations
+    from routesae.specs import expand_specs
+
+    cache_fields = {f.name for f in dataclasses.fields(CacheConfig)}
+
+    def callback(
+        out: str,
+        arch: tuple[str, ...],
+        layer: tuple[list[int], ...],
+        layers: tuple[str, ...],
+        resume: bool,
+        overwrite: bool,
+        as_json: bool,
+        **values: Any,
+    ) -> None:
+        given = {k: v for k, v in values.items() if v is not None}
+        arch_settings = {k: v for k, v in given.items() if k not in cache_fields}
+        cfg = CacheConfig.from_dict({k: v for k, v in given.items() if k in cache_fields})
+        singles = [block for group in layer for block in group]
+        blocks: list[int] = []
+        specs = []
+        if arch:  # cache what these SAEs would read; --layer/--layers are their settings, as in train
+            if singles:
+                arch_settings["layer"] = singles
+            if layers:
+                arch_settings["layers"] = list(layers)
+            specs = expand_specs(list(arch), arch_settings)
+        elif arch_settings:
+            options = ", ".join(option_name(k) for k in arch_settings)
+            raise RouteSAEError(
+                f"{options} configure an architecture: add --arch, or name the blocks with --layer/--layers"
+            )
+        else:
+            ranges = [parse_layer_range(text) for text in layers]
+            blocks = singles + [b for first, last in ranges for b in range(first, last + 1)]
+        path = cache_activations(out, cfg, blocks, saes=specs, resume=resume, overwrite=overwrite)
+        if as_json:
+            print_json(ActivationCache(path).summary())
+
+    arch_options = [o for o in architecture_options(pm, reserved=cache_fields) if o.name not in ("layer", "layers")]
+    params: list[click.Parameter] = [
+        click.Option(
+            ["--out"],
+            type=click.Path(file_okay=False),
+            required=True,
+            help="Cache directory (shards and manifest.json).",
+        ),
+        click.Option(
+            ["--layers"],
+            multiple=True,
+            help="Blocks A:B (inclusive) to cache; repeatable. With --arch, that setting of it.",
+        ),
+        click.Option(
+            ["--layer"],
+            type=CommaList(int),
+            multiple=True,
+            help="A block to cache (0-based); repeatable or comma-separated. With --arch, that setting of it.",
+        ),
+        click.Option(
+            ["--arch", "arch"],
+            multiple=True,
+            help="Cache the blocks these SAEs (with the architecture options given) would read; repeatable. "
+            f"Installed: {', '.join(pm.names('architecture'))}.",
+        ),
+        click.Option(["--overwrite"], is_flag=True, help="Replace a cache of other settings in --out."),
+        click.Option(
+            ["--resume"], is_flag=True, help="Continue the unfinished cache in --out (also done without this flag)."
+        ),
+        click.Option(
+            ["--json", "as_json"], is_flag=True, help="Print the cache's summary (size, tokens/s) on stdout at the end."
+        ),
+        *config_options(CacheConfig),
+        *arch_options,
+    ]
+    return click.Command(
+        "cache",
+        callback=callback,
+        params=params,
+        help="Harvest residual-stream activations once into sharded safetensors, for `routesae train --from-cache`. "
+        "Prints the size first and refuses when the disk cannot hold it; a killed run continues where it stopped.",
+    )
