@@ -1,12 +1,13 @@
 """routesae: a plugin-based zoo of sparse autoencoders for language models, on TransformerLens.
 
-Everything a script needs is importable from here. ``routesae.train`` and ``routesae.evaluate``
-are the functions; the rest of those modules imports as usual (``from routesae.train import Trainer``).
+Everything a script needs is importable from here: each stage is a function (``train``,
+``evaluate``, ``extract_contexts``, ``steer``, ``interpret``, ``write_report``, ``pipeline``,
+``cache_activations``); the rest of those modules imports as usual (``from routesae.train import Trainer``).
 """
 
 __version__ = "0.1.0"
 
-from routesae.architectures.base import (  # noqa: E402
+from routesae.architectures.base import (
     SAE,
     Inference,
     SAEConfig,
@@ -14,37 +15,61 @@ from routesae.architectures.base import (  # noqa: E402
     SingleLayerConfig,
     SingleLayerSAE,
 )
-from routesae.checkpoint import load_sae  # noqa: E402
+from routesae.cache import ActivationCache, CacheConfig, cache_activations
+from routesae.checkpoint import load_sae
 
 load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
-from routesae.config import setting  # noqa: E402
-from routesae.data import Corpus, load_corpus  # noqa: E402
-from routesae.errors import RouteSAEError  # noqa: E402
-from routesae.evaluate import evaluate  # noqa: E402
-from routesae.hookspecs import hookimpl  # noqa: E402
-from routesae.lm import LanguageModel  # noqa: E402
-from routesae.plugins import get_plugin_manager  # noqa: E402
-from routesae.train import SAESpec, TrainConfig, train  # noqa: E402
+from routesae.config import setting
+from routesae.contexts import extract_contexts, read_contexts, render_context
+from routesae.data import Corpus, load_corpus
+from routesae.errors import RouteSAEError
+from routesae.evaluate import evaluate
+from routesae.hookspecs import hookimpl
+from routesae.interpret import BudgetReached, interpret
+from routesae.interpreters import Completion, Interpreter, InterpreterConfig
+from routesae.lm import LanguageModel
+from routesae.pipeline import PipelineConfig, pipeline
+from routesae.plugins import get_plugin_manager
+from routesae.report import write_report
+from routesae.steering import Clamp, SteeringResult, steer
+from routesae.train import SAESpec, TrainConfig, train
 
 __all__ = [
-    "__version__",
     "SAE",
+    "ActivationCache",
+    "BudgetReached",
+    "CacheConfig",
+    "Clamp",
+    "Completion",
+    "Corpus",
     "Inference",
+    "Interpreter",
+    "InterpreterConfig",
+    "LanguageModel",
+    "PipelineConfig",
+    "RouteSAEError",
     "SAEConfig",
     "SAEOutput",
+    "SAESpec",
     "SingleLayerConfig",
     "SingleLayerSAE",
-    "setting",
-    "hookimpl",
-    "LanguageModel",
-    "Corpus",
-    "load_corpus",
-    "SAESpec",
+    "SteeringResult",
     "TrainConfig",
-    "train",
-    "load_sae",
-    "load",
+    "__version__",
+    "cache_activations",
     "evaluate",
-    "RouteSAEError",
+    "extract_contexts",
     "get_plugin_manager",
+    "hookimpl",
+    "interpret",
+    "load",
+    "load_corpus",
+    "load_sae",
+    "pipeline",
+    "read_contexts",
+    "render_context",
+    "setting",
+    "steer",
+    "train",
+    "write_report",
 ]
