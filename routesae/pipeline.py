@@ -23,7 +23,7 @@ from typing import Any
 from routesae.checkpoint import read_json, write_json
 from routesae.config import Config, setting
 from routesae.errors import ConfigError, RouteSAEError
-from routesae.train import MANIFEST_FILE, SAESpec, TrainConfig, train
+from routesae.train import MANIFEST_FILE, SAESpec, TrainConfig, run_request, train
 
 STAGES = ("train", "evaluate", "contexts", "interpret", "report")
 VERSIONED = ("routesae", "torch", "transformers", "transformer-lens", "datasets", "safetensors", "openai")
@@ -94,7 +94,7 @@ class Pipeline:
         """What each stage is asked to do; a stage re-runs when its request changes."""
         c = self.cfg
         return {
-            "train": {"train": self.train_cfg.to_dict(), "saes": [s.to_dict() for s in self.specs]},
+            "train": run_request(self.specs, self.train_cfg),
             "evaluate": {"tokens": c.eval_tokens, "batch_size": c.eval_batch_size},
             "contexts": {
                 "threshold": c.threshold,

@@ -13,7 +13,7 @@ import hashlib
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +110,14 @@ class SAESpec:
         return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
 
 
+def run_request(specs: Sequence[SAESpec], cfg: TrainConfig) -> dict[str, Any]:
+    """What ``run.json`` records as asked for: a run resumes (or is reused) only under an equal request."""
+    train_request = cfg.to_dict()
+    if train_request["from_cache"] is None:  # so runs begun before caches existed still resume
+        del train_request["from_cache"]
+    return {"train": train_request, "saes": [s.to_dict() for s in specs]}
+
+
 def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: Schedule = "wsd") -> float:
     """Learning-rate multiplier at ``step`` (0-based) of ``total_steps``.
 
@@ -177,10 +185,13 @@ def seed_for(seed: int, name: str) -> int:
 class TrainedSAE:
     """An SAE with its optimiser and running statistics inside a run."""
 
-    def __init__(self, name: str, sae: SAE, layer_index: Tensor, cfg: TrainConfig) -> None:
+    def __init__(self, name: str, sae: SAE, layer_index: Tensor, cfg: TrainConfig, n_layers_harvested: int) -> None:
         self.name = name
         self.sae = sae
         self.layer_index = layer_index  # positions of this SAE's layers in the harvested layer axis
+        # An SAE that reads every harvested layer in order (RouteSAE over the run's whole range) takes the batch
+        # as it is: selecting its layers would copy [N, 16, D] per step for nothing.
+        self.reads_all = layer_index.tolist() == list(range(n_layers_harvested))
         self.cfg = cfg
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(sae.cfg.latent_size, dtype=torch.long)
@@ -190,7 +201,7 @@ class TrainedSAE:
     def step(self, acts_NLD: Tensor, lr: float, step: int) -> dict[str, float]:
         """One optimiser step; raises FloatingPointError (before touching the weights) on a NaN/inf loss."""
         start = time.perf_counter()
-        out = self.sae(acts_NLD.index_select(1, self.layer_index))
+        out = self.sae(acts_NLD if self.reads_all else acts_NLD.index_select(1, self.layer_index))
         loss, terms = self.sae.loss(out)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()}")
@@ -251,10 +262,7 @@ class Trainer:
         self.cfg = cfg
         self.specs = specs
         self.out = Path(out)
-        train_request = cfg.to_dict()
-        if train_request["from_cache"] is None:  # so runs begun before caches existed still resume
-            del train_request["from_cache"]
-        self.request = {"train": train_request, "saes": [s.to_dict() for s in specs]}
+        self.request = run_request(specs, cfg)
         self.progress = self._check_out_dir(overwrite, resume)
         self.reporters = build_reporters(reporters if reporters is not None else ["console"], self.out)
         self.device = cfg.resolved_device()
@@ -317,7 +325,7 @@ class Trainer:
             torch.manual_seed(seed_for(self.cfg.seed, name))
             sae = arch(config, self.model.d_model).to(self.device).train()
             index = torch.tensor([self.layers.index(layer) for layer in config.resolved_layers()], device=self.device)
-            trained.append(TrainedSAE(name, sae, index, self.cfg))
+            trained.append(TrainedSAE(name, sae, index, self.cfg, len(self.layers)))
         return trained
 
     def _check_cached_blocks(self, cache: ActivationCache) -> None:
