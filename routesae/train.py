@@ -50,6 +50,8 @@ MANIFEST_FILE = "run.json"
 RNG_FILE = "rng.safetensors"
 CHECKPOINT_SECONDS = 120.0
 Schedule = Literal["wsd", "reference-2025"]
+# Settings added after runs existed, left out of run.json's request while at these defaults.
+OPTIONAL_SETTINGS: dict[str, Any] = {"from_cache": None, "compile": False, "autocast": False}
 
 
 @dataclass
@@ -80,6 +82,13 @@ class TrainConfig(HarvestConfig):
         None,
         "Train from an activation cache written by `routesae cache` instead of running the language model; "
         "model and data settings come from the cache.",
+    )
+    compile: bool = setting(
+        False,
+        "Compile each SAE's forward with torch.compile (for GPUs; on a CPU the first steps spend minutes compiling).",
+    )
+    autocast: bool = setting(
+        False, "Run SAE forwards and losses under bfloat16 autocast (for GPUs with bf16); weights and Adam stay float32."
     )
 
     def __post_init__(self) -> None:
@@ -113,8 +122,9 @@ class SAESpec:
 def run_request(specs: Sequence[SAESpec], cfg: TrainConfig) -> dict[str, Any]:
     """What ``run.json`` records as asked for: a run resumes (or is reused) only under an equal request."""
     train_request = cfg.to_dict()
-    if train_request["from_cache"] is None:  # so runs begun before caches existed still resume
-        del train_request["from_cache"]
+    for name, default in OPTIONAL_SETTINGS.items():  # at their defaults, so runs begun before they existed still resume
+        if train_request[name] == default:
+            del train_request[name]
     return {"train": train_request, "saes": [s.to_dict() for s in specs]}
 
 
@@ -193,6 +203,9 @@ class TrainedSAE:
         # as it is: selecting its layers would copy [N, 16, D] per step for nothing.
         self.reads_all = layer_index.tolist() == list(range(n_layers_harvested))
         self.cfg = cfg
+        # The compiled module shares the SAE's parameters; checkpoints keep saving the plain module.
+        self.forward = torch.compile(sae) if cfg.compile else sae
+        self.autocast_device = layer_index.device.type
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(sae.cfg.latent_size, dtype=torch.long)
         self.recent: deque[dict[str, float]] = deque(maxlen=10)
@@ -201,8 +214,9 @@ class TrainedSAE:
     def step(self, acts_NLD: Tensor, lr: float, step: int) -> dict[str, float]:
         """One optimiser step; raises FloatingPointError (before touching the weights) on a NaN/inf loss."""
         start = time.perf_counter()
-        out = self.sae(acts_NLD if self.reads_all else acts_NLD.index_select(1, self.layer_index))
-        loss, terms = self.sae.loss(out)
+        with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            out = self.forward(acts_NLD if self.reads_all else acts_NLD.index_select(1, self.layer_index))
+            loss, terms = self.sae.loss(out)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()}")
         for group in self.optimizer.param_groups:
