@@ -12,6 +12,7 @@ from rich.table import Table
 from routesae.cli.options import (
     device_option,
     inference_options,
+    json_option,
     print_json,
 )
 from routesae.plugins import PluginManager
@@ -49,7 +50,7 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
         *inference_options(),
         option("--seed", int, 0, "Seed of the held-out sample and the pool."),
         device_option(),
-        click.Option(["--json", "as_json"], is_flag=True, help="Print a summary per SAE as JSON on stdout."),
+        json_option("Print a summary per SAE as JSON on stdout."),
     ]
     return click.Command(
         "contexts",
@@ -139,9 +140,7 @@ def make_steer_command(pm: PluginManager) -> click.Command:
         ),
         *inference_options("the SAE"),
         device_option(),
-        click.Option(
-            ["--json", "as_json"], is_flag=True, help="Print the record (texts, token ids, settings) as JSON."
-        ),
+        json_option("Print the record (texts, token ids, settings) as JSON."),
     ]
     return click.Command(
         "steer",

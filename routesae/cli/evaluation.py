@@ -7,6 +7,7 @@ import click
 from routesae.cli.options import (
     device_option,
     inference_options,
+    json_option,
     print_json,
     report_option,
     reporter_names,
@@ -67,9 +68,7 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
         ),
         *inference_options(),
         device_option(),
-        click.Option(
-            ["--json", "as_json"], is_flag=True, help="Print the results as JSON on stdout (the table goes to stderr)."
-        ),
+        json_option("Print the results as JSON on stdout (the table goes to stderr)."),
         report_option(pm),
     ]
     return click.Command(

@@ -15,6 +15,7 @@ from routesae.cli.options import (
     cli_settable,
     field_default,
     field_option,
+    json_option,
     option_name,
     print_json,
 )
@@ -160,7 +161,7 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
         click.Option(
             ["--overwrite"], is_flag=True, help="Discard an existing interpretations.json instead of continuing it."
         ),
-        click.Option(["--json", "as_json"], is_flag=True, help="Print the summary and usage as JSON on stdout."),
+        json_option("Print the summary and usage as JSON on stdout."),
         *interpreter_options(pm, reserved),
     ]
     return click.Command(

@@ -168,3 +168,8 @@ def device_option() -> click.Option:
     return click.Option(
         ["--device"], default=None, help="Device for the model and SAEs. [default: CUDA when available]"
     )
+
+
+def json_option(help_text: str) -> click.Option:
+    """``--json``: machine-readable output on stdout (tables and progress stay on stderr)."""
+    return click.Option(["--json", "as_json"], is_flag=True, help=help_text)

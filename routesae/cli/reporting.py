@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routesae.cli.options import (
+    json_option,
     print_json,
 )
 from routesae.plugins import PluginManager
@@ -62,6 +63,6 @@ def make_plugins_command(pm: PluginManager) -> click.Command:
     return click.Command(
         "plugins",
         callback=callback,
-        params=[click.Option(["--json", "as_json"], is_flag=True, help="Machine-readable output.")],
+        params=[json_option("Machine-readable output.")],
         help="List installed plugins, what each registered, and load errors.",
     )

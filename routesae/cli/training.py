@@ -12,6 +12,7 @@ from routesae.cli.options import (
     CommaList,
     architecture_options,
     config_options,
+    json_option,
     option_name,
     print_json,
     report_option,
@@ -98,9 +99,7 @@ def make_train_command(pm: PluginManager) -> click.Command:
     params: list[click.Parameter] = [
         click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
         click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
-        click.Option(
-            ["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout at the end."
-        ),
+        json_option("Print a machine-readable summary on stdout at the end."),
         *training_params(pm),
     ]
     return click.Command(
@@ -157,9 +156,7 @@ def make_pipeline_command(pm: PluginManager) -> click.Command:
 
     params: list[click.Parameter] = [
         click.Option(["--overwrite"], is_flag=True, help="Start the run in --out over instead of continuing it."),
-        click.Option(
-            ["--json", "as_json"], is_flag=True, help="Print the pipeline record (stages, timings, versions) as JSON."
-        ),
+        json_option("Print the pipeline record (stages, timings, versions) as JSON."),
         *training_params(pm),
         *config_options(PipelineConfig),
         *interpreter_options(pm, reserved=set(), prefix=INTERPRETER_PREFIX),
@@ -243,9 +240,7 @@ def make_cache_command(pm: PluginManager) -> click.Command:
         click.Option(
             ["--resume"], is_flag=True, help="Continue the unfinished cache in --out (also done without this flag)."
         ),
-        click.Option(
-            ["--json", "as_json"], is_flag=True, help="Print the cache's summary (size, tokens/s) on stdout at the end."
-        ),
+        json_option("Print the cache's summary (size, tokens/s) on stdout at the end."),
         *config_options(CacheConfig),
         *arch_options,
     ]
