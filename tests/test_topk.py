@@ -30,17 +30,45 @@ def test_exactly_k_signed_latents_per_token():
     assert (relu_sae(torch.randn(50, 1, 16)).latents == 0).all()
 
 
-def test_sparse_decode_matches_dense_decode_and_gradients():
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_both_decode_paths_match_the_dense_reference_and_its_gradients(path):
     sae = make()
+    sae.decode_path = path
     x = torch.randn(20, 1, 16)
     out = sae(x)
     dense = sae.decode(out.latents)
     torch.testing.assert_close(out.x_hat, dense)
     out.x_hat.pow(2).sum().backward()
-    sparse_grad = sae.W_dec.grad.clone()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.zero_grad()
     sae.decode(sae.encode(out.target)).pow(2).sum().backward()
-    torch.testing.assert_close(sparse_grad, sae.W_dec.grad)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+def test_sparse_and_dense_training_steps_agree_at_a_real_size():
+    """A step of the SmolLM2-sized SAE (d 576, 4,096 latents, k 32) through each path: same loss, same update."""
+    results = []
+    for path in ("sparse", "dense"):
+        torch.manual_seed(0)
+        sae = TopKSAE(TopKConfig(k=32, latent_size=4096, layer=0), 576)
+        sae.decode_path = path
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        x = torch.randn(256, 1, 576, generator=torch.Generator().manual_seed(1))
+        loss, _ = sae.loss(sae(x))
+        loss.backward()
+        optimizer.step()
+        results.append((loss.detach(), {n: p.detach().clone() for n, p in sae.named_parameters()}))
+    (sparse_loss, sparse), (dense_loss, dense) = results
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    for name in sparse:
+        torch.testing.assert_close(sparse[name], dense[name], msg=name)
+
+
+@pytest.mark.parametrize(("k", "latent_size", "sparse"), [(32, 4096, True), (128, 4096, True), (256, 4096, False),
+                                                         (64, 1024, False), (32, 65536, True), (4, 32, False)])
+def test_auto_decode_gathers_rows_only_where_measured_to_pay(k, latent_size, sparse):
+    assert TopKSAE(TopKConfig(k=k, latent_size=latent_size, layer=0), 8).uses_sparse_decode() is sparse
 
 
 def test_reconstruction_maps_back_to_the_residual_stream():

@@ -2,7 +2,9 @@
 
 The reference keeps the selected values signed (no ReLU); ``relu=True`` gives Gao et al.'s
 variant. The decode gathers only the k selected decoder rows (``embedding_bag``), so its cost
-and its gradient scale with k, not with the dictionary size.
+and its gradient scale with k, not with the dictionary size — where that pays. The dense decode
+(scatter the k values into [N, F], multiply by W_dec) is the reference and gives the same result
+within float tolerance; :func:`sparse_decode_pays` picks between them from k and the latent size.
 
 AuxK (Gao et al. 2024; off by default, as in the reference): with ``auxk`` > 0 a buffer
 counts, per latent, the training tokens since it last fired; a latent is dead after
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,21 @@ def check_k(k: int, latent_size: int) -> None:
 def name_parts_with_k(parts: list[str], k: int) -> list[str]:
     """Insert ``k{k}`` after the layer tag: ``["L21", "k32", "F4096"]``."""
     return [parts[0], f"k{k}", *parts[1:]]
+
+
+SPARSE_DECODE_MIN_RATIO = 32
+"""The gather decode is used when latent size >= this x k.
+
+Decode + backward of 2,048 tokens on a 2-core CPU (torch 2.13; dense/sparse time): d=576:
+F=4096 k=32/64/128 1.6/1.7/2.4x; F=16384 4.3/3.1/3.2x; F=65536 9.6/6.6/6.2x. d=2048: F=4096
+2.8/2.2/2.1x; F=16384 6.7/6.3/4.8x; F=65536 k=32 19.5x. Near the boundary the dense matmul wins:
+F=4096 k=256 (ratio 16) 1.0x, k=512 0.8x; F=1024 k=64 0.7x, k=256 0.6x.
+"""
+
+
+def sparse_decode_pays(k: int, latent_size: int) -> bool:
+    """Whether gathering k decoder rows beats the dense matmul (measurements in :data:`SPARSE_DECODE_MIN_RATIO`)."""
+    return latent_size >= SPARSE_DECODE_MIN_RATIO * k
 
 
 @dataclass
@@ -93,6 +110,7 @@ class TopKSAE(SingleLayerSAE):
     Config: ClassVar[type[SAEConfig]] = TopKConfig
     cfg: TopKConfig
     tokens_since_fired: Tensor  # [F], only with AuxK
+    decode_path: Literal["auto", "sparse", "dense"] = "auto"  # tests force a path to compare the two
 
     def __init__(self, cfg: TopKConfig, d_model: int) -> None:
         super().__init__(cfg, d_model)
@@ -111,11 +129,19 @@ class TopKSAE(SingleLayerSAE):
         values, indices = self.select(pre_NF)
         return torch.zeros_like(pre_NF).scatter(-1, indices, values)
 
+    def uses_sparse_decode(self) -> bool:
+        if self.decode_path == "auto":
+            return sparse_decode_pays(self.cfg.k, self.cfg.latent_size)
+        return self.decode_path == "sparse"
+
     def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents, x_hat) from pre-activations, decoding only the kept rows."""
+        """(latents, x_hat) from pre-activations, gathering only the kept decoder rows where that pays."""
         values, indices = self.select(pre_NF)
+        z_NF = torch.zeros_like(pre_NF).scatter(-1, indices, values)
+        if not self.uses_sparse_decode():
+            return z_NF, self.decode(z_NF)
         x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-        return torch.zeros_like(pre_NF).scatter(-1, indices, values), x_hat
+        return z_NF, x_hat
 
     # -- AuxK ---------------------------------------------------------------------------------------
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
