@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -103,13 +104,17 @@ class ShuffledStream:
         buffer_tokens: int,
         seed: int = 0,
         position: tuple[int, int] = (0, 0),
+        prefetch: bool = False,
     ) -> None:
+        self.prefetch = prefetch
         self.lm_batch_size = lm_batch_size
         self.sae_batch_tokens = sae_batch_tokens
         self.seed = seed
         self.groups = plan_groups(kept_per_block, lm_batch_size, max(buffer_tokens, sae_batch_tokens))
         self.position = position  # (group, batch within group) of the next batch served
-        self.harvest_seconds = 0.0  # time spent obtaining and permuting groups (LM forwards or cache reads)
+        # Time the consumer spent obtaining and permuting groups (LM forwards or cache reads), or with
+        # ``prefetch`` waiting for them: the harvest time training did not hide.
+        self.harvest_seconds = 0.0
 
     def harvest(self, group: Group) -> Tensor:
         """Activations of the kept positions of one group, ``[n, L, D]``, in corpus order."""
@@ -130,9 +135,10 @@ class ShuffledStream:
         600 MB, so this saves a 600 MB copy per group and as much memory.
         """
         first_group, skip = self.position
+        harvests = self._harvests(first_group)
         for index in range(first_group, len(self.groups)):
             start = time.perf_counter()
-            acts = self.harvest(self.groups[index])
+            acts = next(harvests)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             order = torch.randperm(acts.shape[0], generator=generator).to(acts.device).split(self.sae_batch_tokens)
             self.harvest_seconds += time.perf_counter() - start
@@ -143,6 +149,34 @@ class ShuffledStream:
                 self.position = (index, b + 1) if b + 1 < len(order) else (index + 1, 0)
                 yield batch
             skip = 0
+
+    def _harvests(self, first_group: int) -> Iterator[Tensor]:
+        """Each group's activations from ``first_group`` on; with ``prefetch`` the next group's harvest runs in a
+        background thread while the consumer trains on the current one.
+
+        The worker uses the caller's intra-op thread count, so it computes the same activations bit for bit.
+        When the consumer stops early, a harvest already under way is abandoned (not waited for).
+        """
+        if not self.prefetch:
+            for index in range(first_group, len(self.groups)):
+                yield self.harvest(self.groups[index])
+            return
+        threads = torch.get_num_threads()
+
+        def work(index: int) -> Tensor:
+            torch.set_num_threads(threads)
+            return self.harvest(self.groups[index])
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="routesae-harvest")
+        try:
+            pending = pool.submit(work, first_group)
+            for index in range(first_group, len(self.groups)):
+                acts = pending.result()
+                if index + 1 < len(self.groups):
+                    pending = pool.submit(work, index + 1)
+                yield acts
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ActivationStream(ShuffledStream):
@@ -160,6 +194,7 @@ class ActivationStream(ShuffledStream):
         keep_bos: bool = False,
         seed: int = 0,
         position: tuple[int, int] = (0, 0),
+        prefetch: bool = False,
     ) -> None:
         self.lm = lm
         self.blocks = blocks
@@ -168,7 +203,7 @@ class ActivationStream(ShuffledStream):
         kept_per_block = training_positions(blocks.attention_mask, keep_bos).sum(-1).tolist()
         super().__init__(
             kept_per_block, lm_batch_size=lm_batch_size, sae_batch_tokens=sae_batch_tokens, buffer_tokens=buffer_tokens,
-            seed=seed, position=position,
+            seed=seed, position=position, prefetch=prefetch,
         )
 
     def harvest(self, group: Group) -> Tensor:

@@ -52,6 +52,8 @@ CHECKPOINT_SECONDS = 120.0
 Schedule = Literal["wsd", "reference-2025"]
 # Settings added after runs existed, left out of run.json's request while at these defaults.
 OPTIONAL_SETTINGS: dict[str, Any] = {"from_cache": None, "compile": False, "autocast": False}
+# Settings that change how fast a run goes, not what it trains: never part of the request, so a run may resume without them.
+EXECUTION_SETTINGS = ("overlap_harvest",)
 
 
 @dataclass
@@ -90,6 +92,11 @@ class TrainConfig(HarvestConfig):
     autocast: bool = setting(
         False, "Run SAE forwards and losses under bfloat16 autocast (for GPUs with bf16); weights and Adam stay float32."
     )
+    overlap_harvest: bool = setting(
+        False,
+        "Harvest the next shuffle group in a background thread while the SAEs train on the current one (for GPUs; "
+        "holds two groups in memory; same batches, bit for bit).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +132,8 @@ def run_request(specs: Sequence[SAESpec], cfg: TrainConfig) -> dict[str, Any]:
     for name, default in OPTIONAL_SETTINGS.items():  # at their defaults, so runs begun before they existed still resume
         if train_request[name] == default:
             del train_request[name]
+    for name in EXECUTION_SETTINGS:
+        del train_request[name]
     return {"train": train_request, "saes": [s.to_dict() for s in specs]}
 
 
@@ -358,6 +367,7 @@ class Trainer:
             "buffer_tokens": self.cfg.buffer_tokens,
             "seed": self.cfg.seed,
             "position": (self.progress["group"], self.progress["batch"]),
+            "prefetch": self.cfg.overlap_harvest,
         }
         if self.cache is not None:
             self.data = self.cache.data

@@ -63,3 +63,18 @@ def test_stream_is_deterministic_and_resumes_mid_group(lm, blocks):
     assert len(resumed) == len(full) - (k + 1)
     for a, b in zip(resumed, full[k + 1 :]):
         assert torch.equal(a, b)
+
+
+def test_prefetching_serves_the_same_batches_bit_for_bit_and_resumes(lm, blocks):
+    """overlap_harvest: the next group is harvested in a background thread; nothing served changes."""
+    def stream(prefetch, position=(0, 0)):
+        return ActivationStream(lm, blocks, [1, 3], lm_batch_size=4, sae_batch_tokens=32, buffer_tokens=128, seed=3,
+                                position=position, prefetch=prefetch)
+
+    plain, prefetched = list(stream(False)), list(stream(True))
+    assert len(plain) == len(prefetched) > 8
+    assert all(torch.equal(a, b) for a, b in zip(plain, prefetched))
+    resumed = list(stream(True, position=(2, 1)))
+    first = sum(1 for size in [g.tokens for g in stream(False).groups[:2]] for _ in range(-(-size // 32))) + 1
+    assert all(torch.equal(a, b) for a, b in zip(resumed, plain[first:])) and len(resumed) == len(plain) - first
+

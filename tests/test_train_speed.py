@@ -27,7 +27,7 @@ def plain(tiny_model_dir, text_corpus_dir, tmp_path_factory):
 def test_switches_at_their_defaults_stay_out_of_the_run_request(plain):
     """Runs begun before the switches existed hold no such keys; they must still resume."""
     request = json.loads((plain[2] / "run.json").read_text())["request"]["train"]
-    assert not {"compile", "autocast", "from_cache"} & set(request)
+    assert not {"compile", "autocast", "from_cache", "overlap_harvest"} & set(request)
     assert run_request([], TrainConfig(autocast=True))["train"]["autocast"] is True
 
 
@@ -47,3 +47,11 @@ def test_torch_compile_trains_the_same_weights_within_float_tolerance(tiny_model
     assert summary["tokens"] == 512
     for name, w in plain[1].items():
         torch.testing.assert_close(weights[name], w, atol=1e-4, rtol=1e-4)
+
+
+def test_overlapped_harvest_trains_bit_identical_weights(tiny_model_dir, text_corpus_dir, tmp_path, plain):
+    """The next group is harvested in a background thread; the trainer stops early at its token budget."""
+    summary, weights, out = run(tiny_model_dir, text_corpus_dir, tmp_path / "overlap", overlap_harvest=True)
+    assert summary["tokens"] == 512
+    assert all(torch.equal(weights[name], w) for name, w in plain[1].items())
+    assert "overlap_harvest" not in json.loads((out / "run.json").read_text())["request"]["train"]
