@@ -13,7 +13,7 @@ from openai_server import FakeOpenAI, Reply
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.interpreters.answers import CATEGORIES, Explanation, parse_detection, parse_explanation
 from routesae.interpreters.base import InterpreterError, InterpreterUnavailable
-from routesae.interpreters.local import LocalConfig, LocalInterpreter
+from routesae.interpreters.local import LocalConfig, LocalInterpreter, answer_prefix
 from routesae.interpreters.openai import DEFAULT_PRICES, OpenAIConfig, OpenAIInterpreter, _retry_after
 from routesae.interpreters.templates import load_template, placeholders, render_classes, render_numbered
 
@@ -111,6 +111,9 @@ def test_parsing_recovers_what_any_decorated_answer_says(
         ("Activating: 2 (mentions 1905), 3", {2, 3}),
         ("Reasoning first.\nActivating: 6\nBecause 6 says Paris.", {6}),
         ("Activating: 1, 9", None),  # 9 is not an excerpt: the model lost track
+        ("Activating: excerpts 2 and 5.", {2, 5}),
+        ("Activating: 1. The Ramayana, also known as the Valmiki Ramayana, is", None),  # a copied excerpt
+        ("Activating: 1, 3 because they mention Paris", None),
         ("Excerpt 3 looks right to me", None),
         ("", None),
     ],
@@ -284,3 +287,49 @@ def test_local_backend_refuses_what_it_cannot_run(tiny_model_dir, tmp_path):
     long_prompt = [{"role": "user", "content": "Paris " * 600}]
     with pytest.raises(InterpreterError, match="reads at most 512"):
         LocalInterpreter(LocalConfig(model=str(tiny_model_dir))).complete(long_prompt, max_tokens=8, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "prefix"),
+    [
+        (load_template("explain").text, "Feature category:"),
+        (load_template("detect").text, "Activating:"),
+        ("Which?\nReply in this format, nothing else:\nVerdict one: <yes or no>\nWhy: <reason>", "Verdict one:"),
+        ("An old format:\nA: x\n\nThe format to use:\n  B: <y>", "B:"),
+        ("Describe it.\nFeature category:\nScore:\nExplanation:", None),  # no line introduces the format
+        ("The format is free.\nFeature category: x", None),
+        ("Answer in this format:\n<category>: <score>", None),  # a placeholder is not a label
+    ],
+)
+def test_the_answer_prefix_is_the_first_label_of_the_prompts_format(prompt, prefix):
+    assert answer_prefix(prompt) == prefix
+
+
+def test_local_backend_prefills_the_answer_with_the_formats_first_label(tiny_model_dir):
+    backend = LocalInterpreter(LocalConfig(model=str(tiny_model_dir)))
+    asked = [{"role": "user", "content": "Which excerpts?\nAnswer in exactly this format:\nActivating: <numbers>"}]
+    tokenizer, _ = backend._model()
+    fed = tokenizer.decode(backend._prompt_ids(backend._prefilled(asked)[0])[0])
+    assert fed.endswith("assistant\nActivating:"), "the assistant turn is opened and started, not closed"
+    answer = backend.complete(asked, max_tokens=6, temperature=0.0)
+    assert answer.text.startswith("Activating:") and 1 <= answer.completion_tokens <= 6
+    assert answer.prompt_tokens == backend.estimate_prompt_tokens(asked)
+    plain = LocalInterpreter(LocalConfig(model=str(tiny_model_dir), prefill=False))
+    assert plain.estimate_prompt_tokens(asked) < answer.prompt_tokens, "--no-prefill leaves the assistant turn empty"
+    started = backend.complete([*asked, {"role": "assistant", "content": "Activating: 2"}], max_tokens=4,
+                               temperature=0.0)
+    assert started.text.startswith("Activating: 2"), "a conversation ending with the assistant is continued as it is"
+
+
+def test_local_repetition_settings_apply_and_are_checked(tiny_model_dir):
+    asked = [{"role": "user", "content": "Answer in this format:\nActivating: <numbers>"}]
+    loose = LocalInterpreter(LocalConfig(model=str(tiny_model_dir))).complete(asked, max_tokens=8, temperature=0.0)
+    strict = LocalInterpreter(LocalConfig(model=str(tiny_model_dir), repetition_penalty=1e6, no_repeat_ngram_size=2))
+    first, again = (strict.complete(asked, max_tokens=8, temperature=0.0) for _ in range(2))
+    assert first == again and first.text.startswith("Activating:") and first.prompt_tokens == loose.prompt_tokens
+    assert first.text != loose.text, "the penalties change what greedy decoding picks"
+    assert LocalConfig.from_dict({"repetition_penalty": 1}).repetition_penalty == 1.0
+    with pytest.raises(ConfigError, match="repetition_penalty must be positive"):
+        LocalConfig(repetition_penalty=0.0)
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size must be >= 0"):
+        LocalConfig(no_repeat_ngram_size=-1)

@@ -123,7 +123,9 @@ def parse_detection(answer: str, count: int) -> set[int] | None:
     """The 1-based excerpt numbers the answer calls activating, or ``None`` if unreadable.
 
     The ``Activating:`` line is preferred; without one, an answer made only of numbers is
-    accepted. A number outside ``1..count`` means the model lost track, so it is unreadable.
+    accepted. Either way the value must be numbers (asides in parentheses aside) or ``none``: a
+    value that goes on in prose is a copied excerpt, not a choice. A number outside ``1..count``
+    means the model lost track, so it is unreadable.
     """
     values = _fields(answer).get("activating")
     if values:
@@ -132,7 +134,9 @@ def parse_detection(answer: str, count: int) -> set[int] | None:
         value = _DECORATION.sub("", answer).strip()
         if not (value and _ONLY_NUMBERS.match(value)) and value.lower().strip(" .") != "none":
             return None
-    value = re.sub(r"\([^)]*\)", "", value)
+    value = re.sub(r"(?i)^\s*(?:excerpts?|numbers?)\b\s*:?", "", re.sub(r"\([^)]*\)", "", value)).strip()
+    if not _ONLY_NUMBERS.match(value) and value.lower().strip(" .") != "none":
+        return None  # prose after the label: e.g. a small model copying an excerpt ("1. The city of ...")
     numbers = {int(n) for n in _NUMBER.findall(value)}
     if not numbers:
         return set() if re.search(r"(?i)\bnone\b", value) else None

@@ -4,18 +4,44 @@ The default is the embedded SmolLM2-135M-Instruct (a 135M model is a weak judge;
 whole pipeline runnable without a network or a key, and any local Hugging Face chat model
 directory can be given instead). It does not go through TransformerLens: no hooks are needed,
 only ``generate``. Decoding is greedy by default, so the same prompt gives the same answer.
+
+A model this small rarely follows an answer format on its own: it echoes the format's
+placeholders, invents other labels or loops. So the answer is *prefilled*: the assistant turn
+starts with the first label of the prompt's answer format (``Feature category:``,
+``Activating:``), the model only continues it, and the returned text is that label plus the
+continuation, so the parser sees the whole answer. Generation stops when the model starts the
+answer over (it writes the label again); the restart is not part of the answer, since the parser
+would otherwise read the last, often truncated, copy. The label comes from the prompt
+(:func:`answer_prefix`), so a user's template gets the same treatment when it states its format
+the same way; a conversation that already ends with an assistant message is continued as it is.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from routesae.config import setting
 from routesae.embedded import EMBEDDED_NAME, resolve_model
-from routesae.errors import RouteSAEError
+from routesae.errors import ConfigError, RouteSAEError
 from routesae.interpreters.base import Completion, Interpreter, InterpreterConfig, InterpreterError, Message
+
+# The last line that mentions the answer's format and ends with ':' ("Answer in exactly this format:"),
+# then the label that starts the next line ("Feature category:" of "Feature category: <...>").
+_FORMAT_LABEL = re.compile(r"(?im)^[^\n]*\bformat\b[^\n]*:[ \t]*\n[ \t]*([A-Za-z][\w \t-]{0,39}:)")
+
+
+def answer_prefix(prompt: str) -> str | None:
+    """The label the answer must start with, read from the prompt's answer format; ``None`` if it states none.
+
+    The format is the line after the last line that mentions ``format`` and ends with ``:``, as in
+    the built-in templates (``Answer in exactly this format, with nothing else:`` followed by
+    ``Feature category: <...>``); the label is that line up to its first ``:``.
+    """
+    found = _FORMAT_LABEL.findall(prompt)
+    return found[-1].strip() if found else None
 
 
 @dataclass
@@ -23,6 +49,32 @@ class LocalConfig(InterpreterConfig):
     model: str = setting(EMBEDDED_NAME, "'smollm2' (embedded) or a local Hugging Face chat model directory.")
     device: str = setting("cpu", "Torch device for the local model.")
     greedy: bool = setting(True, "Decode greedily (reproducible); --no-greedy samples at --temperature.")
+    prefill: bool = setting(
+        True,
+        "Start the answer with the first label of the prompt's answer format (e.g. 'Feature category:') so a small "
+        "model continues in that format, and stop when it starts the answer over.",
+    )
+    repetition_penalty: float = setting(
+        1.0,
+        "Divide the odds of tokens the answer already used by this (>1 curbs loops; 1 disables it; the prompt's "
+        "tokens are not counted).",
+    )
+    no_repeat_ngram_size: int = setting(
+        0,
+        "Forbid repeating any run of this many tokens, the prompt's included (0 disables it; small values also "
+        "forbid copying the format's labels).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.repetition_penalty <= 0:
+            raise ConfigError(
+                f"local interpreter: repetition_penalty must be positive (1 disables it), got {self.repetition_penalty}"
+            )
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(
+                f"local interpreter: no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}"
+            )
 
 
 class LocalInterpreter(Interpreter):
@@ -65,18 +117,37 @@ class LocalInterpreter(Interpreter):
                 self._loaded = (tokenizer, model.to(self.cfg.device).eval())
             return self._loaded
 
+    def _prefilled(self, messages: list[Message]) -> tuple[list[Message], str, str | None]:
+        """The conversation ending in the assistant's started answer, that start ('' if none) and the stop string.
+
+        Only a label read from the answer format is a stop string: an answer that states it again starts over.
+        """
+        if messages and messages[-1]["role"] == "assistant":
+            return messages, messages[-1]["content"], None
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        label = answer_prefix(prompt) if self.cfg.prefill else None
+        if label is None:
+            return messages, "", None
+        return [*messages, {"role": "assistant", "content": label}], label, label
+
     def _prompt_ids(self, messages: list[Message]) -> Any:
         tokenizer, _ = self._model()
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        started = messages[-1]["role"] == "assistant"
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=not started, continue_final_message=started, return_tensors="pt",
+            return_dict=True,
+        )
         return encoded["input_ids"]
 
     def estimate_prompt_tokens(self, messages: list[Message]) -> int:
-        return int(self._prompt_ids(messages).shape[1])
+        return int(self._prompt_ids(self._prefilled(messages)[0]).shape[1])
 
     def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> Completion:
         import torch
+        from transformers import RepetitionPenaltyLogitsProcessor
 
         tokenizer, model = self._model()
+        messages, prefix, stop = self._prefilled(messages)
         input_ids = self._prompt_ids(messages).to(self.cfg.device)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and input_ids.shape[1] + max_tokens > limit:
@@ -84,7 +155,16 @@ class LocalInterpreter(Interpreter):
                 f"the prompt has {input_ids.shape[1]} tokens and {max_tokens} more may be generated, but the model "
                 f"reads at most {limit}; lower --max-tokens or use a model with a longer context"
             )
-        sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature} if not self.cfg.greedy else {"do_sample": False}
+        options: dict[str, Any] = {"do_sample": not self.cfg.greedy}
+        if not self.cfg.greedy:
+            options["temperature"] = temperature
+        if self.cfg.repetition_penalty != 1.0:  # generate's own penalty would count the prompt, format labels included
+            prompt_length = int(input_ids.shape[1])
+            options["logits_processor"] = [RepetitionPenaltyLogitsProcessor(self.cfg.repetition_penalty, prompt_length)]
+        if self.cfg.no_repeat_ngram_size:
+            options["no_repeat_ngram_size"] = self.cfg.no_repeat_ngram_size
+        if stop:
+            options.update(stop_strings=[stop], tokenizer=tokenizer)
         with torch.no_grad():
             output = model.generate(
                 input_ids,
@@ -93,11 +173,13 @@ class LocalInterpreter(Interpreter):
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                 top_p=None,
                 top_k=None,
-                **sampling,
+                **options,
             )
         new = output[0, input_ids.shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True)
-        return Completion(text, int(input_ids.shape[1]), int(new.shape[0]), 0.0)
+        if stop and text.endswith(stop):
+            text = text[: -len(stop)].rstrip()  # the model started the answer over: that is not the answer
+        return Completion(prefix + text, int(input_ids.shape[1]), int(new.shape[0]), 0.0)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self.cfg.to_dict(), **({"model_path": str(self.path)} if self.path else {})}

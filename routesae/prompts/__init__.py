@@ -6,5 +6,8 @@ activating token wrapped in ``<<``/``>>``) and ``$latent`` (optional: the latent
 ``detect.txt`` asks which numbered excerpts activate an explained feature; its placeholders are
 ``$explanation`` and ``$contexts`` (required) and ``$count``, ``$latent`` (optional). Write ``$$``
 for a literal dollar sign. A replacement template (``--prompt-template``/``--detection-template``)
-must ask for the same answer format, since the answer parser reads it.
+must ask for the same answer format, since the answer parser reads it. State it as the built-in
+templates do — a line that mentions ``format`` and ends with ``:``, then the format, one field per
+line (``Feature category: <...>``) — and the local interpreter starts its answer with the first
+label (see :func:`routesae.interpreters.local.answer_prefix`).
 """
