@@ -42,6 +42,7 @@ test: setup browser
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results.json
+	$(PY) benchmarks/results_table.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

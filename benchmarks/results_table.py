@@ -25,17 +25,28 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+TARGET_KEYS = ("measures", "ratio", "target", "meets")
+
+
+def details(extra: dict[str, Any]) -> str:
+    """The measurement's other numbers (tokens/s, seconds, MB), for reading a ratio's two sides."""
+    numbers = {k: v for k, v in extra.items() if k not in TARGET_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return ", ".join(f"{k} {v:,.3g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in numbers.items())
+
+
 def ratio_rows(benchmarks: list[dict[str, Any]]) -> list[str]:
-    rows = []
+    rows, met = [], 0
     for b in benchmarks:
         extra = b["extra_info"]
         if "ratio" not in extra:
             continue
+        met += bool(extra["meets"])
         verdict = "yes" if extra["meets"] else "**no**"
-        rows.append(f"| {extra['measures']} | {extra['ratio']:.2f} | {extra['target']} | {verdict} |")
+        rows.append(f"| {extra['measures']} | {extra['ratio']:.2f} | {extra['target']} | {verdict} | {details(extra)} |")
     if not rows:
         return []
-    return ["## Targets", "", "| measure | ratio | target | met |", "|---|---|---|---|", *rows, ""]
+    return ["## Targets", "", f"{met} of {len(rows)} targets met.", "",
+            "| measure | ratio | target | met | details |", "|---|---|---|---|---|", *rows, ""]
 
 
 def cost_rows(benchmarks: list[dict[str, Any]]) -> list[str]:

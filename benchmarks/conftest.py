@@ -1,0 +1,79 @@
+"""Shared set-up of the throughput benchmarks: SmolLM2 loaded once, the wiki train split, the forward baseline.
+
+Loading and tokenisation happen here, outside every measurement, as the trainer's ``seconds``
+excludes them too. Each measurement reads the same blocks: the first ``GROUPS`` shuffle groups of
+the train split (~36k tokens), so a training run harvests exactly the blocks the baseline forward
+reads and trains on exactly the tokens it forwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from routesae.activations import plan_groups, training_positions
+from routesae.data import TokenBlocks, load_corpus
+from routesae.lm import LanguageModel
+from routesae.train import TrainConfig
+
+# Shuffle groups per measurement: 2 x 18,288 kept tokens with the default buffer and batch. A loaded machine
+# may set ROUTESAE_BENCH_GROUPS=1 (noisier ratios, half the time).
+GROUPS = int(os.environ.get("ROUTESAE_BENCH_GROUPS", "2"))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The blocks every measurement reads and the tokens they keep."""
+
+    blocks: TokenBlocks  # the first ``n_blocks`` blocks of the train split
+    n_blocks: int
+    groups: int  # shuffle groups the blocks form
+    tokens: int  # kept tokens (position 0 and padding excluded), what a training run trains on
+    group_tokens: int  # kept tokens of the largest group: what the shuffle buffer holds at once
+    cfg: TrainConfig  # the training settings of every run (same tokens, batch and buffer)
+
+
+@pytest.fixture(scope="session")
+def lm() -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def workload(lm: LanguageModel) -> Workload:
+    cfg = TrainConfig(checkpoint_every=0, log_every=10**9)
+    blocks = load_corpus(cfg.dataset, lm.tokenizer, context_length=cfg.context_length, seed=cfg.seed).split("train")
+    kept = training_positions(blocks.attention_mask, cfg.keep_bos).sum(-1).tolist()
+    groups = plan_groups(kept, cfg.batch_size, cfg.buffer_tokens)[:GROUPS]
+    tokens = sum(g.tokens for g in groups)
+    cfg = TrainConfig(tokens=tokens, checkpoint_every=0, log_every=10**9)
+    return Workload(blocks, groups[-1].end_block, len(groups), tokens, max(g.tokens for g in groups), cfg)
+
+
+def forward_seconds(lm: LanguageModel, workload: Workload, deepest: int, n_blocks: int | None = None) -> float:
+    """Wall time of the truncated forward (``capture`` of the deepest block) over the workload, batch 16."""
+    n_blocks = workload.n_blocks if n_blocks is None else n_blocks
+    started = time.perf_counter()
+    for first in range(0, n_blocks, workload.cfg.batch_size):
+        last = min(first + workload.cfg.batch_size, n_blocks)
+        lm.capture(workload.blocks.input_ids[first:last], workload.blocks.attention_mask[first:last], [deepest])
+    return time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def forward_baseline(lm: LanguageModel, workload: Workload):
+    """``baseline(deepest)``: truncated-forward seconds over the workload.
+
+    Measured afresh right before each measurement that divides by it: on a shared machine the load
+    changes over minutes, and a baseline taken at another time skewed ratios by 2-4x in one run.
+    """
+
+    def baseline(deepest: int) -> float:
+        forward_seconds(lm, workload, deepest, n_blocks=workload.cfg.batch_size)  # warm-up: first-call allocations
+        return forward_seconds(lm, workload, deepest)
+
+    return baseline
