@@ -128,6 +128,20 @@ def splice_edits(
     return edits
 
 
+def ablated_positions(reconstruction: dict[int, tuple[Tensor, Tensor]], counted_BT: Tensor) -> list[tuple[int, bytes]]:
+    """Which positions of which blocks an SAE replaces: SAEs that agree share their ablated forwards.
+
+    A zero- or mean-ablated forward depends only on these positions (never on the SAE's weights), so
+    SAEs reading the same block — a k-sweep, a comparison of architectures on one layer — need one
+    such forward per batch between them, not one each.
+    """
+    B, T = counted_BT.shape
+    return [
+        (block, (mask_N.view(B, T) & counted_BT).cpu().numpy().tobytes())
+        for block, (_, mask_N) in sorted(reconstruction.items())
+    ]
+
+
 def _replace(replace_BT1: Tensor, value: Tensor) -> Edit:
     def edit(resid_BTD: Tensor) -> Tensor:
         return torch.where(replace_BT1, value.to(resid_BTD.dtype), resid_BTD)
@@ -159,6 +173,7 @@ def _evaluate_batch(
     counted_BT = counted_positions(attention_mask, reference)
     acts_BTLD = lm.capture(input_ids, attention_mask, layers)
     clean_logits = lm.logits(input_ids, attention_mask) if any(s.forwards for s in saes) else None
+    ablated: dict[tuple[Any, ...], Tensor] = {}
     for s in saes:
         started = time.perf_counter()
         slots = [layers.index(block) for block in s.sae.layers]
@@ -169,7 +184,14 @@ def _evaluate_batch(
         clean = {block: acts_BTLD[:, :, layers.index(block)] for block in s.sae.layers}
         logits = {} if clean_logits is None else {"clean": clean_logits}
         for fill in s.forwards:
-            logits[fill] = lm.splice(input_ids, attention_mask, splice_edits(reconstruction, counted_BT, fill, clean))
+            key = None if fill == "spliced" else (fill, *ablated_positions(reconstruction, counted_BT))
+            if key not in ablated:
+                forward = lm.splice(input_ids, attention_mask, splice_edits(reconstruction, counted_BT, fill, clean))
+                if key is None:
+                    logits[fill] = forward
+                    continue
+                ablated[key] = forward
+            logits[fill] = ablated[key]
         batch = EvalBatch(
             input_ids_BT=input_ids,
             counted_BT=counted_BT,

@@ -205,6 +205,16 @@ def test_two_saes_in_one_pass_match_each_alone(lm, save):
         assert together[key]["tokens"] == alone[key]["tokens"] >= 300
 
 
+def test_saes_on_one_block_share_their_ablated_forwards(lm, save, monkeypatch):
+    """Zero- and mean-ablated forwards depend on the replaced positions only: one per batch for SAEs on one block."""
+    forwards = []
+    splice = LanguageModel.splice
+    monkeypatch.setattr(LanguageModel, "splice", lambda self, *args: forwards.append(1) or splice(self, *args))
+    dirs = [save(topk(2, seed=seed), f"sae{seed}") for seed in (1, 2, 3)]
+    evaluate(dirs, ["recovered"], batch_size=4, tokens=4 * 15, lm=lm)  # one batch
+    assert len(forwards) == 3 + 2  # a spliced forward per SAE, one zero- and one mean-ablated between them
+
+
 def test_a_run_directory_expands_to_its_saes(lm, save, tmp_path):
     a, b = save(topk(1), "a"), save(topk(2), "b")
     (tmp_path / "run.json").write_text(json.dumps({"saes": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}]}))
