@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routesae.architectures.base import default_single_layer, normalized_mse, standardize
-from routesae.architectures.topk import TopKConfig, TopKSAE
+from routesae.architectures.base import Inference, default_single_layer, normalized_mse, standardize
+from routesae.architectures.topk import TopKConfig, TopKEncode, TopKSAE
 from routesae.errors import ConfigError
 
 
@@ -135,3 +135,71 @@ def test_default_layer_is_the_top_of_the_routed_range():
     with pytest.raises(ConfigError, match="it has 30 blocks, numbered 0 to 29"):
         TopKConfig(layer=30).resolve(30)
     assert TopKConfig(k=32, latent_size=4096).resolve(30).name_parts() == ["L21", "k32", "F4096"]
+
+
+def encoder_grads(sae, x, path):
+    """Gradients of the NMSE loss (parameters and input) through the given encoder path."""
+    sae.encoder_path = path
+    sae.zero_grad()
+    x = x.clone().requires_grad_(True)
+    loss, _ = sae.loss(sae(x))
+    loss.backward()
+    return {"x": x.grad, **{name: p.grad.clone() for name, p in sae.named_parameters()}}
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("decode_path", ["sparse", "dense"])
+def test_sparse_encoder_backward_matches_the_dense_gradients(relu, decode_path):
+    sae = make(k=4, latent_size=64, relu=relu)
+    sae.decode_path = decode_path
+    with torch.no_grad():
+        sae.b_enc.normal_()  # some kept pre-activations negative, so relu=True zeroes their gradient
+    x = torch.randn(40, 1, 16, generator=torch.Generator().manual_seed(1))
+    sparse, dense = encoder_grads(sae, x, "sparse"), encoder_grads(sae, x, "dense")
+    assert sparse["W_enc"].abs().sum() > 0
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], msg=name)
+
+
+def test_sparse_encoder_backward_passes_gradcheck():
+    xc = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
+    W = torch.randn(12, 5, dtype=torch.double, requires_grad=True)
+    b = torch.randn(12, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *args: TopKEncode.apply(*args, 3)[0], (xc, W, b))
+
+
+def test_training_steps_through_either_encoder_path_give_the_same_weights():
+    results = []
+    for path in ("sparse", "dense"):
+        sae = make(k=8, latent_size=512, d=64)
+        sae.encoder_path = path
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        for step in range(3):
+            x = torch.randn(128, 1, 64, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            loss, _ = sae.loss(sae(x))
+            loss.backward()
+            sae.remove_parallel_gradient()
+            optimizer.step()
+            sae.normalize_decoder()
+        results.append({n: p.detach().clone() for n, p in sae.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], msg=name)
+
+
+def test_overrides_and_edits_bypass_the_sparse_encoder():
+    sae = make(k=4, latent_size=64)
+    sae.encoder_path = "sparse"
+    x = torch.randn(10, 1, 16)
+    with sae.inference(Inference(k=2)):
+        assert ((sae(x).latents != 0).sum(-1) == 2).all()
+    with sae.edit_latents(torch.zeros_like):
+        out = sae(x)
+    assert (out.latents == 0).all()
+    torch.testing.assert_close(out.x_hat, sae.b_dec.detach().expand(10, 16))
+
+
+@pytest.mark.parametrize(("k", "latent_size", "sparse"), [(32, 4096, True), (256, 4096, True), (128, 1024, True),
+                                                         (256, 1024, False), (4, 16, False)])
+def test_auto_encoder_backward_is_sparse_only_where_measured_to_pay(k, latent_size, sparse):
+    assert TopKSAE(TopKConfig(k=k, latent_size=latent_size, layer=0), 8).uses_sparse_encoder_backward() is sparse
