@@ -114,7 +114,7 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: Tensor, _grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
         xc_ND, W_enc, indices = ctx.saved_tensors
-        grad_values = grad_values.contiguous()
+        grad_values = grad_values.to(W_enc.dtype).contiguous()  # under autocast the values were bf16
         rows = indices.reshape(-1)
         grad_xc = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -220,7 +220,8 @@ class TopKSAE(SingleLayerSAE):
         z_NF = values.new_zeros(values.shape[0], self.cfg.latent_size).scatter(-1, indices, values)
         if not self.uses_sparse_decode():
             return z_NF, self.decode(z_NF)
-        x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        weights = values.to(self.W_dec.dtype)  # bf16 under autocast; embedding_bag wants the table's dtype
+        x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=weights, mode="sum") + self.b_dec
         return z_NF, x_hat
 
     # -- AuxK ---------------------------------------------------------------------------------------
