@@ -75,6 +75,25 @@ class TokenBlocks:
             yield self.input_ids[i : i + batch_size], self.attention_mask[i : i + batch_size]
 
 
+def leading_blocks(counted_BT: torch.Tensor, tokens: int | None, split: str) -> tuple[int, int]:
+    """(blocks to read, counted tokens in them): the fewest leading blocks whose counted positions reach ``tokens``.
+
+    ``counted_BT`` marks the positions a stage counts (evaluation and context extraction count
+    differently); ``tokens=None`` reads the whole split.
+    """
+    counted = counted_BT.sum(-1).cumsum(0)
+    available = int(counted[-1]) if len(counted) else 0
+    if tokens is None:
+        return len(counted), available
+    if tokens > available:
+        raise RouteSAEError(
+            f"asked for {tokens:,} tokens but the {split} split holds {available:,} counted tokens; "
+            "lower --tokens, or give none to use the whole split"
+        )
+    n = int(torch.searchsorted(counted, torch.tensor(tokens))) + 1
+    return n, int(counted[n - 1])
+
+
 @dataclass
 class Corpus:
     """The three splits of one source, tokenised with one tokenizer at one context length."""

@@ -43,7 +43,7 @@ import routesae
 from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference
 from routesae.checkpoint import load_sae, read_json, read_sae_config, write_json
-from routesae.data import TokenBlocks
+from routesae.data import leading_blocks
 from routesae.errors import RouteSAEError
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import corpus_for, model_for, training_seed
@@ -76,20 +76,6 @@ def metric_classes(names: Sequence[str] | None) -> list[type[Metric]]:
         if not (isinstance(cls, type) and issubclass(cls, Metric)):
             raise RouteSAEError(f"metric {cls!r} is not a subclass of routesae.metrics.Metric")
     return list(dict.fromkeys(classes))
-
-
-def eval_blocks(blocks: TokenBlocks, tokens: int | None, reference: bool) -> tuple[int, int]:
-    """(blocks to read, counted tokens in them): the fewest leading blocks holding ``tokens`` counted tokens."""
-    counted = counted_positions(blocks.attention_mask, reference).sum(-1).cumsum(0)
-    available = int(counted[-1]) if len(counted) else 0
-    if tokens is None:
-        return len(counted), available
-    if tokens > available:
-        raise RouteSAEError(
-            f"asked for {tokens:,} eval tokens but the eval split holds {available:,} counted tokens; lower --tokens"
-        )
-    n = int(torch.searchsorted(counted, torch.tensor(tokens))) + 1
-    return n, int(counted[n - 1])
 
 
 def counted_positions(attention_mask_BT: Tensor, reference: bool) -> Tensor:
@@ -276,7 +262,7 @@ def _evaluate(
             overrides.enter_context(s.sae.inference(override))
         corpus = corpus_for(configs[0], lm)
         blocks = corpus.split(SPLIT)
-        n_blocks, n_tokens = eval_blocks(blocks, tokens, reference_metrics)
+        n_blocks, n_tokens = leading_blocks(counted_positions(blocks.attention_mask, reference_metrics), tokens, SPLIT)
         layers = sorted({block for s in saes for block in s.sae.layers})
         started = time.perf_counter()  # the pass only: model loading and tokenisation excluded
         for input_ids, attention_mask in blocks.batches(batch_size):

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import jinja2
 
 import routesae
-from routesae.checkpoint import CONFIG_FILE, _atomic_write, read_json, read_sae_config
+from routesae.checkpoint import CONFIG_FILE, read_json, read_sae_config, write_text
 from routesae.contexts import CONTEXTS_FILE, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.evaluate import EVAL_FILE, expand_dirs
@@ -416,10 +416,5 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, *, max_card
     target = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
     if target.is_dir():
         raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
-    html = render_report(run_dir, max_cards=max_cards)
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(html, encoding="utf-8")
-
-    _atomic_write(target, write)
+    write_text(target, render_report(run_dir, max_cards=max_cards))
     return target

@@ -54,7 +54,7 @@ from routesae.checkpoint import load_sae, read_sae_config, write_json
 from routesae.contexts.schema import CONTEXTS_FILE, FORMAT, FORMAT_VERSION
 from routesae.contexts.topn import TopN
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
-from routesae.data import TokenBlocks
+from routesae.data import TokenBlocks, leading_blocks
 from routesae.errors import RouteSAEError
 from routesae.evaluate import expand_dirs
 from routesae.lm import LanguageModel
@@ -186,20 +186,11 @@ class Tables:
 
 
 def apply_blocks(blocks: TokenBlocks, tokens: int | None) -> tuple[int, int]:
-    """(blocks to read, counted tokens in them): the fewest leading blocks of the apply split holding ``tokens``."""
-    counted = training_positions(blocks.attention_mask, keep_bos=False).sum(-1).cumsum(0)
-    available = int(counted[-1]) if len(counted) else 0
-    if not available:
+    """(blocks to read, counted tokens in them) of the apply split; an empty split is an error."""
+    counted_BT = training_positions(blocks.attention_mask, keep_bos=False)
+    if not counted_BT.any():
         raise RouteSAEError("the apply split holds no tokens: the corpus is too small; use a larger --dataset")
-    if tokens is None:
-        return len(counted), available
-    if tokens > available:
-        raise RouteSAEError(
-            f"asked for {tokens:,} tokens but the apply split holds {available:,} (real tokens except position 0); "
-            "lower --tokens or give no --tokens to use the whole split"
-        )
-    n = int(torch.searchsorted(counted, torch.tensor(tokens))) + 1
-    return n, int(counted[n - 1])
+    return leading_blocks(counted_BT, tokens, "apply")
 
 
 def choose_pool(ids_BT: Tensor, counted_BT: Tensor, start_BT: Tensor, end_BT: Tensor, settings: ContextSettings) -> Tensor:
