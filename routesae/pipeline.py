@@ -183,11 +183,14 @@ class Pipeline:
     def _contexts(self, fresh: bool) -> dict[str, Any]:
         from routesae.contexts import extract_contexts
 
+        c = self.cfg
         records = extract_contexts(
             [self.out],
-            threshold=self.cfg.threshold,
-            tokens=self.cfg.context_tokens,
-            batch_size=self.cfg.eval_batch_size,
+            threshold=c.threshold,
+            tokens=c.context_tokens,
+            batch_size=c.eval_batch_size,
+            max_classes=c.max_classes,
+            min_contexts=c.min_contexts,
         )
         return {Path(d).name: r["interpretable_latents"] for d, r in records.items()}
 

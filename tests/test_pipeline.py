@@ -65,6 +65,8 @@ def test_every_stage_runs_and_is_recorded_in_one_manifest(tiny_model_dir, text_c
         directory = out / sae["path"]
         for name in ("config.json", "eval.json", "contexts.json", "interpretations.json"):
             assert (directory / name).is_file(), name
+        contexts = read_json(directory / "contexts.json")["settings"]
+        assert (contexts["threshold"], contexts["max_classes"], contexts["min_contexts"]) == (0.0, 0, 1)
         interpreted = read_json(directory / "interpretations.json")
         assert interpreted["summary"]["features_scored"] == 2
         assert record["stages"]["interpret"]["result"][sae["path"]] == interpreted["summary"]["average_score"]
