@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,14 +170,15 @@ def _evaluate_batch(
             reconstruction = s.sae.reconstruction(out)
         clean = {block: acts_BTLD[:, :, layers.index(block)] for block in s.sae.layers}
         logits = {} if clean_logits is None else {"clean": clean_logits}
+        edits = partial(splice_edits, reconstruction, counted_BT, clean=clean)
+        replaced = ablated_positions(reconstruction, counted_BT) if set(s.forwards) - {"spliced"} else []
         for fill in s.forwards:
-            key = None if fill == "spliced" else (fill, *ablated_positions(reconstruction, counted_BT))
+            if fill == "spliced":
+                logits[fill] = lm.splice(input_ids, attention_mask, edits(fill=fill))
+                continue
+            key = (fill, *replaced)
             if key not in ablated:
-                forward = lm.splice(input_ids, attention_mask, splice_edits(reconstruction, counted_BT, fill, clean))
-                if key is None:
-                    logits[fill] = forward
-                    continue
-                ablated[key] = forward
+                ablated[key] = lm.splice(input_ids, attention_mask, edits(fill=fill))
             logits[fill] = ablated[key]
         batch = EvalBatch(
             input_ids_BT=input_ids,
