@@ -297,15 +297,13 @@ class _CacheWriter:
         name = SHARD_FILE.format(len(m["shards"]))
         path = self.out / name
         write_safetensors(path, {"acts": acts_NLD, "kept_per_block": self.kept[first_block:end_block].clone()})
-        with open(path, "rb") as f:
-            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         record = {
             "file": name,
             "tokens": acts_NLD.shape[0],
             "first_block": first_block,
             "end_block": end_block,
             "bytes": path.stat().st_size,
-            "sha256": sha256,
+            "sha256": file_sha256(path),
         }
         m["shards"].append(record)
         m["tokens"] += record["tokens"]
@@ -315,6 +313,12 @@ class _CacheWriter:
         write_json(self.out / MANIFEST_FILE, m)
         if self.on_shard is not None:
             self.on_shard(record)
+
+
+def file_sha256(path: Path) -> str:
+    """The checksum the manifest records per shard (and ``verify`` compares)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _existing_parent(path: Path) -> Path:
@@ -405,12 +409,11 @@ class ActivationCache:
     def verify(self) -> None:
         """Check every shard against the SHA-256 in the manifest (reads the whole cache)."""
         for shard in self.shards:
-            with open(self.path / shard["file"], "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != shard["sha256"]:
-                    raise RouteSAEError(
-                        f"the activation cache in {self.path} is damaged: {shard['file']} does not match its checksum; "
-                        "write it again with `routesae cache ... --overwrite`"
-                    )
+            if file_sha256(self.path / shard["file"]) != shard["sha256"]:
+                raise RouteSAEError(
+                    f"the activation cache in {self.path} is damaged: {shard['file']} does not match its checksum; "
+                    "write it again with `routesae cache ... --overwrite`"
+                )
 
     def rows(self, start: int, end: int, layers: Sequence[int] | None = None) -> Tensor:
         """Cached rows ``start..end`` (corpus order) of ``layers`` (default: all cached blocks) as float32 ``[n, L, D]``."""

@@ -15,7 +15,6 @@ atomically after every finished latent, and a re-run does only what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import threading
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Any
 
 import routesae
 from routesae.checkpoint import read_json, write_json
-from routesae.contexts import CONTEXTS_FILE, read_contexts
+from routesae.contexts import CONTEXTS_FILE, contexts_fingerprint, read_contexts
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.interpreters.answers import CATEGORIES, parse_detection, parse_explanation
 from routesae.interpreters.base import Completion, Interpreter, InterpreterError, InterpreterUnavailable, Message
@@ -118,10 +117,6 @@ class _Requester:
         with self.lock:
             self.usage.add(completion)
         return completion
-
-
-def _fingerprint(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def sample_latents(latent_ids: list[int], sample: int, seed: int) -> list[int]:
@@ -329,7 +324,7 @@ def interpret(
         raise ConfigError(f"max_cost must be positive, got {max_cost}")
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    fingerprint = _fingerprint(contexts_path)
+    fingerprint = contexts_fingerprint(contexts_path)
     contexts = read_contexts(contexts_path)
     if not contexts["latents"]:
         raise RouteSAEError(f"{contexts_path} keeps no latents (none passed its filters), so there is nothing to interpret")

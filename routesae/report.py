@@ -14,7 +14,6 @@ still being worked on, so a missing piece must never stop it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shlex
@@ -28,7 +27,7 @@ import jinja2
 
 import routesae
 from routesae.checkpoint import CONFIG_FILE, read_json, read_sae_config, write_text
-from routesae.contexts import CONTEXTS_FILE, read_contexts
+from routesae.contexts import CONTEXTS_FILE, contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.evaluate import EVAL_FILE, expand_dirs
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
@@ -118,7 +117,7 @@ class SAEFiles:
         interpretations = read_stage(
             directory / INTERPRETATIONS_FILE, read_interpretations, _command("routesae", "interpret", directory)
         )
-        digest = hashlib.sha256(contexts_path.read_bytes()).hexdigest() if contexts.data is not None else None
+        digest = contexts_fingerprint(contexts_path) if contexts.data is not None else None
         return cls(directory, config, evaluation, contexts, interpretations, digest)
 
 

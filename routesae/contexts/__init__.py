@@ -6,6 +6,13 @@ context with its activating token marked, ``read_contexts`` reads and checks a f
 """
 
 from routesae.contexts.extract import ContextSettings, extract_contexts
-from routesae.contexts.schema import CONTEXTS_FILE, read_contexts, render_context
+from routesae.contexts.schema import CONTEXTS_FILE, contexts_fingerprint, read_contexts, render_context
 
-__all__ = ["CONTEXTS_FILE", "ContextSettings", "extract_contexts", "read_contexts", "render_context"]
+__all__ = [
+    "CONTEXTS_FILE",
+    "ContextSettings",
+    "contexts_fingerprint",
+    "extract_contexts",
+    "read_contexts",
+    "render_context",
+]

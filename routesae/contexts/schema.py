@@ -6,6 +6,7 @@ what to do when a file is missing or is something else.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ FORMAT_VERSION = 1
 TOP_KEYS = ("sae", "architecture", "model", "latent_size", "settings", "interpretable_latents", "latents", "pool")
 LATENT_KEYS = ("activations", "max_activation", "classes", "held_out", "non_activating")
 CONTEXT_KEYS = ("tokens", "index", "activation", "layer", "document", "position")
+
+
+def contexts_fingerprint(path: Path | str) -> str:
+    """SHA-256 of a contexts file's bytes: interpretations record it, so work made from another file is caught."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def render_context(context: dict[str, Any], open: str = "<<", close: str = ">>") -> str:
