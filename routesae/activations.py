@@ -131,8 +131,10 @@ class ShuffledStream:
 
         The permutation is applied to indices, not data: each SAE batch gathers its own rows from
         the group, so the group is copied once (into batches) instead of being permuted whole first,
-        and peak memory is one group plus one batch. For 16 SmolLM2 layers a 16k-token group is
-        600 MB, so this saves a 600 MB copy per group and as much memory.
+        and peak memory is one group plus the batch being served (plus the batch the consumer
+        still holds). For 16 SmolLM2 layers a 16k-token group is 600 MB, so this saves a 600 MB
+        copy per group and as much memory. With ``prefetch`` the next group is harvested while
+        the current one is served: two groups are alive at once, the price of the overlap.
         """
         first_group, skip = self.position
         harvests = self._harvests(first_group)
@@ -148,6 +150,9 @@ class ShuffledStream:
                 self.harvest_seconds += time.perf_counter() - start
                 self.position = (index, b + 1) if b + 1 < len(order) else (index + 1, 0)
                 yield batch
+                del batch  # the next batch is allocated while the consumer still holds this one: hold it once, not twice
+            # Drop this group before harvesting the next, or two groups would be alive at once.
+            del acts, order
             skip = 0
 
     def _harvests(self, first_group: int) -> Iterator[Tensor]:
@@ -207,14 +212,13 @@ class ActivationStream(ShuffledStream):
         )
 
     def harvest(self, group: Group) -> Tensor:
-        """One LM forward per batch, each batch's kept rows written straight into one group buffer (no cat)."""
+        """One LM forward per batch, each batch's kept rows written by the capture hooks straight into one group buffer."""
         out = torch.empty(group.tokens, len(self.layers), self.lm.d_model, dtype=self.lm.dtype, device=self.lm.device)
         row = 0
         for first in range(group.first_block, group.end_block, self.lm_batch_size):
-            last = min(first + self.lm_batch_size, group.end_block)
-            acts_BTLD, keep_BT = capture_batch(self.lm, self.blocks, self.layers, self.keep_bos, first, last)
-            n = int(keep_BT.sum())
-            kept_rows(acts_BTLD, keep_BT, out=out[row : row + n])
+            ids, mask, keep = batch_inputs(self.blocks, self.keep_bos, first, min(first + self.lm_batch_size, group.end_block))
+            n = int(keep.sum())
+            self.lm.capture(ids, mask, self.layers, keep=keep, out=out[row : row + n])
             row += n
         return out
 
@@ -228,21 +232,11 @@ def harvest_batches(
     blocks together, so (on one device) they compute bit-identical activations.
     """
     for first in range(start, end, lm_batch_size):
-        acts_BTLD, keep_BT = capture_batch(lm, blocks, layers, keep_bos, first, min(first + lm_batch_size, end))
-        yield kept_rows(acts_BTLD, keep_BT)
+        ids, mask, keep = batch_inputs(blocks, keep_bos, first, min(first + lm_batch_size, end))
+        yield lm.capture(ids, mask, layers, keep=keep)
 
 
-def capture_batch(
-    lm: LanguageModel, blocks: TokenBlocks, layers: Sequence[int], keep_bos: bool, first: int, last: int
-) -> tuple[Tensor, Tensor]:
-    """Activations ``[B, T, L, D]`` of blocks ``first..last`` and which positions count (``[B, T]``, on their device)."""
-    ids, mask = blocks.input_ids[first:last], blocks.attention_mask[first:last]
-    acts_BTLD = lm.capture(ids.to(lm.device), mask.to(lm.device), layers)
-    return acts_BTLD, training_positions(mask, keep_bos).to(acts_BTLD.device)
-
-
-def kept_rows(acts_BTLD: Tensor, keep_BT: Tensor, out: Tensor | None = None) -> Tensor:
-    """``acts_BTLD[keep_BT]`` as ``[n, L, D]``, written into ``out`` when given (one copy, no temporary)."""
-    index = keep_BT.flatten().nonzero().squeeze(1)
-    flat = acts_BTLD.flatten(0, 1)
-    return flat.index_select(0, index) if out is None else torch.index_select(flat, 0, index, out=out)
+def batch_inputs(blocks: TokenBlocks, keep_bos: bool, first: int, last: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``input_ids``, ``attention_mask`` and the positions that count (:func:`training_positions`) of blocks ``first..last``."""
+    mask = blocks.attention_mask[first:last]
+    return blocks.input_ids[first:last], mask, training_positions(mask, keep_bos)

@@ -112,31 +112,62 @@ class LanguageModel:
             "layer_convention": LAYER_CONVENTION,
         }
 
-    def capture(self, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int]) -> Tensor:
+    def capture(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        layers: Sequence[int],
+        keep: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
         """The residual stream after each of ``layers``: ``[B, T, len(layers), D]``, in that order.
 
         One forward that stops after the deepest requested block, so shallow captures skip the
         rest of the model and the unembedding. A layer may be requested more than once (its slot
-        is repeated). Runs under ``no_grad`` rather than ``inference_mode`` so that the result
-        can feed SAE training. Pad positions hold garbage; drop them with ``attention_mask``.
-        Active :meth:`edits` apply, so this also captures downstream effects of an edit.
+        is repeated). With ``keep`` (boolean ``[B, T]``) only those positions are returned, as
+        ``[n, len(layers), D]`` rows in batch-major order; pad positions hold garbage, so
+        harvesting passes the attention mask (or a stricter mask) here. Rows go into ``out`` when
+        given (of that shape, e.g. a slice of a larger buffer), else into a new tensor.
+
+        Each block's output is copied into its slot by a hook as the forward passes it, so the
+        only multi-layer tensor is the result: no cache of hooked outputs beside a stacked copy.
+        Runs under ``no_grad`` rather than ``inference_mode`` so that the result can feed SAE
+        training. Active :meth:`edits` apply, so this also captures downstream effects of an edit.
         """
         layers = [self._check_layer(layer) for layer in layers]
         if not layers:
             raise RouteSAEError("capture needs at least one layer")
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
-        names = [self.hook_name(layer) for layer in dict.fromkeys(layers)]
+        rows = None if keep is None else keep.to(self.device).flatten().nonzero().squeeze(1)
+        lead = tuple(input_ids.shape) if rows is None else (rows.numel(),)
+        shape = (*lead, len(layers), self.d_model)
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        elif tuple(out.shape) != shape:
+            raise RouteSAEError(f"capture: out has shape {tuple(out.shape)}, expected {shape}")
+        slots: dict[int, list[int]] = {}
+        for slot, layer in enumerate(layers):
+            slots.setdefault(layer, []).append(slot)
+
+        def write(layer: int) -> Callable[..., None]:
+            def hook(resid_BTD: Tensor, hook: Any) -> None:
+                taken = resid_BTD if rows is None else resid_BTD.flatten(0, 1).index_select(0, rows)
+                for slot in slots[layer]:
+                    out.select(-2, slot).copy_(taken)
+
+            return hook
+
         stop = max(layers) + 1
         with torch.no_grad():
-            _, cache = self.bridge.run_with_cache(
+            self.bridge.run_with_hooks(
                 input_ids,
                 attention_mask=attention_mask,
-                names_filter=names,
+                fwd_hooks=[(self.hook_name(layer), write(layer)) for layer in slots],
                 # stop_at_layer == n_layers would not stop anyway; it would just return logits.
                 stop_at_layer=stop if stop < self.n_layers else None,
-                return_cache_object=False,
+                return_type=None,
             )
-        return torch.stack([cache[self.hook_name(layer)] for layer in layers], dim=2)
+        return out
 
     @contextmanager
     def edits(self, edits: Mapping[int, Edit]) -> Iterator[LanguageModel]:

@@ -489,8 +489,10 @@ class Trainer:
                     step = self.progress["step"]
                     lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, cfg.schedule)
                     logged = {t.name: self._step(t, acts, lr, step) for t in self.saes}
+                    served = acts.shape[0]
+                    del acts  # before the stream allocates the next batch: one multi-layer batch alive, not two
                     group, batch = stream.position
-                    self.progress = {"step": step + 1, "tokens": self.progress["tokens"] + acts.shape[0], "group": group, "batch": batch}
+                    self.progress = {"step": step + 1, "tokens": self.progress["tokens"] + served, "group": group, "batch": batch}
                     if (step + 1) % cfg.log_every == 0:
                         self._report(logged, lr, time.monotonic() - started, start_tokens, total_steps)
                     if self.progress["tokens"] >= cfg.tokens:
