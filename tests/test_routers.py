@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from routesae.architectures.base import StandardizedLayers, standardize
 from routesae.architectures.routesae import RouteSAE, RouteSAEConfig
 from routesae.errors import ConfigError
 from routesae.hookspecs import hookimpl
@@ -22,11 +23,42 @@ def inputs(n, n_layers, d, seed):
 
 
 @settings(max_examples=60, deadline=None)
+@given(shapes, st.sampled_from(["token", "none"]))
+def test_standardized_layers_agree_with_the_materialised_standardisation(shape, mode):
+    """Routers see the layers lazily; every view must equal what ``standardize`` materialises."""
+    n, n_layers, d, seed = shape
+    assume(d > 1)  # the standard deviation of one number is undefined
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(n, n_layers, d, generator=g, dtype=torch.float64) * 30 + 5  # residual-like scale and offset
+    x, norm = standardize(raw, mode)
+    layers = StandardizedLayers(raw, mode)
+    assert torch.equal(layers.materialize(), x)
+    assert (layers.norm is None) == (norm is None)
+    index = torch.randint(0, n_layers, (n,), generator=g)
+    assert torch.equal(layers.select(index), x[torch.arange(n), index]), "the rows a splice reads are bit-identical"
+    weights = torch.randn(n, n_layers, generator=g, dtype=torch.float64, requires_grad=True)
+    mixed = layers.weighted_sum(weights)
+    torch.testing.assert_close(mixed, torch.einsum("nl,nld->nd", weights, x))
+    (grad,) = torch.autograd.grad(mixed.square().sum(), weights)
+    (expected,) = torch.autograd.grad(torch.einsum("nl,nld->nd", weights, x).square().sum(), weights)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_standardized_layers_sum_in_full_precision_under_autocast():
+    raw = torch.randn(8, 4, 16) * 50
+    layers = StandardizedLayers(raw, "token")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layers.weighted_sum(torch.full((8, 4), 0.25))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, layers.materialize().mean(1))
+
+
+@settings(max_examples=60, deadline=None)
 @given(shapes)
 def test_hard_routing_picks_one_layer_per_token_weighted_by_its_probability(shape):
     n, n_layers, d, seed = shape
     x, probs = inputs(n, n_layers, d, seed)
-    routing = HardRouter().route(x, probs)
+    routing = HardRouter().route(StandardizedLayers(x, "none"), probs)
     assert isinstance(routing, Routing)
     assert routing.layer_weights_NL.shape == (n, n_layers)
     assert ((routing.layer_weights_NL == 0) | (routing.layer_weights_NL == 1)).all()
@@ -44,7 +76,7 @@ def test_hard_routing_picks_one_layer_per_token_weighted_by_its_probability(shap
 def test_soft_routing_is_the_probability_weighted_sum(shape):
     n, n_layers, d, seed = shape
     x, probs = inputs(n, n_layers, d, seed)
-    routing = SoftRouter().route(x, probs)
+    routing = SoftRouter().route(StandardizedLayers(x, "none"), probs)
     assert torch.equal(routing.layer_weights_NL, probs)
     torch.testing.assert_close(routing.layer_weights_NL.sum(-1), torch.ones(n, dtype=torch.float64))
     expected = sum(probs[:, l, None] * x[:, l] for l in range(n_layers))
@@ -57,7 +89,7 @@ def test_hard_routing_gradient_reaches_the_probabilities_only_through_the_chosen
     logits = torch.randn(5, 3, requires_grad=True)
     probs = logits.softmax(-1)
     probs.retain_grad()
-    HardRouter().route(x, probs).x_route_ND.sum().backward()
+    HardRouter().route(StandardizedLayers(x, "none"), probs).x_route_ND.sum().backward()
     chosen = probs.argmax(-1)
     grad = probs.grad
     torch.testing.assert_close(grad[torch.arange(5), chosen], x[torch.arange(5), chosen].sum(-1))
@@ -71,7 +103,7 @@ def test_hard_routing_gradient_reaches_the_probabilities_only_through_the_chosen
 def test_sum_and_mean_differ_by_the_number_of_layers(shape):
     n, n_layers, d, seed = shape
     x, _ = inputs(n, n_layers, d, seed)
-    v_sum, v_mean = SumAggregation()(x), MeanAggregation()(x)
+    v_sum, v_mean = SumAggregation()(StandardizedLayers(x, "none")), MeanAggregation()(StandardizedLayers(x, "none"))
     assert v_sum.shape == v_mean.shape == (n, d)
     torch.testing.assert_close(v_sum, x.sum(1))
     torch.testing.assert_close(v_sum, n_layers * v_mean)
@@ -84,8 +116,7 @@ def test_router_logits_scale_by_the_number_of_layers_between_sum_and_mean():
         torch.manual_seed(0)
         saes[aggregate] = RouteSAE(RouteSAEConfig(layers="2:6", latent_size=32, aggregate=aggregate, inner_settings={"k": 4}), 16)
     assert torch.equal(saes["sum"].router.weight, saes["mean"].router.weight)
-    x = {a: s(acts).extras["x_normalized"] for a, s in saes.items()}
-    logits = {a: s.router(s.aggregation(x[a])) for a, s in saes.items()}
+    logits = {a: s.router(s.aggregation(StandardizedLayers(acts, "token"))) for a, s in saes.items()}
     torch.testing.assert_close(logits["sum"], 5 * logits["mean"])
     probs = {a: s(acts).extras["router_probs"] for a, s in saes.items()}
     torch.testing.assert_close(probs["sum"], (5 * logits["mean"]).softmax(-1))
@@ -110,16 +141,16 @@ class FirstLayerRouter(Router):
 
     name = "first"
 
-    def route(self, x_NLD, probs_NL):
-        chosen = torch.zeros(x_NLD.shape[0], dtype=torch.long)
-        return Routing(x_NLD[:, 0], torch.nn.functional.one_hot(chosen, x_NLD.shape[1]).to(x_NLD.dtype), chosen)
+    def route(self, layers, probs_NL):
+        chosen = torch.zeros(probs_NL.shape[0], dtype=torch.long)
+        return Routing(layers.select(chosen), torch.nn.functional.one_hot(chosen, layers.n_layers).to(probs_NL.dtype), chosen)
 
 
 class MaxAggregation(Aggregation):
     name = "max"
 
-    def __call__(self, x_NLD):
-        return x_NLD.amax(1)
+    def __call__(self, layers):
+        return layers.materialize().amax(1)
 
 
 class ExtraRouting:
@@ -139,7 +170,7 @@ def test_a_third_party_router_and_aggregation_plug_into_routesae():
         sae.train()
         out = sae(acts)
         assert (out.extras["chosen"] == 0).all()
-        torch.testing.assert_close(out.target, out.extras["x_normalized"][:, 0])
+        torch.testing.assert_close(out.target, standardize(acts, "token")[0][:, 0])
         assert list(sae.statistics()["routing_counts"].values()) == [12.0, 0.0, 0.0]
         recon = sae.reconstruction(out)
         assert recon[0][1].all() and not recon[1][1].any() and not recon[2][1].any()

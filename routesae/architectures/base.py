@@ -152,6 +152,50 @@ def standardize(acts_NLD: Tensor, mode: str) -> tuple[Tensor, Standardization | 
     return (acts_NLD - mean) / (std + STANDARDIZE_EPS), Standardization(mean, std)
 
 
+class StandardizedLayers:
+    """``standardize(acts_NLD)`` without the standardised copy: x_l = (h_l − μ_l) / (σ_l + ε), computed on demand.
+
+    Routing reads a token's layers only through weighted sums over layers (aggregations, soft
+    routing) and one layer per token (hard routing, splicing). Both follow from the raw
+    activations and the per-(token, layer) statistics, so a routed SAE never holds a second
+    ``[N, L, D]`` tensor beside its input: for 2,048 tokens of 16 SmolLM2 layers that copy, and
+    the subtraction's temporary before it, are 75 MB each. :meth:`materialize` is there for
+    routers that need arbitrary operations.
+    """
+
+    def __init__(self, acts_NLD: Tensor, mode: str) -> None:
+        self.raw_NLD = acts_NLD
+        self.norm = None if mode == "none" else Standardization(acts_NLD.mean(-1, keepdim=True), acts_NLD.std(-1, keepdim=True))
+
+    @property
+    def n_layers(self) -> int:
+        return self.raw_NLD.shape[1]
+
+    def weighted_sum(self, weights_NL: Tensor) -> Tensor:
+        """Σ_l w_l x_l ``[N, D]``, differentiable in the weights, in the activations' precision (also under autocast)."""
+        weights_NL = weights_NL.to(self.raw_NLD.dtype)
+        with torch.autocast(self.raw_NLD.device.type, enabled=False):
+            if self.norm is None:
+                return torch.einsum("nl,nld->nd", weights_NL, self.raw_NLD)
+            scale_NL = weights_NL / (self.norm.std[..., 0] + STANDARDIZE_EPS)
+            shift_N1 = (scale_NL * self.norm.mean[..., 0]).sum(-1, keepdim=True)
+            return torch.einsum("nl,nld->nd", scale_NL, self.raw_NLD) - shift_N1
+
+    def select(self, index_N: Tensor) -> Tensor:
+        """x at layer ``index_N[n]`` for each token n, ``[N, D]``: bit-identical to the materialised tensor's rows."""
+        rows = torch.arange(self.raw_NLD.shape[0], device=self.raw_NLD.device)
+        picked_ND = self.raw_NLD[rows, index_N]
+        if self.norm is None:
+            return picked_ND
+        return (picked_ND - self.norm.mean[rows, index_N]) / (self.norm.std[rows, index_N] + STANDARDIZE_EPS)
+
+    def materialize(self) -> Tensor:
+        """All of x, ``[N, L, D]`` (what :func:`standardize` returns)."""
+        if self.norm is None:
+            return self.raw_NLD
+        return (self.raw_NLD - self.norm.mean) / (self.norm.std + STANDARDIZE_EPS)
+
+
 @dataclass
 class SAEOutput:
     """What one forward pass produced; ``target`` and ``x_hat`` live in the SAE's input space."""

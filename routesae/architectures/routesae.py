@@ -48,7 +48,7 @@ from routesae.architectures.base import (
     SingleLayerConfig,
     SingleLayerSAE,
     Standardization,
-    standardize,
+    StandardizedLayers,
 )
 from routesae.config import setting
 from routesae.errors import ConfigError
@@ -187,18 +187,18 @@ class RouteSAE(SAE):
         return cls.Config.from_dict({**own, "inner_settings": inner_settings})
 
     # -- forward ---------------------------------------------------------------------------------
-    def route(self, acts_NLD: Tensor) -> tuple[Tensor, Standardization | None, Tensor, Routing]:
-        """(standardised layers x_NLD, their statistics, router probabilities p_NL, the Routing)."""
+    def route(self, acts_NLD: Tensor) -> tuple[StandardizedLayers, Tensor, Routing]:
+        """(the standardised layers, router probabilities p_NL, the Routing), without a standardised [N, L, D] copy."""
         if acts_NLD.ndim != 3 or acts_NLD.shape[1] != self.routing_counts.shape[0]:
             raise ValueError(
                 f"routesae reads {self.routing_counts.shape[0]} layers {list(self.layers)}; got input of shape {tuple(acts_NLD.shape)}"
             )
-        x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
-        probs_NL = self.router(self.aggregation(x_NLD)).softmax(-1)
-        return x_NLD, norm, probs_NL, self.routing_rule.route(x_NLD, probs_NL)
+        layers = StandardizedLayers(acts_NLD, self.cfg.normalize)
+        probs_NL = self.router(self.aggregation(layers)).softmax(-1)
+        return layers, probs_NL, self.routing_rule.route(layers, probs_NL)
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
-        x_NLD, norm, probs_NL, routing = self.route(acts_NLD)
+        layers, probs_NL, routing = self.route(acts_NLD)
         # The inner's own forward (its normalize is "none"), so whatever it records for its loss or
         # bookkeeping (pre-activations for AuxK, batch thresholds, ...) happens as if it stood alone.
         inner = self.sae(routing.x_route_ND[:, None])
@@ -206,7 +206,7 @@ class RouteSAE(SAE):
             "router_probs": probs_NL,
             "layer_weights": routing.layer_weights_NL,
             "chosen": routing.chosen_N,
-            "x_normalized": x_NLD,
+            "x_chosen": layers.select(routing.chosen_N),
         }
         clash = sorted(set(ours) & set(inner.extras))
         if clash:
@@ -214,7 +214,9 @@ class RouteSAE(SAE):
         if self.training:
             with torch.no_grad():
                 self.routing_counts += routing.layer_weights_NL.detach().sum(0, dtype=torch.float64)
-        return SAEOutput(latents=inner.latents, x_hat=inner.x_hat, target=inner.target, norm=norm, extras={**inner.extras, **ours})
+        return SAEOutput(
+            latents=inner.latents, x_hat=inner.x_hat, target=inner.target, norm=layers.norm, extras={**inner.extras, **ours}
+        )
 
     def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """The inner's loss on x_route → x̂ (its sparsity terms included), plus router diagnostics."""
@@ -234,9 +236,9 @@ class RouteSAE(SAE):
         reference effectively evaluates, since its pipeline forces hard routing at evaluation
         (§6.7, §12.15) — here explicitly, with the NMSE still on the soft target.
         """
-        x_NLD, chosen_N = out.extras["x_normalized"], out.extras["chosen"]
-        rows = torch.arange(x_NLD.shape[0], device=x_NLD.device)
-        x_hat_ND = self.sae.decode(self.sae.encode(x_NLD[rows, chosen_N]))
+        x_chosen_ND, chosen_N = out.extras["x_chosen"], out.extras["chosen"]
+        rows = torch.arange(x_chosen_ND.shape[0], device=x_chosen_ND.device)
+        x_hat_ND = self.sae.decode(self.sae.encode(x_chosen_ND))
         if out.norm is not None:
             at_chosen = Standardization(out.norm.mean[rows, chosen_N][:, None], out.norm.std[rows, chosen_N][:, None])
             x_hat_ND = at_chosen.undo(x_hat_ND[:, None])[:, 0]

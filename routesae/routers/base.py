@@ -1,9 +1,11 @@
 """Routers and layer aggregations: the two pluggable steps in front of a routed SAE.
 
-A routed architecture (RouteSAE) reads L standardised layers ``x_NLD`` per token. An
-:class:`Aggregation` pools them into the router's input ``v_ND``; a linear map and a softmax
-over layers give ``probs_NL``; a :class:`Router` turns (x, p) into the vector the inner SAE
-sees. Both are registered through the ``register_routers`` hook and looked up by name; the
+A routed architecture (RouteSAE) reads L standardised layers per token, handed over as
+:class:`~routesae.architectures.base.StandardizedLayers` (weighted sums over layers and one
+layer per token, computed without a standardised ``[N, L, D]`` copy; ``materialize()`` gives
+the full tensor to routers that need it). An :class:`Aggregation` pools them into the
+router's input ``v_ND``; a linear map and a softmax over layers give ``probs_NL``; a
+:class:`Router` turns (layers, p) into the vector the inner SAE sees. Both are registered through the ``register_routers`` hook and looked up by name; the
 host files an object under the ``"aggregation"`` kind when its ``kind`` attribute says so.
 
 Register instances: routers and aggregations hold no state, and ``__call__`` of an
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 from typing import ClassVar, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from routesae.architectures.base import StandardizedLayers
 
 
 class Routing(NamedTuple):
@@ -32,7 +35,7 @@ class Router:
 
     name: ClassVar[str] = ""
 
-    def route(self, x_NLD: Tensor, probs_NL: Tensor) -> Routing:
+    def route(self, layers: StandardizedLayers, probs_NL: Tensor) -> Routing:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -45,7 +48,7 @@ class Aggregation:
     kind: ClassVar[str] = "aggregation"
     name: ClassVar[str] = ""
 
-    def __call__(self, x_NLD: Tensor) -> Tensor:
+    def __call__(self, layers: StandardizedLayers) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -61,9 +64,9 @@ class HardRouter(Router):
 
     name = "hard"
 
-    def route(self, x_NLD: Tensor, probs_NL: Tensor) -> Routing:
+    def route(self, layers: StandardizedLayers, probs_NL: Tensor) -> Routing:
         p_max_N, chosen_N = probs_NL.max(-1)
-        x_chosen_ND = x_NLD[torch.arange(x_NLD.shape[0], device=x_NLD.device), chosen_N]
+        x_chosen_ND = layers.select(chosen_N)
         one_hot_NL = F.one_hot(chosen_N, probs_NL.shape[-1]).to(probs_NL.dtype)
         return Routing(p_max_N[:, None] * x_chosen_ND, one_hot_NL, chosen_N)
 
@@ -73,8 +76,8 @@ class SoftRouter(Router):
 
     name = "soft"
 
-    def route(self, x_NLD: Tensor, probs_NL: Tensor) -> Routing:
-        x_route_ND = torch.einsum("nl,nld->nd", probs_NL, x_NLD)
+    def route(self, layers: StandardizedLayers, probs_NL: Tensor) -> Routing:
+        x_route_ND = layers.weighted_sum(probs_NL)
         return Routing(x_route_ND, probs_NL, probs_NL.argmax(-1))
 
 
@@ -83,8 +86,8 @@ class SumAggregation(Aggregation):
 
     name = "sum"
 
-    def __call__(self, x_NLD: Tensor) -> Tensor:
-        return x_NLD.sum(1)
+    def __call__(self, layers: StandardizedLayers) -> Tensor:
+        return layers.weighted_sum(layers.raw_NLD.new_ones(layers.raw_NLD.shape[:2]))
 
 
 class MeanAggregation(Aggregation):
@@ -92,5 +95,5 @@ class MeanAggregation(Aggregation):
 
     name = "mean"
 
-    def __call__(self, x_NLD: Tensor) -> Tensor:
-        return x_NLD.mean(1)
+    def __call__(self, layers: StandardizedLayers) -> Tensor:
+        return layers.weighted_sum(layers.raw_NLD.new_full(layers.raw_NLD.shape[:2], 1 / layers.n_layers))
