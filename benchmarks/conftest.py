@@ -9,8 +9,10 @@ reads and trains on exactly the tokens it forwards.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from routesae.activations import plan_groups, training_positions
 from routesae.data import TokenBlocks, load_corpus
 from routesae.lm import LanguageModel
 from routesae.train import TrainConfig
+
+# The memory benchmark counts live tensors with the tests' watcher (tests/live_tensors.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 # Shuffle groups per measurement: 2 x 18,288 kept tokens with the default buffer and batch. A loaded machine
 # may set ROUTESAE_BENCH_GROUPS=1 (noisier ratios, half the time).

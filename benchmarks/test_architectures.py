@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from routesae.plugins import get_plugin_manager
+from routesae.train import TrainConfig, TrainedSAE
 
 TOKENS = 2048
 PARAMETER_BUDGET = 2e8  # beyond this (with Adam's two moments) a CPU benchmark would need > 3 GB
@@ -85,14 +86,8 @@ def test_forward(benchmark, sae_and_batch):
 
 
 def test_training_step(benchmark, sae_and_batch):
+    """The trainer's own step (forward, loss, backward, fused Adam, decoder renormalisation, dead-latent count)."""
     sae, acts = sae_and_batch
-    sae.train()
-    optimizer = torch.optim.Adam(sae.parameters(), lr=5e-4)
-
-    def step():
-        loss, _ = sae.loss(sae(acts))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    trained = TrainedSAE("bench", sae.train(), torch.arange(acts.shape[1]), TrainConfig(), acts.shape[1])
+    steps = iter(range(10**6))
+    benchmark.pedantic(lambda: trained.step(acts, 5e-4, next(steps)), rounds=5, warmup_rounds=1)
