@@ -35,17 +35,21 @@ def details(extra: dict[str, Any]) -> str:
 
 
 def ratio_rows(benchmarks: list[dict[str, Any]]) -> list[str]:
-    rows, met = [], 0
+    rows, met, targets = [], 0, 0
     for b in benchmarks:
         extra = b["extra_info"]
         if "ratio" not in extra:
             continue
-        met += bool(extra["meets"])
-        verdict = "yes" if extra["meets"] else "**no**"
-        rows.append(f"| {extra['measures']} | {extra['ratio']:.2f} | {extra['target']} | {verdict} | {details(extra)} |")
+        if extra["target"] is None:  # a measurement without a target
+            verdict, target = "-", "-"
+        else:
+            targets += 1
+            met += bool(extra["meets"])
+            verdict, target = ("yes" if extra["meets"] else "**no**"), extra["target"]
+        rows.append(f"| {extra['measures']} | {extra['ratio']:.2f} | {target} | {verdict} | {details(extra)} |")
     if not rows:
         return []
-    return ["## Targets", "", f"{met} of {len(rows)} targets met.", "",
+    return ["## Targets", "", f"{met} of {targets} targets met.", "",
             "| measure | ratio | target | met | details |", "|---|---|---|---|---|", *rows, ""]
 
 
