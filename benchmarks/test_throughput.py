@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from live_tensors import MultiLayerTensors
+
 from routesae.activations import ActivationStream
 from routesae.evaluate import evaluate
 from routesae.lm import LanguageModel
@@ -51,6 +51,17 @@ def record(benchmark: Any, measures: str, ratio: float, target: str | None, meet
 def once(benchmark: Any, fn: Callable[[], Any]) -> Any:
     """One timed call: these runs take tens of seconds, and the ratios use the runs' own clocks."""
     return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+
+
+def alternate(first: Callable[[int], float], second: Callable[[int], float], rounds: int = 2) -> tuple[float, float]:
+    """The least seconds of ``first`` and of ``second`` over ``rounds`` alternations (each is given the round).
+
+    For ratios whose two sides are close (a tight target, or a "does it pay" comparison): on a shared
+    machine the load drifts over minutes, ±10% between consecutive 40-second runs here. Alternating
+    exposes both sides to the drift alike, and the minimum (as ``timeit`` takes it) drops slowed rounds.
+    """
+    times = [(first(r), second(r)) for r in range(rounds)]
+    return min(t[0] for t in times), min(t[1] for t in times)
 
 
 def process_status_bytes(key: str) -> int:
@@ -131,18 +142,20 @@ def test_train_routesae_and_topk_vs_forward(benchmark, runs, forward_baseline, w
 
 
 def test_k_sweep_vs_one_topk(benchmark, runs, workload):
-    """(c) TopK k = 32, 64, 128 from one harvest: ≤ 1.3 x the wall time of training one."""
-    single = runs.get("topk", [topk()])
-    sweep = once(benchmark, lambda: runs.train("sweep", [topk(k) for k in SWEEP]))
-    ratio = sweep["seconds"] / single["seconds"]
+    """(c) TopK k = 32, 64, 128 from one harvest: ≤ 1.3 x the wall time of training one (alternated, best of 2)."""
+    single, sweep = once(benchmark, lambda: alternate(
+        lambda r: runs.train(f"topk-{r}", [topk()])["seconds"],
+        lambda r: runs.train("sweep" if r == 0 else f"sweep-{r}", [topk(k) for k in SWEEP])["seconds"],
+    ))
+    ratio = sweep / single
     record(benchmark, "k-sweep 32/64/128 / one TopK (wall time)", ratio, "≤ 1.3", ratio <= 1.3,
-           tokens=workload.tokens, sweep_seconds=sweep["seconds"], single_seconds=single["seconds"])
+           tokens=workload.tokens, sweep_seconds=sweep, single_seconds=single)
 
 
 @pytest.mark.parametrize("layers", [[DEEPEST_SINGLE], list(range(6, 22))], ids=["block15", "blocks6-21"])
 def test_harvest_vs_forward(benchmark, lm, workload, forward_baseline, layers):
-    """(d) Harvest alone (capture, mask, shuffle buffer, batches; no SAE): ≤ 1.05 x the forward's time."""
-    forward_s = forward_baseline(max(layers))
+    """(d) Harvest alone (capture, mask, shuffle buffer, batches; no SAE): ≤ 1.05 x the forward's time
+    (alternated with the forward, best of 2 each)."""
     cfg = workload.cfg
 
     def harvest() -> float:
@@ -156,7 +169,7 @@ def test_harvest_vs_forward(benchmark, lm, workload, forward_baseline, layers):
         assert served == workload.tokens
         return time.perf_counter() - started
 
-    seconds = once(benchmark, harvest)
+    forward_s, seconds = once(benchmark, lambda: alternate(lambda r: forward_baseline(max(layers)), lambda r: harvest()))
     ratio = seconds / forward_s
     span = f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0])
     record(benchmark, f"harvest blocks {span} / forward to {max(layers)} (time)", ratio, "≤ 1.05", ratio <= 1.05,
@@ -182,16 +195,16 @@ def test_evaluate_three_vs_one(benchmark, runs):
 
 
 def test_overlap_harvest_vs_plain(benchmark, runs, workload):
-    """(g) No target: does ``--overlap-harvest`` pay on this machine? RouteSAE + TopK, with / without, back to back.
-
-    The plain run is repeated right before the overlapped one (not reused from (b)), because the two
-    runs' tokens/s are compared directly, without a forward baseline to absorb a change in load.
-    """
-    plain = runs.train("routesae+topk-plain", routesae_and_topk())
-    overlapped = once(benchmark, lambda: runs.train("routesae+topk-overlap", routesae_and_topk(), overlap_harvest=True))
-    ratio = overlapped["tokens_per_s"] / plain["tokens_per_s"]
+    """(g) No target: does ``--overlap-harvest`` pay on this machine? RouteSAE + TopK without / with it,
+    alternated, best of 2 each (the two runs' speeds are compared directly, with no forward baseline)."""
+    plain, overlapped = once(benchmark, lambda: alternate(
+        lambda r: runs.train(f"routesae+topk-plain-{r}", routesae_and_topk())["seconds"],
+        lambda r: runs.train(f"routesae+topk-overlap-{r}", routesae_and_topk(), overlap_harvest=True)["seconds"],
+    ))
+    ratio = plain / overlapped
     record(benchmark, "train RouteSAE+TopK with --overlap-harvest / without (tokens/s)", ratio, None, None,
-           tokens=workload.tokens, plain_tokens_per_s=plain["tokens_per_s"], overlap_tokens_per_s=overlapped["tokens_per_s"])
+           tokens=workload.tokens, plain_tokens_per_s=workload.tokens / plain,
+           overlap_tokens_per_s=workload.tokens / overlapped)
 
 
 def test_peak_memory_routesae(benchmark, runs, workload, lm):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from live_tensors import MultiLayerTensors
 from transformers import AutoTokenizer
 
-from live_tensors import MultiLayerTensors
 from routesae.activations import ActivationStream, plan_groups, training_positions
 from routesae.data import load_corpus
 from routesae.lm import LanguageModel
