@@ -5,8 +5,9 @@ A routed architecture (RouteSAE) reads L standardised layers per token, handed o
 layer per token, computed without a standardised ``[N, L, D]`` copy; ``materialize()`` gives
 the full tensor to routers that need it). An :class:`Aggregation` pools them into the
 router's input ``v_ND``; a linear map and a softmax over layers give ``probs_NL``; a
-:class:`Router` turns (layers, p) into the vector the inner SAE sees. Both are registered through the ``register_routers`` hook and looked up by name; the
-host files an object under the ``"aggregation"`` kind when its ``kind`` attribute says so.
+:class:`Router` turns (layers, p) into the vector the inner SAE sees. Both are registered
+through the ``register_routers`` hook and looked up by name; the host files an object under
+the ``"aggregation"`` kind when its ``kind`` attribute says so.
 
 Register instances: routers and aggregations hold no state, and ``__call__`` of an
 aggregation is its pooling, not a constructor.
