@@ -93,6 +93,14 @@ def sparse_encoder_backward_pays(k: int, latent_size: int) -> bool:
     return latent_size >= SPARSE_ENCODER_MIN_RATIO * k
 
 
+ComputePath = Literal["auto", "sparse", "dense"]
+
+
+def path_taken(path: ComputePath, sparse_pays: bool) -> bool:
+    """Whether the sparse path runs: forced by ``path`` (tests compare the two), or on ``"auto"`` where it pays."""
+    return sparse_pays if path == "auto" else path == "sparse"
+
+
 class TopKEncode(torch.autograd.Function):
     """(values, indices) of the k largest of ``xc @ W_enc.T + b_enc``, with a backward over the kept entries only.
 
@@ -166,8 +174,8 @@ class TopKSAE(SingleLayerSAE):
     Config: ClassVar[type[SAEConfig]] = TopKConfig
     cfg: TopKConfig
     tokens_since_fired: Tensor  # [F], only with AuxK
-    decode_path: Literal["auto", "sparse", "dense"] = "auto"  # tests force a path to compare the two
-    encoder_path: Literal["auto", "sparse", "dense"] = "auto"  # likewise for the encoder's backward
+    decode_path: ComputePath = "auto"  # tests force a path to compare the two
+    encoder_path: ComputePath = "auto"  # likewise for the encoder's backward
 
     def __init__(self, cfg: TopKConfig, d_model: int) -> None:
         super().__init__(cfg, d_model)
@@ -187,9 +195,7 @@ class TopKSAE(SingleLayerSAE):
         return values.relu() if self.cfg.relu else values
 
     def uses_sparse_encoder_backward(self) -> bool:
-        if self.encoder_path == "auto":
-            return sparse_encoder_backward_pays(self.cfg.k, self.cfg.latent_size)
-        return self.encoder_path == "sparse"
+        return path_taken(self.encoder_path, sparse_encoder_backward_pays(self.cfg.k, self.cfg.latent_size))
 
     def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat); the trained activation's encoder backward touches only the kept latents where that pays.
@@ -207,9 +213,7 @@ class TopKSAE(SingleLayerSAE):
         return torch.zeros_like(pre_NF).scatter(-1, indices, values)
 
     def uses_sparse_decode(self) -> bool:
-        if self.decode_path == "auto":
-            return sparse_decode_pays(self.cfg.k, self.cfg.latent_size)
-        return self.decode_path == "sparse"
+        return path_taken(self.decode_path, sparse_decode_pays(self.cfg.k, self.cfg.latent_size))
 
     def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) from pre-activations, gathering only the kept decoder rows where that pays."""
