@@ -5,7 +5,7 @@ import torch
 from live_tensors import MultiLayerTensors
 from transformers import AutoTokenizer
 
-from routesae.activations import ActivationStream, plan_groups, training_positions
+from routesae.activations import ActivationStream, training_positions
 from routesae.data import load_corpus
 from routesae.lm import LanguageModel
 from routesae.train import SAESpec, TrainConfig, train
@@ -81,7 +81,6 @@ def test_prefetching_serves_the_same_batches_bit_for_bit_and_resumes(lm, blocks)
     assert all(torch.equal(a, b) for a, b in zip(resumed, plain[first:])) and len(resumed) == len(plain) - first
 
 
-
 def test_training_holds_one_multi_layer_batch_beyond_the_shuffle_buffer(lm, tiny_model_dir, text_corpus_dir, tmp_path):
     """Issue 6's memory rule, counted exactly: while RouteSAE over every block and a TopK train from one harvest,
     the live ``[..., L, D]`` activations never exceed one group buffer plus one SAE batch. (``overlap_harvest``
@@ -90,7 +89,7 @@ def test_training_holds_one_multi_layer_batch_beyond_the_shuffle_buffer(lm, tiny
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), context_length=32, batch_size=4,
                       sae_batch_tokens=32, buffer_tokens=128, checkpoint_every=0)
     train_blocks = load_corpus(cfg.dataset, lm.tokenizer, context_length=32, seed=cfg.seed).split("train")
-    groups = plan_groups(training_positions(train_blocks.attention_mask, False).sum(-1).tolist(), 4, 128)
+    groups = ActivationStream(lm, train_blocks, [0, 1, 2, 3], lm_batch_size=4, sae_batch_tokens=32, buffer_tokens=128).groups
     assert len(groups) >= 3, "several groups, so a group's successor is harvested while training"
     cfg = cfg.replace(tokens=sum(g.tokens for g in groups))
     row = 4 * lm.d_model * 4  # 4 layers x d_model float32 values
