@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from routesae import TrainConfig
 from routesae.activations import plan_groups, training_positions
 from routesae.data import TokenBlocks, load_corpus
 from routesae.lm import LanguageModel
-from routesae.train import TrainConfig
 
 # The memory benchmark counts live tensors with the tests' watcher (tests/live_tensors.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

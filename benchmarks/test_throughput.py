@@ -22,10 +22,10 @@ import pytest
 import torch
 from live_tensors import MultiLayerTensors
 
+from routesae import SAESpec, train
 from routesae.activations import ActivationStream
 from routesae.evaluate import evaluate
 from routesae.lm import LanguageModel
-from routesae.train import SAESpec, train
 
 LATENTS = 4096
 DEEPEST_SINGLE = 15  # the TopK setting: block 15

@@ -5,8 +5,6 @@ Everything a script needs is importable from here: each stage is a function (``t
 ``cache_activations``); the rest of those modules imports as usual (``from routesae.train import Trainer``).
 """
 
-__version__ = "0.1.0"
-
 from routesae.architectures.base import (
     SAE,
     Inference,
@@ -17,6 +15,7 @@ from routesae.architectures.base import (
 )
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
 from routesae.checkpoint import load_sae
+from routesae.version import __version__
 
 load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 from routesae.config import setting
@@ -31,8 +30,10 @@ from routesae.lm import LanguageModel
 from routesae.pipeline import PipelineConfig, pipeline
 from routesae.plugins import get_plugin_manager
 from routesae.report import write_report
+from routesae.specs import SAESpec
 from routesae.steering import Clamp, SteeringResult, steer
-from routesae.train import SAESpec, TrainConfig, train
+from routesae.train import train
+from routesae.train_config import TrainConfig
 
 __all__ = [
     "SAE",

@@ -22,7 +22,6 @@ running the same command again continues after the last of them.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -38,17 +37,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import safe_open
 from torch import Tensor
 
-import routesae
 from routesae.activations import Group, HarvestConfig, ShuffledStream, harvest_batches, training_positions
 from routesae.architectures.base import check_layer
-from routesae.checkpoint import read_json, write_json, write_safetensors
 from routesae.config import setting
 from routesae.data import load_corpus
 from routesae.errors import ConfigError, RouteSAEError
+from routesae.files import file_sha256, read_json, write_json, write_safetensors
 from routesae.lm import HOOK_TEMPLATE, LanguageModel
+from routesae.version import __version__
 
 if TYPE_CHECKING:
-    from routesae.train import SAESpec, TrainConfig
+    from routesae.specs import SAESpec
 
 FORMAT = "routesae-activation-cache"
 FORMAT_VERSION = 1
@@ -214,7 +213,7 @@ class _CacheWriter:
         self.manifest = existing or {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "routesae_version": routesae.__version__,
+            "routesae_version": __version__,
             "request": request,
             "status": "running",
             "model": lm.describe(),
@@ -262,7 +261,7 @@ class _CacheWriter:
     def run(self) -> Path:
         self._check_disk()
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".*.tmp"):  # temp files of a killed run (ours: written by _atomic_write)
+        for stale in self.out.glob(".*.tmp"):  # temp files of a killed run (ours: written by files.atomic_write)
             stale.unlink(missing_ok=True)
         write_json(self.out / MANIFEST_FILE, self.manifest)
         listed = {s["file"] for s in self.manifest["shards"]}
@@ -313,12 +312,6 @@ class _CacheWriter:
         write_json(self.out / MANIFEST_FILE, m)
         if self.on_shard is not None:
             self.on_shard(record)
-
-
-def file_sha256(path: Path) -> str:
-    """The checksum the manifest records per shard (and ``verify`` compares)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _existing_parent(path: Path) -> Path:
@@ -453,18 +446,6 @@ class ActivationCache:
                 f"asked for {cfg.tokens:,} training tokens but the activation cache in {self.path} holds {self.tokens:,}; "
                 "lower --tokens or cache more (routesae cache --tokens ...)"
             )
-
-    def train_config(self, **settings: Any) -> TrainConfig:
-        """A :class:`TrainConfig` reading this cache: model, data, seed, batch size and tokens default to the cache's.
-
-        >>> train(specs, "runs/sweep", ActivationCache("caches/smollm2").train_config(lr=1e-3))
-        """
-        from routesae.train import TrainConfig
-
-        defaults = {name: self.request[name] for name in TRAIN_DEFAULTS}
-        cfg = TrainConfig.from_dict({**defaults, **settings, "from_cache": str(settings.get("from_cache") or self.path)})
-        self.check_train_config(cfg)
-        return cfg
 
 
 class CachedStream(ShuffledStream):

@@ -8,65 +8,20 @@ trained on). Nothing is ever unpickled: weights are safetensors, optimizer state
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import routesae
 from routesae.architectures.base import SAE
 from routesae.errors import RouteSAEError
+from routesae.files import read_json, write_json, write_safetensors
 from routesae.plugins import get_plugin_manager
+from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
+from routesae.version import __version__
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
-TRAINER_STATE_FILE = "trainer_state.safetensors"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` into a temp file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; checkpoints are ordinary files
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) atomically: readers see the old file or the whole new one."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise RouteSAEError(f"{path} is not valid JSON ({e}); the file is damaged") from None
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_sae(sae: SAE, directory: Path, meta: dict[str, Any]) -> None:
@@ -74,7 +29,7 @@ def save_sae(sae: SAE, directory: Path, meta: dict[str, Any]) -> None:
     write_safetensors(directory / WEIGHTS_FILE, sae.state_dict())
     config = {
         "format_version": FORMAT_VERSION,
-        "routesae_version": routesae.__version__,
+        "routesae_version": __version__,
         "architecture": sae.name,
         "config": sae.cfg.to_dict(),
         "d_model": sae.d_model,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from routesae.errors import RouteSAEError
+from routesae.files import write_safetensors
 from routesae.paths import routesae_home
 
 if TYPE_CHECKING:
@@ -386,13 +385,7 @@ def _save_cached(path: Path, splits: dict[str, TokenBlocks]) -> None:
         tensors[f"{name}.input_ids"] = blocks.input_ids
         tensors[f"{name}.attention_mask"] = blocks.attention_mask
     info = {name: {"has_bos": b.has_bos, "n_documents": b.n_documents} for name, b in splits.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"splits": json.dumps(info)})
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_safetensors(path, tensors, metadata={"splits": json.dumps(info)})
 
 
 def _load_cached(path: Path) -> dict[str, TokenBlocks]:

@@ -30,7 +30,7 @@ Recovered uses zero-ablation of the spliced positions (the reference) and also r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -40,33 +40,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import routesae
 from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference
-from routesae.checkpoint import load_sae, read_json, read_sae_config, write_json
+from routesae.checkpoint import load_sae, read_sae_config
 from routesae.data import leading_blocks
 from routesae.errors import RouteSAEError
+from routesae.files import write_json
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import corpus_for, model_for, training_seed
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
-from routesae.reporters import build_reporters, run_dir_of
+from routesae.reporters import build_reporters
+from routesae.rundir import EVAL_FILE, expand_dirs, run_dir_of
+from routesae.version import __version__
 
-EVAL_FILE = "eval.json"
 SPLIT = "eval"
-
-
-def expand_dirs(paths: Iterable[Path | str]) -> list[Path]:
-    """SAE checkpoint directories; a run directory (``run.json``, no ``config.json``) gives its SAEs."""
-    dirs: list[Path] = []
-    for path in map(Path, paths):
-        if not (path / "config.json").is_file() and (path / "run.json").is_file():
-            dirs.extend(path / sae["path"] for sae in read_json(path / "run.json")["saes"])
-        else:
-            dirs.append(path)
-    if not dirs:
-        raise RouteSAEError("nothing to evaluate: give at least one SAE or run directory")
-    return dirs
 
 
 def metric_classes(names: Sequence[str] | None) -> list[type[Metric]]:
@@ -301,7 +289,7 @@ def _evaluate(
     results: dict[str, dict[str, Any]] = {}
     for s in saes:
         record = {
-            "routesae_version": routesae.__version__,
+            "routesae_version": __version__,
             "sae": s.config.get("name", s.directory.name),
             "architecture": s.sae.name,
             "model": s.config["model"]["spec"],

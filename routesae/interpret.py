@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import routesae
-from routesae.checkpoint import read_json, write_json
-from routesae.contexts import CONTEXTS_FILE, contexts_fingerprint, read_contexts
+from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import ConfigError, RouteSAEError
+from routesae.files import read_json, write_json
 from routesae.interpreters.answers import CATEGORIES, parse_detection, parse_explanation
 from routesae.interpreters.base import Completion, Interpreter, InterpreterError, InterpreterUnavailable, Message
 from routesae.interpreters.templates import PromptTemplate, load_template, render_classes, render_numbered
+from routesae.rundir import CONTEXTS_FILE, INTERPRETATIONS_FILE
+from routesae.version import __version__
 
-INTERPRETATIONS_FILE = "interpretations.json"
 FORMAT = "routesae.interpretations"
 FORMAT_VERSION = 1
 SYSTEM_PROMPT = "You are an assistant that explains what the features of language models respond to."
@@ -360,7 +360,7 @@ def _start_document(path: Path, contexts: dict[str, Any], fingerprint: str, temp
     doc: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "routesae_version": routesae.__version__,
+        "routesae_version": __version__,
         "sae": contexts.get("sae"),
         "contexts_fingerprint": fingerprint,
         "interpreter": backend.describe(),

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routesae.checkpoint import read_json, write_json
 from routesae.config import Config, setting
 from routesae.errors import ConfigError, RouteSAEError
-from routesae.train import MANIFEST_FILE, SAESpec, TrainConfig, run_request, train
+from routesae.files import read_json, write_json
+from routesae.rundir import MANIFEST_FILE
+from routesae.specs import SAESpec
+from routesae.train import train
+from routesae.train_config import TrainConfig, run_request
 
 STAGES = ("train", "evaluate", "contexts", "interpret", "report")
 VERSIONED = ("routesae", "torch", "transformers", "transformer-lens", "datasets", "safetensors", "openai")
@@ -200,8 +203,8 @@ class Pipeline:
         ``fresh``: the contexts or the request changed, so earlier interpretations are discarded;
         otherwise an interrupted interpretation continues where it stopped.
         """
-        from routesae.evaluate import expand_dirs
-        from routesae.interpret import INTERPRETATIONS_FILE, BudgetReached, interpret
+        from routesae.interpret import BudgetReached, interpret
+        from routesae.rundir import INTERPRETATIONS_FILE, expand_dirs
 
         scores: dict[str, Any] = {}
         spent = 0.0

@@ -25,16 +25,22 @@ from typing import Any, Literal
 
 import jinja2
 
-import routesae
-from routesae.checkpoint import CONFIG_FILE, read_json, read_sae_config, write_text
-from routesae.contexts import CONTEXTS_FILE, contexts_fingerprint, read_contexts
+from routesae.checkpoint import read_sae_config
+from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
-from routesae.evaluate import EVAL_FILE, expand_dirs
+from routesae.files import read_json, write_text
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
-from routesae.interpret import INTERPRETATIONS_FILE
-from routesae.train import MANIFEST_FILE
+from routesae.rundir import (
+    CONFIG_FILE,
+    CONTEXTS_FILE,
+    EVAL_FILE,
+    INTERPRETATIONS_FILE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    expand_dirs,
+)
+from routesae.version import __version__
 
-REPORT_FILE = "report.html"
 DEFAULT_MAX_CARDS = 24
 CONTEXTS_PER_CARD = 5
 
@@ -354,7 +360,7 @@ def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict
         "status": status,
         "date": _modified(dated),
         "run_version": version,
-        "version": routesae.__version__,
+        "version": __version__,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

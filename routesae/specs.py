@@ -8,13 +8,32 @@ it. A setting that none of them takes is an error, never silently ignored.
 from __future__ import annotations
 
 import itertools
-import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from routesae.architectures.base import SAEConfig
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.plugins import get_plugin_manager
-from routesae.train import SAESpec
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train: its architecture, its (unresolved) config and its name in the run."""
+
+    architecture: str
+    config: SAEConfig
+    name: str | None = None
+
+    @classmethod
+    def build(cls, architecture: str, name: str | None = None, **settings: Any) -> SAESpec:
+        arch = get_plugin_manager().get("architecture", architecture)
+        return cls(architecture, arch.build_config(settings), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
 
 
 def _option(name: str) -> str:

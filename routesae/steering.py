@@ -48,12 +48,12 @@ import torch
 from torch import Tensor
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-import routesae
 from routesae.architectures.base import SAE, Inference, LatentEdit
 from routesae.checkpoint import load_sae
 from routesae.errors import RouteSAEError
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import model_for
+from routesae.version import __version__
 
 Op = Literal["set", "add", "mul"]
 Positions = Literal["all", "generation"]
@@ -290,7 +290,7 @@ class SteeringResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"routesae_version": routesae.__version__, **dataclasses.asdict(self)}
+        return {"routesae_version": __version__, **dataclasses.asdict(self)}
 
 
 def render_prompt(tokenizer: Any, prompt: str, chat: bool | None, system: str | None) -> tuple[str, list[int], bool]:

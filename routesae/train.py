@@ -13,150 +13,32 @@ import hashlib
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-import routesae
-from routesae.activations import ActivationStream, HarvestConfig, ShuffledStream
-from routesae.architectures.base import SAE, SAEConfig
+from routesae.activations import ActivationStream, ShuffledStream
+from routesae.architectures.base import SAE
 from routesae.cache import ActivationCache, CachedModel, CachedStream
-from routesae.checkpoint import (
-    TRAINER_STATE_FILE,
-    WEIGHTS_FILE,
-    load_optimizer,
-    read_json,
-    save_optimizer,
-    save_sae,
-    write_json,
-    write_safetensors,
-)
-from routesae.config import setting
+from routesae.checkpoint import load_optimizer, save_optimizer, save_sae
 from routesae.data import Corpus, load_corpus
 from routesae.errors import ConfigError, RouteSAEError
+from routesae.files import read_json, write_json, write_safetensors
 from routesae.lm import LanguageModel
 from routesae.plugins import get_plugin_manager
 from routesae.reporters import build_reporters
 from routesae.reporters.base import StepReport
-from routesae.reporters.jsonl import METRICS_FILE
+from routesae.rundir import METRICS_FILE, RNG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE
+from routesae.specs import SAESpec
+from routesae.train_config import CHECKPOINT_SECONDS, TrainConfig, lr_factor, run_request
+from routesae.version import __version__
 
 MANIFEST_FILE = "run.json"
-RNG_FILE = "rng.safetensors"
-CHECKPOINT_SECONDS = 120.0
-Schedule = Literal["wsd", "reference-2025"]
-# Settings added after runs existed, left out of run.json's request while at these defaults.
-OPTIONAL_SETTINGS: dict[str, Any] = {"from_cache": None, "compile": False, "autocast": False}
-# Settings that change how fast a run goes, not what it trains: never part of the request, so a run may resume without them.
-EXECUTION_SETTINGS = ("overlap_harvest",)
-
-
-@dataclass
-class TrainConfig(HarvestConfig):
-    """Settings of a training run (shared by every SAE in it)."""
-
-    tokens: int = setting(200_000, "Training tokens per SAE (BOS and padding positions excluded).")
-    sae_batch_tokens: int = setting(2048, "Tokens per SAE optimisation step.")
-    buffer_tokens: int = setting(16_384, "Shuffle-buffer size in tokens; mixes tokens from many sequences per step.")
-    lr: float = setting(5e-4, "Adam learning rate (betas 0.9, 0.999).")
-    schedule: Schedule = setting(
-        "wsd",
-        "Learning-rate schedule: 'wsd' is linear warm-up, stable, then linear decay to zero; 'reference-2025' "
-        "reproduces the reference code's older schedule (lr 0 at step 0, a drop to 0.2 at 80%, 0 for the last 5%).",
-    )
-    warmup: float = setting(0.05, "Fraction of steps with linear learning-rate warm-up.")
-    decay: float = setting(0.2, "Fraction of final steps with linear decay to zero.")
-    renorm_every: int = setting(10, "Rescale decoder directions to unit norm every this many steps (and at the end).")
-    remove_parallel_grad: bool = setting(
-        False, "Remove the gradient component parallel to each decoder direction before every Adam step."
-    )
-    checkpoint_every: int | None = setting(
-        None, f"Steps between checkpoints (0: only at the end). Default: every {CHECKPOINT_SECONDS:.0f} s of training."
-    )
-    log_every: int = setting(10, "Steps between progress reports.")
-    dead_after_tokens: int = setting(100_000, "A latent counts as dead when it has not fired for this many tokens.")
-    from_cache: str | None = setting(
-        None,
-        "Train from an activation cache written by `routesae cache` instead of running the language model; "
-        "model and data settings come from the cache.",
-    )
-    compile: bool = setting(
-        False,
-        "Compile each SAE's forward with torch.compile (for GPUs; on a CPU the first steps spend minutes compiling).",
-    )
-    autocast: bool = setting(
-        False, "Run SAE forwards and losses under bfloat16 autocast (for GPUs with bf16); weights and Adam stay float32."
-    )
-    overlap_harvest: bool = setting(
-        False,
-        "Harvest the next shuffle group in a background thread while the SAEs train on the current one (for GPUs; "
-        "holds two groups in memory; same batches, bit for bit).",
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if not (0 <= self.warmup and 0 <= self.decay and self.warmup + self.decay <= 1):
-            raise ConfigError(f"warmup ({self.warmup}) and decay ({self.decay}) must be fractions that sum to at most 1")
-
-
-@dataclass
-class SAESpec:
-    """One SAE to train: its architecture, its (unresolved) config and its name in the run."""
-
-    architecture: str
-    config: SAEConfig
-    name: str | None = None
-
-    @classmethod
-    def build(cls, architecture: str, name: str | None = None, **settings: Any) -> SAESpec:
-        arch = get_plugin_manager().get("architecture", architecture)
-        return cls(architecture, arch.build_config(settings), name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
-
-
-def run_request(specs: Sequence[SAESpec], cfg: TrainConfig) -> dict[str, Any]:
-    """What ``run.json`` records as asked for: a run resumes (or is reused) only under an equal request."""
-    train_request = cfg.to_dict()
-    for name, default in OPTIONAL_SETTINGS.items():  # at their defaults, so runs begun before they existed still resume
-        if train_request[name] == default:
-            del train_request[name]
-    for name in EXECUTION_SETTINGS:
-        del train_request[name]
-    return {"train": train_request, "saes": [s.to_dict() for s in specs]}
-
-
-def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: Schedule = "wsd") -> float:
-    """Learning-rate multiplier at ``step`` (0-based) of ``total_steps``.
-
-    ``wsd``: warm-up, stable, linear decay to zero, as the paper describes; unlike the reference
-    code the first step's lr is not 0. ``reference-2025``: the reference code's older schedule
-    (reference §5.4), which likely produced the paper's numbers — lr 0 at step 0, a jump from 1.0
-    to 0.2 at 80% of training, and 0 for the last 5%.
-    """
-    n_warmup, n_decay = int(warmup * total_steps), int(decay * total_steps)
-    if schedule == "reference-2025":
-        if step < n_warmup:
-            return step / n_warmup
-        if step < total_steps - n_decay:
-            return 1.0
-        return max(0.0, (total_steps - step - n_warmup) / max(1, total_steps - n_warmup - n_decay))
-    if step < n_warmup:
-        return (step + 1) / n_warmup
-    if step < total_steps - n_decay:
-        return 1.0
-    return max(0.0, (total_steps - step) / n_decay)
 
 
 class Interrupt:
@@ -397,7 +279,7 @@ class Trainer:
     def _manifest(self, status: str) -> dict[str, Any]:
         assert self.data is not None
         return {
-            "routesae_version": routesae.__version__,
+            "routesae_version": __version__,
             "request": self.request,
             "status": status,
             "progress": self.progress,

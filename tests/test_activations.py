@@ -5,10 +5,10 @@ import torch
 from live_tensors import MultiLayerTensors
 from transformers import AutoTokenizer
 
+from routesae import SAESpec, TrainConfig, train
 from routesae.activations import ActivationStream, training_positions
 from routesae.data import load_corpus
 from routesae.lm import LanguageModel
-from routesae.train import SAESpec, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

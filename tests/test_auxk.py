@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from toy_training import train_steps
 
 from routesae.architectures.base import normalized_mse
 from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.checkpoint import load_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
-from toy_training import train_steps
 
 D, F, K = 16, 64, 4
 DEAD = torch.arange(8)  # latents the tests force dead

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from routesae import SAESpec, TrainConfig, train
 from routesae.activations import training_positions
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
 from routesae.checkpoint import read_sae_config
@@ -25,7 +26,6 @@ from routesae.lm import LanguageModel
 from routesae.loading import model_for
 from routesae.plugins import get_plugin_manager
 from routesae.reporters.base import Reporter
-from routesae.train import SAESpec, TrainConfig, train
 
 CONTEXT, BATCH = 32, 4
 SHUFFLE = {"sae_batch_tokens": 64, "buffer_tokens": 256, "log_every": 2}
@@ -173,7 +173,7 @@ def test_training_from_the_cache_gives_the_weights_of_training_live(whole_split_
     live_cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=1280, batch_size=BATCH,
                            context_length=CONTEXT, device="cpu", **SHUFFLE)
     live = train(specs(), tmp_path / "live", live_cfg, reporters=[], lm=lm)
-    cached_cfg = ActivationCache(whole_split_cache).train_config(tokens=1280, device="cpu", **SHUFFLE)
+    cached_cfg = TrainConfig.for_cache(whole_split_cache, tokens=1280, device="cpu", **SHUFFLE)
     assert cached_cfg.model == str(tiny_model_dir) and cached_cfg.batch_size == BATCH
     cached = train(specs(), tmp_path / "cached", cached_cfg, reporters=[])
     assert cached["source"] == "cache" and live["source"] == "live" and cached["steps"] == live["steps"]
@@ -206,7 +206,7 @@ def test_from_cache_training_needs_no_model_is_deterministic_and_resumes(lm, cac
     shutil.copytree(tiny_model_dir, model_copy)
     cache = cache_activations(tmp_path / "cache", cache_cfg(model=str(model_copy), tokens=1500), [1, 2], progress=False)
     shutil.rmtree(model_copy)  # from here on, nothing can load the language model
-    cfg = ActivationCache(cache).train_config(tokens=1280, checkpoint_every=0, device="cpu", **SHUFFLE)
+    cfg = TrainConfig.for_cache(cache, tokens=1280, checkpoint_every=0, device="cpu", **SHUFFLE)
     first = train(specs(), tmp_path / "a", cfg, reporters=[])
     train(specs(), tmp_path / "b", cfg, reporters=[])
     pm = get_plugin_manager()
@@ -226,7 +226,7 @@ def test_from_cache_training_needs_no_model_is_deterministic_and_resumes(lm, cac
 
 
 def test_a_from_cache_checkpoint_evaluates_with_timings(whole_split_cache, lm, tmp_path):
-    cfg = ActivationCache(whole_split_cache).train_config(tokens=640, device="cpu", **SHUFFLE)
+    cfg = TrainConfig.for_cache(whole_split_cache, tokens=640, device="cpu", **SHUFFLE)
     summary = train(specs(), tmp_path / "run", cfg, reporters=[])
     directory = tmp_path / "run" / summary["saes"][0]["name"]
     config = read_sae_config(directory)

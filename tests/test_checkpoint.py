@@ -7,8 +7,9 @@ import torch
 
 import routesae
 from routesae.architectures.topk import TopKConfig, TopKSAE
-from routesae.checkpoint import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_sae, save_sae
+from routesae.checkpoint import FORMAT_VERSION, load_sae, save_sae
 from routesae.errors import RouteSAEError
+from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import TRAINING_TEXT
 
+from routesae import SAESpec, TrainConfig, train
 from routesae.activations import training_positions
 from routesae.architectures.base import NO_INFERENCE, Inference
 from routesae.architectures.topk import TopKSAE
@@ -25,7 +26,6 @@ from routesae.data import load_corpus
 from routesae.errors import RouteSAEError
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for
-from routesae.train import SAESpec, TrainConfig, train
 
 CONTEXT = 32
 THRESHOLD = 1.0

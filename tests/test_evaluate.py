@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from routesae import SAESpec, TrainConfig, train
 from routesae.architectures.base import SAEOutput, SingleLayerConfig, SingleLayerSAE
 from routesae.architectures.routesae import RouteSAE
 from routesae.architectures.topk import TopKSAE
@@ -21,7 +22,6 @@ from routesae.evaluate import counted_positions, evaluate, splice_edits
 from routesae.hookspecs import hookimpl
 from routesae.lm import LanguageModel
 from routesae.plugins import get_plugin_manager
-from routesae.train import SAESpec, TrainConfig, train
 
 CONTEXT = 32
 SEED = 42

@@ -333,8 +333,8 @@ def test_an_interrupt_starts_no_queued_request_and_keeps_finished_latents(sae_di
 def test_local_interpreter_on_real_contexts_of_a_trained_sae(tiny_model_dir, text_corpus_dir, tmp_path):
     """The whole chain on real files: train a tiny SAE, extract its contexts, interpret with a tiny chat model.
     Its answers are gibberish, which the protocol must record as unparsable, not as scores."""
+    from routesae import SAESpec, TrainConfig, train
     from routesae.contexts import extract_contexts
-    from routesae.train import SAESpec, TrainConfig, train
 
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=512, batch_size=4, context_length=32,
                       sae_batch_tokens=64, buffer_tokens=256, device="cpu")

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from openai_server import FakeOpenAI
 
-from routesae.checkpoint import read_json
+from routesae import SAESpec, TrainConfig
 from routesae.cli import make_cli
+from routesae.files import read_json
 from routesae.pipeline import STAGES, PipelineConfig, pipeline
-from routesae.train import SAESpec, TrainConfig
 
 SECRET = "sk-pipeline-test-secret"
 

@@ -14,14 +14,14 @@ import pytest
 from browser import INSTALL_HINT, Browser, find_chromium
 from click.testing import CliRunner
 
-from routesae.checkpoint import read_json, write_json
+from routesae import SAESpec, TrainConfig, train
 from routesae.cli import make_cli
 from routesae.contexts import extract_contexts
 from routesae.errors import RouteSAEError
 from routesae.evaluate import evaluate
+from routesae.files import read_json, write_json
 from routesae.lm import LanguageModel
 from routesae.report import BETTER, render_report, write_report
-from routesae.train import SAESpec, TrainConfig, train
 
 XSS_NAME = '"><img src=x onerror=window.__xss=1>&é'  # an SAE name (a directory name too, so no slash)
 XSS_SCRIPT = "<script>window.__xss=2</script>"

@@ -3,9 +3,9 @@
 import json
 
 from click.testing import CliRunner
+from wandb_records import finished_run_records
 
 from routesae.cli import make_cli
-from wandb_records import finished_run_records
 
 SMALL = ["--k", "4", "--latent-size", "64", "--batch-size", "4", "--context-length", "32", "--sae-batch-tokens", "64",
          "--tokens", "640", "--log-every", "2"]
@@ -58,8 +58,8 @@ def test_report_wandb_without_wandb_installed_says_how_to_install(tiny_model_dir
 
 
 def test_evaluation_results_reach_the_reporters(tiny_model_dir, text_corpus_dir, tmp_path, capsys):
+    from routesae import SAESpec, TrainConfig, train
     from routesae.evaluate import evaluate
-    from routesae.train import SAESpec, TrainConfig, train
 
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=256, batch_size=4,
                       context_length=32, sae_batch_tokens=64)

@@ -8,15 +8,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from routesae import SAESpec, TrainConfig, train
 from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.checkpoint import load_sae
-from routesae.config import setting
 from routesae.cli import make_cli
+from routesae.config import setting
 from routesae.errors import RouteSAEError
 from routesae.hookspecs import hookimpl
 from routesae.plugins import get_plugin_manager
 from routesae.reporters.base import Reporter
-from routesae.train import SAESpec, TrainConfig, lr_factor, train
+from routesae.train_config import lr_factor
 
 SMALL = ["--k", "4", "--latent-size", "64", "--batch-size", "4", "--context-length", "32", "--sae-batch-tokens", "64",
          "--buffer-tokens", "256", "--log-every", "2"]

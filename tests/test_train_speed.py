@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from routesae.checkpoint import WEIGHTS_FILE
-from routesae.train import SAESpec, TrainConfig, run_request, train
+from routesae import SAESpec, TrainConfig, train
+from routesae.rundir import WEIGHTS_FILE
+from routesae.train_config import run_request
 
 NAME = "topk-L2-k4-F64"
 

@@ -7,13 +7,13 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from toy_training import low_rank, train_steps
 
 from routesae.architectures.base import normalized_mse, standardize
 from routesae.architectures.vanilla import VanillaConfig, VanillaSAE
 from routesae.checkpoint import load_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
-from toy_training import low_rank, train_steps
 
 D, F = 16, 64
 

@@ -61,7 +61,8 @@ def interpreter_options(pm: PluginManager, reserved: Iterable[str], prefix: str 
 def make_interpret_command(pm: PluginManager) -> click.Command:
     from pathlib import Path
 
-    from routesae.interpret import INTERPRETATIONS_FILE, BudgetReached, interpret
+    from routesae.interpret import BudgetReached, interpret
+    from routesae.rundir import INTERPRETATIONS_FILE
 
     reserved = {
         "sae_dir",

@@ -20,7 +20,8 @@ from routesae.cli.options import (
 )
 from routesae.errors import RouteSAEError
 from routesae.plugins import PluginManager
-from routesae.train import SAESpec, TrainConfig
+from routesae.specs import SAESpec
+from routesae.train_config import TrainConfig
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 INTERPRETER_PREFIX = "interpreter_"
@@ -68,9 +69,7 @@ def training_request(
     if not out:
         raise RouteSAEError('say where the run goes: --out DIR (or out = "DIR" in the run file\'s [train] table)')
     if train_settings.get("from_cache"):  # model and data come from the cache unless given (and then checked)
-        from routesae.cache import ActivationCache
-
-        cfg = ActivationCache(train_settings["from_cache"]).train_config(**train_settings)
+        cfg = TrainConfig.for_cache(train_settings["from_cache"], **train_settings)
     else:
         cfg = TrainConfig.from_dict(train_settings)
     return specs, out, cfg

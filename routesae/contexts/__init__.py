@@ -6,10 +6,9 @@ context with its activating token marked, ``read_contexts`` reads and checks a f
 """
 
 from routesae.contexts.extract import ContextSettings, extract_contexts
-from routesae.contexts.schema import CONTEXTS_FILE, contexts_fingerprint, read_contexts, render_context
+from routesae.contexts.schema import contexts_fingerprint, read_contexts, render_context
 
 __all__ = [
-    "CONTEXTS_FILE",
     "ContextSettings",
     "contexts_fingerprint",
     "extract_contexts",

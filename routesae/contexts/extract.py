@@ -47,18 +47,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-import routesae
 from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference, SAEOutput
-from routesae.checkpoint import load_sae, read_sae_config, write_json
-from routesae.contexts.schema import CONTEXTS_FILE, FORMAT, FORMAT_VERSION
+from routesae.checkpoint import load_sae, read_sae_config
+from routesae.contexts.schema import FORMAT, FORMAT_VERSION
 from routesae.contexts.topn import TopN
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
 from routesae.data import TokenBlocks, leading_blocks
 from routesae.errors import RouteSAEError
-from routesae.evaluate import expand_dirs
+from routesae.files import write_json
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for, model_for
+from routesae.rundir import CONTEXTS_FILE, expand_dirs
+from routesae.version import __version__
 
 SPLIT = "apply"
 NO_LAYER = -1
@@ -341,7 +342,7 @@ def _record(e: Extraction, settings: dict[str, Any], ids_BT: Tensor, start_BT: T
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "routesae_version": routesae.__version__,
+        "routesae_version": __version__,
         "sae": e.config.get("name", e.directory.name),
         "architecture": e.sae.name,
         "model": e.config["model"]["spec"],

@@ -10,10 +10,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from routesae.checkpoint import read_json
 from routesae.errors import RouteSAEError
+from routesae.files import read_json
+from routesae.rundir import CONTEXTS_FILE
 
-CONTEXTS_FILE = "contexts.json"
 FORMAT = "routesae.contexts"
 FORMAT_VERSION = 1
 TOP_KEYS = ("sae", "architecture", "model", "latent_size", "settings", "interpretable_latents", "latents", "pool")

@@ -11,7 +11,7 @@ from routesae.reporters.console import ConsoleReporter
 from routesae.reporters.jsonl import JsonlReporter
 from routesae.reporters.wandb import WandbReporter
 
-__all__ = ["Reporter", "StepReport", "build_reporters", "run_dir_of"]
+__all__ = ["Reporter", "StepReport", "build_reporters"]
 
 
 @hookimpl
@@ -27,8 +27,3 @@ def build_reporters(names: Sequence[str], run_dir: Path) -> list[Reporter]:
 
     pm = get_plugin_manager()
     return [pm.get("reporter", name)(run_dir) for name in dict.fromkeys(["jsonl", *names])]
-
-
-def run_dir_of(sae_dir: Path) -> Path:
-    """The run an SAE belongs to (the parent holding ``run.json``), or the SAE directory itself."""
-    return sae_dir.parent if (sae_dir.parent / "run.json").is_file() else sae_dir

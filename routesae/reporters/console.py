@@ -15,7 +15,6 @@ from rich.table import Table
 
 from routesae.reporters.base import Reporter, StepReport
 
-
 PLAIN_EVERY_S = 15.0
 
 

@@ -7,8 +7,7 @@ import json
 from typing import Any
 
 from routesae.reporters.base import Reporter, StepReport
-
-METRICS_FILE = "metrics.jsonl"
+from routesae.rundir import METRICS_FILE
 
 
 class JsonlReporter(Reporter):

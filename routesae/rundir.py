@@ -1,0 +1,239 @@
+"""The run directory: its layout, its manifest and its checkpoint generations, in one place.
+
+Every stage reads and writes a run through these names and this class, never by spelling file
+names itself::
+
+    RUN/
+      run.json                 the manifest: what was asked for, status, progress, the SAEs, the
+                               current checkpoint generation, and later stages' records (pipeline)
+      metrics.jsonl            the run's append-only record (reporters)
+      report.html              the HTML report
+      checkpoints/step-NNNNNN/ the current generation: one complete training checkpoint
+        rng.safetensors
+        SAE/config.json, weights.safetensors, trainer_state.safetensors
+      SAE/                     one directory per SAE, what every later stage reads:
+        config.json            ``routesae.load``-able checkpoint, published from the current generation
+        weights.safetensors
+        eval.json, contexts.json, interpretations.json
+
+A checkpoint is atomic as a whole: the trainer writes a generation into a temp directory, renames
+it into place, and only then points ``run.json`` at it (one atomic replace). A process killed at
+any moment leaves ``run.json`` pointing at the last complete generation, which ``--resume``
+restores; generations it does not point at are leftovers and are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from routesae.errors import RouteSAEError
+from routesae.files import TEMP_SUFFIX, read_json, write_json
+
+MANIFEST_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.html"
+CHECKPOINTS_DIR = "checkpoints"
+RNG_FILE = "rng.safetensors"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+TRAINER_STATE_FILE = "trainer_state.safetensors"
+EVAL_FILE = "eval.json"
+CONTEXTS_FILE = "contexts.json"
+INTERPRETATIONS_FILE = "interpretations.json"
+
+PUBLISHED = (WEIGHTS_FILE, CONFIG_FILE)  # weights before config: a config never names weights not yet there
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is an SAE checkpoint directory (it has a ``config.json``)."""
+    return (path / CONFIG_FILE).is_file()
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a run directory (a ``run.json`` and no SAE ``config.json`` of its own)."""
+    return (path / MANIFEST_FILE).is_file() and not is_checkpoint(path)
+
+
+def expand_dirs(paths: Iterable[Path | str]) -> list[Path]:
+    """SAE checkpoint directories; a run directory gives its SAEs, in the order of its manifest."""
+    dirs: list[Path] = []
+    for path in map(Path, paths):
+        if is_run(path):
+            dirs.extend(RunDirectory(path).sae_dirs())
+        else:
+            dirs.append(path)
+    if not dirs:
+        raise RouteSAEError("nothing to do: give at least one SAE or run directory")
+    return dirs
+
+
+def run_dir_of(sae_dir: Path) -> Path:
+    """The run an SAE belongs to (the parent holding ``run.json``), or the SAE directory itself."""
+    return sae_dir.parent if (sae_dir.parent / MANIFEST_FILE).is_file() else sae_dir
+
+
+def check_sae_name(name: str) -> str:
+    """An SAE's name is one directory inside the run: no separators, no ``..``, nothing hidden."""
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or name == CHECKPOINTS_DIR:
+        raise RouteSAEError(
+            f"{name!r} cannot name an SAE: the name becomes a directory inside the run, so it must be one plain "
+            f"path component (no '/', '\\\\' or leading '.', not {CHECKPOINTS_DIR!r})"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One complete training checkpoint: every SAE's files and the RNG at one step."""
+
+    path: Path
+
+    def sae_dir(self, name: str) -> Path:
+        return self.path / check_sae_name(name)
+
+    def trainer_state(self, name: str) -> Path:
+        return self.sae_dir(name) / TRAINER_STATE_FILE
+
+    @property
+    def rng(self) -> Path:
+        return self.path / RNG_FILE
+
+
+class RunDirectory:
+    """A run's directory: paths, the manifest, the request check and checkpoint generations."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    # -- layout -----------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_FILE
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    def sae_dir(self, name: str) -> Path:
+        return self.path / check_sae_name(name)
+
+    def sae_dirs(self) -> list[Path]:
+        """The SAE directories the manifest lists."""
+        return [self.path / sae["path"] for sae in self.read_manifest()["saes"]]
+
+    # -- the manifest -----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.exists():
+            raise RouteSAEError(f"{self.path} holds no run ({MANIFEST_FILE} is missing)")
+        return read_json(self.manifest_path)
+
+    def update_manifest(self, sections: dict[str, Any]) -> dict[str, Any]:
+        """Replace these top-level sections of ``run.json`` atomically, keeping the others (e.g. ``pipeline``)."""
+        manifest = {**(self.read_manifest() if self.exists() else {}), **sections}
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.manifest_path, manifest)
+        return manifest
+
+    def prepare(self, request: dict[str, Any], *, overwrite: bool, resume: bool) -> dict[str, Any] | None:
+        """Refuse to mix runs in one directory; return the manifest to resume from, or None to start afresh."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RouteSAEError(f"--out {self.path} is a file; give a directory")
+        if not self.exists():
+            if resume:
+                raise RouteSAEError(f"nothing to resume: {self.path} holds no run ({MANIFEST_FILE} is missing)")
+            return None
+        existing = self.read_manifest()
+        same = existing.get("request") == request
+        if resume:
+            if not same:
+                raise RouteSAEError(
+                    f"cannot resume: {self.path} holds a run with different settings; resume with the same options, "
+                    "or use --overwrite to start over"
+                )
+            if existing.get("status") == "finished":
+                raise RouteSAEError(f"{self.path} holds a finished run; nothing to resume (use --overwrite to retrain)")
+            return existing
+        if overwrite:
+            return None
+        if same and existing.get("status") == "finished":
+            raise RouteSAEError(f"{self.path} already holds this finished run; use --overwrite to train it again")
+        if same:
+            raise RouteSAEError(f"{self.path} holds an unfinished run of these settings; continue it with --resume (or --overwrite)")
+        raise RouteSAEError(f"{self.path} already holds a different run; choose another --out, or --overwrite to replace it")
+
+    # -- checkpoint generations ---------------------------------------------------------------------
+    def current_generation(self) -> Generation | None:
+        """The generation ``run.json`` points at; a run written before generations existed is its own."""
+        if not self.exists():
+            return None
+        manifest = self.read_manifest()
+        if "checkpoint" in manifest:
+            return Generation(self.path / manifest["checkpoint"])
+        return Generation(self.path) if manifest.get("progress", {}).get("step") else None
+
+    def begin_generation(self, step: int) -> Generation:
+        """An empty temp directory to write the checkpoint of ``step`` into; :meth:`commit` puts it in place."""
+        staging = self.checkpoints_path / f".step-{step:06d}{TEMP_SUFFIX}"
+        shutil.rmtree(staging, ignore_errors=True)  # a killed writer's leftovers
+        staging.mkdir(parents=True)
+        return Generation(staging)
+
+    def commit(self, staged: Generation, manifest: dict[str, Any]) -> Generation:
+        """Make a fully written generation the current checkpoint, atomically as a whole.
+
+        Rename it into place, point ``run.json`` at it (the switch: one atomic replace), then
+        publish each SAE's ``config.json`` and weights into its directory and drop older generations.
+        """
+        final = staged.path.with_name(staged.path.name.removeprefix(".").removesuffix(TEMP_SUFFIX))
+        shutil.rmtree(final, ignore_errors=True)  # a generation of this step that run.json never pointed at
+        staged.path.rename(final)
+        generation = Generation(final)
+        self.update_manifest({**manifest, "checkpoint": final.relative_to(self.path).as_posix()})
+        self.publish(generation)
+        return generation
+
+    def publish(self, generation: Generation) -> None:
+        """Link (or copy) each SAE's checkpoint files from ``generation`` into its directory; drop other generations.
+
+        Safe to repeat: resuming publishes the current generation again, which repairs a publication
+        a crash interrupted. Each file is replaced atomically and ``load_sae`` checks that a
+        config and its weights come from one checkpoint.
+        """
+        for sae in self.read_manifest()["saes"]:
+            source, target = generation.sae_dir(sae["name"]), self.sae_dir(sae["name"])
+            if source == target:
+                continue  # a run from before generations: its files are already in place
+            target.mkdir(parents=True, exist_ok=True)
+            for name in PUBLISHED:
+                _link_or_copy(source / name, target / name)
+        if self.checkpoints_path.is_dir():
+            for other in self.checkpoints_path.iterdir():
+                if other != generation.path:
+                    shutil.rmtree(other, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Put ``source`` at ``target`` atomically: a hard link where the file system allows one, else a copy."""
+    staging = target.with_name(f".{target.name}{TEMP_SUFFIX}")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(source, staging)
+    except OSError:
+        shutil.copyfile(source, staging)
+    os.replace(staging, target)
