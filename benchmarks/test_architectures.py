@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from routesae import TrainConfig
 from routesae.plugins import get_plugin_manager
-from routesae.train import TrainConfig, TrainedSAE
+from routesae.trained_sae import TrainedSAE
 
 TOKENS = 2048
 PARAMETER_BUDGET = 2e8  # beyond this (with Adam's two moments) a CPU benchmark would need > 3 GB

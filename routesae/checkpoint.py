@@ -8,11 +8,13 @@ trained on). Nothing is ever unpickled: weights are safetensors, optimizer state
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+import safetensors
+from safetensors import safe_open
 
 from routesae.architectures.base import SAE
 from routesae.errors import RouteSAEError
@@ -22,14 +24,21 @@ from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
 from routesae.version import __version__
 
 FORMAT_VERSION = 1
+CHECKPOINT_ID = "checkpoint_id"
 
 
 def save_sae(sae: SAE, directory: Path, meta: dict[str, Any]) -> None:
-    """Write weights first, then the config: a directory with a config always has its weights."""
-    write_safetensors(directory / WEIGHTS_FILE, sae.state_dict())
+    """Write weights first, then the config: a directory with a config always has its weights.
+
+    Both carry one random ``checkpoint_id``, so a reader can tell a config and weights written
+    together from a pair caught while a training run replaces them (:func:`read_weights`).
+    """
+    checkpoint_id = uuid.uuid4().hex
+    write_safetensors(directory / WEIGHTS_FILE, sae.state_dict(), {CHECKPOINT_ID: checkpoint_id})
     config = {
         "format_version": FORMAT_VERSION,
         "routesae_version": __version__,
+        CHECKPOINT_ID: checkpoint_id,
         "architecture": sae.name,
         "config": sae.cfg.to_dict(),
         "d_model": sae.d_model,
@@ -59,13 +68,31 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> tuple[SAE, 
     config = read_sae_config(directory)
     arch = get_plugin_manager().get("architecture", config["architecture"])
     sae = arch(arch.Config.from_dict(config["config"]), config["d_model"])
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise RouteSAEError(f"{directory} has a config but no {WEIGHTS_FILE}; the checkpoint is incomplete")
     try:
-        sae.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        sae.load_state_dict(read_weights(directory, config))
     except RuntimeError as e:
         raise RouteSAEError(f"{directory}/{WEIGHTS_FILE} does not match its config: {e}") from None
     return sae.to(device).eval(), config
+
+
+def read_weights(directory: Path, config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict in ``directory``'s weights file, checked to belong to ``config`` (its ``config.json``)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise RouteSAEError(f"{directory} has a config but no {WEIGHTS_FILE}; the checkpoint is incomplete")
+    try:
+        with safe_open(path, "pt", device=str(device)) as f:
+            written_with = (f.metadata() or {}).get(CHECKPOINT_ID)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, safetensors.SafetensorError) as e:
+        raise RouteSAEError(f"{path} cannot be read ({e}); the file is damaged or truncated") from None
+    expected = config.get(CHECKPOINT_ID)
+    if expected is not None and written_with is not None and expected != written_with:
+        raise RouteSAEError(
+            f"{path} and its {CONFIG_FILE} belong to different checkpoints: a training run is replacing them; "
+            "try again in a moment (or resume the run if it was killed, which repairs them)"
+        )
+    return tensors
 
 
 def save_optimizer(
@@ -81,8 +108,6 @@ def save_optimizer(
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
     """Restore what :func:`save_optimizer` wrote; returns (the step it was saved at, the extra tensors)."""
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}

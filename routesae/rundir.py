@@ -17,9 +17,10 @@ names itself::
         eval.json, contexts.json, interpretations.json
 
 A checkpoint is atomic as a whole: the trainer writes a generation into a temp directory, renames
-it into place, and only then points ``run.json`` at it (one atomic replace). A process killed at
-any moment leaves ``run.json`` pointing at the last complete generation, which ``--resume``
-restores; generations it does not point at are leftovers and are removed.
+it into place, publishes its SAE files, and only then points ``run.json`` at it (one atomic
+replace). A process killed at any moment leaves ``run.json`` pointing at the last complete
+generation, which ``--resume`` restores (and publishes again); generations it does not point at
+are leftovers and are removed.
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ class RunDirectory:
         write_json(self.manifest_path, manifest)
         return manifest
 
+    def start(self, manifest: dict[str, Any]) -> None:
+        """Begin a fresh run here: a new ``run.json`` (nothing of an earlier run kept), no metrics log, no generations."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.manifest_path, manifest)
+        self.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoints_path, ignore_errors=True)
+
     def prepare(self, request: dict[str, Any], *, overwrite: bool, resume: bool) -> dict[str, Any] | None:
         """Refuse to mix runs in one directory; return the manifest to resume from, or None to start afresh."""
         if self.path.exists() and not self.path.is_dir():
@@ -197,31 +205,44 @@ class RunDirectory:
     def commit(self, staged: Generation, manifest: dict[str, Any]) -> Generation:
         """Make a fully written generation the current checkpoint, atomically as a whole.
 
-        Rename it into place, point ``run.json`` at it (the switch: one atomic replace), then
-        publish each SAE's ``config.json`` and weights into its directory and drop older generations.
+        Rename it into place, publish each SAE's ``config.json`` and weights into its directory, then
+        point ``run.json`` at it (the switch: one atomic replace) and drop older generations. Until
+        the switch, ``run.json`` keeps pointing at the previous generation, which stays on disk: a
+        run is never "finished" before its SAE directories hold its final weights.
         """
         final = staged.path.with_name(staged.path.name.removeprefix(".").removesuffix(TEMP_SUFFIX))
         shutil.rmtree(final, ignore_errors=True)  # a generation of this step that run.json never pointed at
         staged.path.rename(final)
         generation = Generation(final)
+        self._publish_files(generation, manifest["saes"])
         self.update_manifest({**manifest, "checkpoint": final.relative_to(self.path).as_posix()})
-        self.publish(generation)
+        self._drop_generations_but(generation)
         return generation
 
     def publish(self, generation: Generation) -> None:
-        """Link (or copy) each SAE's checkpoint files from ``generation`` into its directory; drop other generations.
+        """Publish the current ``generation`` again and drop every other: what resuming does first.
 
-        Safe to repeat: resuming publishes the current generation again, which repairs a publication
-        a crash interrupted. Each file is replaced atomically and ``load_sae`` checks that a
-        config and its weights come from one checkpoint.
+        A crash may have left the SAE directories partly published from a generation that never
+        became current, or left generations nobody points at; this puts both right. Each file is
+        replaced atomically, and ``load_sae`` checks that a config and its weights come from one checkpoint.
         """
-        for sae in self.read_manifest()["saes"]:
+        self._publish_files(generation, self.read_manifest()["saes"])
+        self._drop_generations_but(generation)
+
+    def _publish_files(self, generation: Generation, saes: list[dict[str, Any]]) -> None:
+        """Link (or copy) each SAE's checkpoint files from ``generation`` into its directory."""
+        for sae in saes:
             source, target = generation.sae_dir(sae["name"]), self.sae_dir(sae["name"])
             if source == target:
                 continue  # a run from before generations: its files are already in place
             target.mkdir(parents=True, exist_ok=True)
             for name in PUBLISHED:
                 _link_or_copy(source / name, target / name)
+            (target / TRAINER_STATE_FILE).unlink(missing_ok=True)  # from a run begun before generations
+
+    def _drop_generations_but(self, generation: Generation) -> None:
+        if generation.path != self.path:
+            (self.path / RNG_FILE).unlink(missing_ok=True)  # from a run begun before generations
         if self.checkpoints_path.is_dir():
             for other in self.checkpoints_path.iterdir():
                 if other != generation.path:
