@@ -12,6 +12,7 @@ from routesae.architectures.base import (
     SAEOutput,
     SingleLayerConfig,
     SingleLayerSAE,
+    TrainingState,
 )
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
 from routesae.checkpoint import load_sae
@@ -56,6 +57,7 @@ __all__ = [
     "SingleLayerSAE",
     "SteeringResult",
     "TrainConfig",
+    "TrainingState",
     "__version__",
     "cache_activations",
     "evaluate",

@@ -12,14 +12,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 import safetensors
+import torch
 from safetensors import safe_open
 
 from routesae.architectures.base import SAE
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_json, write_safetensors
-from routesae.plugins import get_plugin_manager
+from routesae.plugins import PluginManager, activated
 from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
 from routesae.version import __version__
 
@@ -62,14 +62,21 @@ def read_sae_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def load_sae(directory: Path, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
-    """Rebuild an SAE from its directory; returns (sae in eval mode, its config.json)."""
+def load_sae(
+    directory: Path, device: str | torch.device = "cpu", *, plugins: PluginManager | None = None
+) -> tuple[SAE, dict[str, Any]]:
+    """Rebuild an SAE from its directory; returns (sae in eval mode, its config.json).
+
+    ``plugins``: the plugin manager whose architectures (and routers, ...) rebuild it (default: the one in use).
+    """
     directory = Path(directory)
     config = read_sae_config(directory)
-    arch = get_plugin_manager().get("architecture", config["architecture"])
-    sae = arch(arch.Config.from_dict(config["config"]), config["d_model"])
+    with activated(plugins) as pm:
+        arch = pm.get("architecture", config["architecture"])
+        settings, state = arch.upgrade(config["config"], read_weights(directory, config))
+        sae = arch(arch.Config.from_dict(settings), config["d_model"])
     try:
-        sae.load_state_dict(read_weights(directory, config))
+        sae.load_state_dict(state)
     except RuntimeError as e:
         raise RouteSAEError(f"{directory}/{WEIGHTS_FILE} does not match its config: {e}") from None
     return sae.to(device).eval(), config

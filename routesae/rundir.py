@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,8 +158,18 @@ class RunDirectory:
         self.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(self.checkpoints_path, ignore_errors=True)
 
-    def prepare(self, request: dict[str, Any], *, overwrite: bool, resume: bool) -> dict[str, Any] | None:
-        """Refuse to mix runs in one directory; return the manifest to resume from, or None to start afresh."""
+    def prepare(
+        self,
+        request: dict[str, Any],
+        *,
+        overwrite: bool,
+        resume: bool,
+        upgrade: Callable[[dict[str, Any]], dict[str, Any]] = lambda saved: saved,
+    ) -> dict[str, Any] | None:
+        """Refuse to mix runs in one directory; return the manifest to resume from, or None to start afresh.
+
+        ``upgrade`` brings the request an earlier version recorded into this version's form before comparing.
+        """
         if self.path.exists() and not self.path.is_dir():
             raise RouteSAEError(f"--out {self.path} is a file; give a directory")
         if not self.exists():
@@ -167,7 +177,7 @@ class RunDirectory:
                 raise RouteSAEError(f"nothing to resume: {self.path} holds no run ({MANIFEST_FILE} is missing)")
             return None
         existing = self.read_manifest()
-        same = existing.get("request") == request
+        same = upgrade(existing.get("request", {})) == request
         if resume:
             if not same:
                 raise RouteSAEError(

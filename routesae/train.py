@@ -25,10 +25,12 @@ from routesae.errors import RouteSAEError
 from routesae.files import write_safetensors
 from routesae.interrupt import Interrupt
 from routesae.lm import LanguageModel
-from routesae.reporters import Reporter, StepReport, build_reporters
+from routesae.plugins import PluginManager, activated
+from routesae.reporters import Reporter, StepReport
+from routesae.reporters.build import build_reporters
 from routesae.rundir import Generation, RunDirectory
 from routesae.specs import SAESpec
-from routesae.train_config import CHECKPOINT_SECONDS, TrainConfig, lr_factor, run_request
+from routesae.train_config import CHECKPOINT_SECONDS, TrainConfig, lr_factor, run_request, upgrade_request
 from routesae.trained_sae import TrainedSAE, build_trained_saes
 from routesae.training_data import TrainingData, cached_data, live_data
 from routesae.version import __version__
@@ -261,19 +263,34 @@ def train(
     resume: bool = False,
     reporters: list[str] | None = None,
     lm: LanguageModel | None = None,
+    plugins: PluginManager | None = None,
 ) -> dict[str, Any]:
     """Train SAEs from one activation harvest; see :class:`TrainConfig` for the settings.
 
     Everything that can be refused is checked before the model loads: the run directory against
     the request, the reporters, the cache. With ``cfg.from_cache`` the activations come from an
-    activation cache and no language model is loaded.
+    activation cache and no language model is loaded. ``plugins``: the plugin manager whose
+    architectures and reporters the run uses (default: the one in use).
 
     >>> train([SAESpec.build("topk", k=32, layer=21)], "runs/demo", TrainConfig(tokens=200_000))
     """
-    cfg = cfg or TrainConfig()
+    with activated(plugins):
+        return _train(specs, out, cfg or TrainConfig(), overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
+
+
+def _train(
+    specs: Sequence[SAESpec],
+    out: Path | str,
+    cfg: TrainConfig,
+    *,
+    overwrite: bool,
+    resume: bool,
+    reporters: list[str] | None,
+    lm: LanguageModel | None,
+) -> dict[str, Any]:
     run_dir = RunDirectory(out)
     request = run_request(specs, cfg)
-    resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume)
+    resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume, upgrade=upgrade_request)
     progress = resumed.get("progress", START) if resumed else START
     built_reporters = build_reporters(reporters if reporters is not None else ["console"], run_dir.path)
     device = cfg.resolved_device()

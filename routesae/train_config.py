@@ -10,6 +10,7 @@ from routesae.activations import HarvestConfig
 from routesae.cache import TRAIN_DEFAULTS, ActivationCache
 from routesae.config import setting
 from routesae.errors import ConfigError
+from routesae.plugins import get_plugin_manager
 
 if TYPE_CHECKING:
     from routesae.specs import SAESpec
@@ -66,7 +67,7 @@ class TrainConfig(HarvestConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every"):
+        for name in ("sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every", "dead_after_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -96,6 +97,19 @@ def run_request(specs: Sequence[SAESpec], cfg: TrainConfig) -> dict[str, Any]:
     for name in EXECUTION_SETTINGS:
         del train_request[name]
     return {"train": train_request, "saes": [s.to_dict() for s in specs]}
+
+
+def upgrade_request(saved: dict[str, Any]) -> dict[str, Any]:
+    """A request ``run.json`` recorded, in this version's form: each SAE's settings through its architecture's
+    :meth:`~routesae.SAE.upgrade`, so a run written by an earlier routesae still resumes, or is reused, under
+    the same command. Architectures that are not installed are left as they are (the request then differs)."""
+    pm = get_plugin_manager()
+    saes = []
+    for sae in saved.get("saes", []):
+        if sae.get("architecture") in pm.names("architecture"):
+            sae = {**sae, "config": pm.get("architecture", sae["architecture"]).upgrade(sae["config"], {})[0]}
+        saes.append(sae)
+    return {**saved, "saes": saes}
 
 
 def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: Schedule = "wsd") -> float:

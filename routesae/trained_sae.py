@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from routesae.architectures.base import SAE
+from routesae.architectures.base import SAE, TrainingState
 from routesae.checkpoint import load_optimizer, read_sae_config, read_weights, save_optimizer, save_sae
 from routesae.errors import ConfigError
 from routesae.firing import FiringCounter
@@ -67,9 +67,10 @@ class TrainedSAE:
     def step(self, acts_NLD: Tensor, lr: float, step: int) -> dict[str, float]:
         """One optimiser step; raises FloatingPointError (before touching the weights) on a NaN/inf loss."""
         start = time.perf_counter()
+        state = TrainingState(step=step, dead_F=self.firing.dead())  # dead before this batch counts, as AuxK expects
         with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             out = self.forward(acts_NLD if self.reads_all else acts_NLD.index_select(1, self.layer_index))
-            loss, terms = self.sae.loss(out)
+            loss, terms = self.sae.loss(out, state)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()}")
         for group in self.optimizer.param_groups:
@@ -105,7 +106,8 @@ class TrainedSAE:
         """Weights, optimiser state and counter from ``generation``; returns the step they were saved at."""
         device = self.layer_index.device
         directory = generation.sae_dir(self.name)
-        self.sae.load_state_dict(read_weights(directory, read_sae_config(directory), device))
+        _, state = self.sae.upgrade(self.sae.cfg.to_dict(), read_weights(directory, read_sae_config(directory), device))
+        self.sae.load_state_dict(state)
         step, extra = load_optimizer(self.optimizer, generation.trainer_state(self.name))
         self.firing.tokens_since_fired = extra[FIRING_STATE].to(device)
         return step
@@ -121,7 +123,7 @@ def build_trained_saes(
     """
     if not specs:
         raise ConfigError("nothing to train: give at least one architecture")
-    pm = get_plugin_manager()
+    pm = get_plugin_manager()  # the one train() activated
     resolved = [(s, s.config.resolve(model.n_layers)) for s in specs]
     layers = sorted({layer for _, c in resolved for layer in c.resolved_layers()})
     names = [check_sae_name(s.name or "-".join([s.architecture, *c.name_parts()])) for s, c in resolved]

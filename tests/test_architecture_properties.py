@@ -41,6 +41,7 @@ def test_shapes_and_encode_decode_agree_with_forward(name, n, seed):
         out = sae(activations(sae, n, seed))
         assert out.latents.shape == (n, sae.cfg.latent_size)
         assert out.x_hat.shape == out.target.shape and out.target.shape[0] == n and out.target.shape[-1] == D_MODEL
+        assert out.pre is None or out.pre.shape == out.latents.shape
         torch.testing.assert_close(sae.encode(out.target), out.latents)
         torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
 

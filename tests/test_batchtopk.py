@@ -126,7 +126,8 @@ def test_train_mode_keeps_exactly_k_times_n_with_variable_counts():
     assert per_token.unique().numel() > 1  # variable, unlike TopK
     assert (out.latents >= 0).all()
     # the kept set is the top of the batch: nothing dropped is larger than anything kept
-    pre = sae.preactivations(out.target).relu()
+    torch.testing.assert_close(out.pre, sae.preactivations(out.target))
+    pre = out.pre.relu()
     assert pre[~active].max() <= out.latents[active].min()
     assert torch.equal(out.latents[active], pre[active])
 

@@ -53,7 +53,9 @@ def test_encoder_is_the_sum_of_per_layer_encoders(n, n_layers, seed):
     torch.testing.assert_close(sae.preactivations(x), explicit)
     x_std = standardize(x, "token")[0]
     z = (sum(x_std[:, l] @ sae.W_enc[:, l].T for l in range(n_layers)) + sae.b_enc).relu()
-    torch.testing.assert_close(sae(x).latents, z)
+    out = sae(x)
+    torch.testing.assert_close(out.latents, z)
+    torch.testing.assert_close(out.pre, sae.preactivations(x_std))
     torch.testing.assert_close(sae.encode(x), z)
 
 
@@ -75,7 +77,7 @@ def test_every_layer_is_decoded_by_its_own_decoder_and_reconstructed():
         sae.b_dec.normal_()
     a = acts(25)
     out = sae(a)
-    x, norm = standardize(a, "token")
+    x, _ = standardize(a, "token")
     torch.testing.assert_close(out.target, x)
     for layer in range(3):
         torch.testing.assert_close(out.x_hat[:, layer], out.latents @ sae.W_dec[:, layer] + sae.b_dec[layer])
@@ -121,6 +123,7 @@ def test_topk_crosscoder_keeps_k_non_negative_latents_and_its_sparse_decode_matc
     a = acts(40)
     out = sae(a)
     pre = sae.preactivations(out.target)
+    torch.testing.assert_close(out.pre, pre)
     assert ((out.latents != 0).sum(-1) <= k).all() and (out.latents >= 0).all()
     assert ((out.latents != 0).sum(-1) == k).all(), "random data: the top k are positive"
     torch.testing.assert_close(out.latents.max(-1).values, pre.max(-1).values)

@@ -49,7 +49,8 @@ def test_a_latent_fires_exactly_where_the_gate_is_positive(seed):
     assert (z >= 0).all()
     assert (z[pi_gate <= 0] == 0).all()
     torch.testing.assert_close(z[pi_gate > 0], pi_mag[pi_gate > 0].relu())
-    torch.testing.assert_close(sae.preactivations(x), pi_gate)
+    torch.testing.assert_close(sae.preactivations(x), h)  # the shared pre-activation (SAEOutput.pre)
+    torch.testing.assert_close(sae.gate(h), pi_gate)
 
 
 def test_forward_is_encode_then_decode_of_the_standardized_input():
@@ -57,6 +58,7 @@ def test_forward_is_encode_then_decode_of_the_standardized_input():
     acts = torch.randn(20, 1, D) * 5 - 2
     out = sae(acts)
     x = standardize(acts, "token")[0][:, 0]
+    torch.testing.assert_close(out.pre, (x - sae.b_dec) @ sae.W_enc.T)  # h, shared by the gate and magnitude paths
     torch.testing.assert_close(out.latents, sae.encode(x))
     torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
 
@@ -65,7 +67,7 @@ def test_published_loss_terms():
     sae = perturbed(make(l1=2.0), 2)
     out = sae(torch.randn(40, 1, D))
     loss, terms = sae.loss(out)
-    gate = out.extras["pi_gate"].relu()
+    gate = sae.gate(out.pre).relu()
     torch.testing.assert_close(terms["l1"], 2.0 / F * gate.sum(-1).mean())
     torch.testing.assert_close(terms["aux"], normalized_mse(sae.decode(gate), out.target))
     torch.testing.assert_close(loss, terms["nmse"] + terms["l1"] + terms["aux"])
@@ -76,7 +78,7 @@ def test_frozen_decoder_term_gives_no_gradient_to_the_decoder_weights():
     out = sae(torch.randn(40, 1, D))
     loss, _ = sae.loss(out)
     nmse = normalized_mse(out.x_hat, out.target)
-    gate = out.extras["pi_gate"].relu()
+    gate = sae.gate(out.pre).relu()
     aux = normalized_mse(gate @ sae.W_dec + sae.b_dec, out.target)  # the same term, decoder NOT frozen
     (from_loss,) = torch.autograd.grad(loss, [sae.W_dec], retain_graph=True)
     (from_nmse,) = torch.autograd.grad(nmse, [sae.W_dec], retain_graph=True)

@@ -1,8 +1,8 @@
 """Inference-time sparsity overrides (reference §3.8), for every registered architecture that supports them.
 
 ``--infer-k K`` gives exactly the top K pre-activations, signed; ``--theta θ`` keeps exactly the
-pre-activations above θ; no override changes nothing; they go through ``forward``, ``encode`` and
-``encode_decode`` alike, and through the evaluator and its CLI.
+pre-activations above θ; no override changes nothing; they go through ``forward`` and ``encode``
+alike, and through the evaluator and its CLI.
 """
 
 import json
@@ -35,7 +35,9 @@ def run(sae, override, n, seed):
     """(output, pre-activations, encode(target)) under ``override``."""
     with torch.no_grad(), sae.inference(override):
         out = sae(activations(sae, n, seed))
-        return out, preactivations(sae, out.target), sae.encode(out.target)
+        pre = preactivations(sae, out.target)
+        torch.testing.assert_close(out.pre, pre)  # an override reads them all, so every path gives them
+        return out, pre, sae.encode(out.target)
 
 
 def test_gated_is_the_only_builtin_without_overrides():

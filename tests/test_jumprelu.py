@@ -33,7 +33,7 @@ def with_thresholds(sae, theta):
 def output_for(pre):
     """An SAEOutput whose reconstruction does not depend on the latents, to isolate the L0 term."""
     return lambda sae: SAEOutput(
-        latents=sae.activation(pre), x_hat=torch.ones(len(pre), D), target=torch.ones(len(pre), D), extras={"pre": pre}
+        latents=sae.activation(pre), x_hat=torch.ones(len(pre), D), target=torch.ones(len(pre), D), pre=pre
     )
 
 
@@ -62,7 +62,7 @@ def test_forward_is_encode_then_decode_of_the_standardized_input():
     x = standardize(acts, "token")[0][:, 0]
     torch.testing.assert_close(out.latents, sae.encode(x))
     torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
-    torch.testing.assert_close(out.extras["pre"], sae.preactivations(x))
+    torch.testing.assert_close(out.pre, sae.preactivations(x))
 
 
 def test_threshold_gradient_on_a_hand_built_example():

@@ -7,13 +7,15 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
-from routesae.architectures.base import STANDARDIZE_EPS, SingleLayerSAE, normalized_mse, standardize
+from routesae.architectures.base import STANDARDIZE_EPS, SingleLayerSAE, TrainingState, normalized_mse, standardize
 from routesae.architectures.routesae import RouteSAE, RouteSAEConfig, single_layer_architectures
 from routesae.architectures.topk import TopKSAE
 from routesae.checkpoint import load_sae, save_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError
+from routesae.firing import FiringCounter
 
 D = 16
 
@@ -108,7 +110,7 @@ def test_forward_is_the_routed_input_through_the_inner(router):
     sae = make(k=4, router=router)
     a = acts(20)
     out = sae(a)
-    x, norm = standardize(a, "token")
+    x, _ = standardize(a, "token")
     torch.testing.assert_close(out.extras["x_chosen"], x[torch.arange(20), out.extras["chosen"]])
     probs = (sae.router(x.sum(1))).softmax(-1)
     torch.testing.assert_close(out.extras["router_probs"], probs)
@@ -118,7 +120,7 @@ def test_forward_is_the_routed_input_through_the_inner(router):
     else:
         expected = (probs[:, :, None] * x).sum(1)
     torch.testing.assert_close(out.target, expected)
-    z, x_hat = sae.sae.encode_decode(expected)
+    _, z, x_hat = sae.sae.encode_decode(expected)
     torch.testing.assert_close(out.latents, z)
     torch.testing.assert_close(out.x_hat, x_hat)
     loss, terms = sae.loss(out)
@@ -147,7 +149,7 @@ def test_every_registered_single_layer_architecture_works_as_the_inner(inner):
     sae.train()
     out = sae(a)
     loss, terms = sae.loss(out)
-    standalone_loss, standalone_terms = sae.sae.loss(sae.sae(out.target.detach()[:, None]))
+    _, standalone_terms = sae.sae.loss(sae.sae(out.target.detach()[:, None]))
     assert set(standalone_terms) <= set(terms), "every inner term is logged"
     loss.backward()
     assert torch.isfinite(loss) and sae.router.weight.grad is not None
@@ -165,6 +167,7 @@ def test_inner_sparsity_terms_apply():
         pytest.skip("no vanilla architecture registered")
     sae = make(inner="vanilla", l1=2.0)
     out = sae(acts(30))
+    torch.testing.assert_close(out.pre, sae.sae.preactivations(out.target))  # the inner's, passed through
     loss, terms = sae.loss(out)
     torch.testing.assert_close(loss, normalized_mse(out.x_hat, out.target) + 2.0 * out.latents.abs().mean())
     torch.testing.assert_close(terms["l1"], 2.0 * out.latents.abs().mean())
@@ -184,16 +187,17 @@ def test_batchtopk_inner_keeps_k_per_token_on_average_and_calibrates_through_aft
     assert ((eval_out.latents == 0) | (eval_out.latents > sae.sae.threshold)).all()
 
 
-def test_topk_inner_with_auxk_uses_its_own_forward_extras_and_counters():
+def test_topk_inner_with_auxk_gets_its_pre_activations_and_the_trainers_dead_latents():
     if "auxk" not in TopKSAE.setting_names():
         pytest.skip("this TopK has no AuxK")
-    sae = make(k=2, auxk=1 / 32, dead_tokens=1, auxk_k=4)
+    sae = make(k=2, auxk=1 / 32, auxk_k=4)
+    firing = FiringCounter(64, dead_after_tokens=1)
     sae.train()
     out = sae(acts(30))
-    assert "pre" in out.extras
-    sae.after_step(0)
-    assert sae.sae.dead_mask().any()
-    loss, terms = sae.loss(sae(acts(30, seed=3)))
+    assert out.pre is not None
+    firing.update(out.latents)
+    assert firing.dead().any()
+    loss, terms = sae.loss(sae(acts(30, seed=3)), TrainingState(step=1, dead_F=firing.dead()))
     assert terms["auxk"] > 0
     loss.backward()
 
@@ -307,7 +311,7 @@ def test_save_and_load_give_identical_outputs(tmp_path, settings_):
         sae.after_step(seed)
     sae.eval()
     save_sae(sae, tmp_path / "sae", {"name": "x"})
-    loaded, config = load_sae(tmp_path / "sae")
+    loaded, _ = load_sae(tmp_path / "sae")
     assert type(loaded) is RouteSAE and loaded.cfg == sae.cfg and not loaded.training
     assert loaded.statistics() == sae.statistics() and sum(loaded.statistics()["routing_counts"].values()) == pytest.approx(60)
     a = acts(30, seed=9)
@@ -317,6 +321,31 @@ def test_save_and_load_give_identical_outputs(tmp_path, settings_):
             assert torch.equal(getattr(out, key), getattr(again, key))
         r1, r2 = sae.reconstruction(out), loaded.reconstruction(again)
     assert all(torch.equal(r1[b][0], r2[b][0]) and torch.equal(r1[b][1], r2[b][1]) for b in r1)
+
+
+def test_upgrade_is_the_inners_on_its_settings_and_weights():
+    config = {"layers": "1:3", "inner": "topk", "inner_settings": {"k": 4, "auxk": 0.5, "dead_tokens": 128}}
+    state = {"router.weight": torch.zeros(1), "sae.W_enc": torch.zeros(1), "sae.tokens_since_fired": torch.zeros(1)}
+    new_config, new_state = RouteSAE.upgrade(config, state)
+    assert new_config == {"layers": "1:3", "inner": "topk", "inner_settings": {"k": 4, "auxk": 0.5}}
+    assert set(new_state) == {"router.weight", "sae.W_enc"}
+    batchtopk = {"inner": "batchtopk", "inner_settings": {"k": 4}}
+    assert RouteSAE.upgrade(batchtopk, new_state) == (batchtopk, new_state)
+
+
+def test_a_checkpoint_with_the_old_dead_latent_counter_loads(tmp_path):
+    """Written while TopK kept its own counter: ``dead_tokens`` among the inner settings, ``sae.tokens_since_fired``."""
+    sae = make(k=4, auxk=1 / 32).eval()
+    save_sae(sae, tmp_path / "sae", {"name": "x"})
+    config = json.loads((tmp_path / "sae" / "config.json").read_text())
+    config["config"]["inner_settings"]["dead_tokens"] = 100_000
+    (tmp_path / "sae" / "config.json").write_text(json.dumps(config))
+    save_file({**sae.state_dict(), "sae.tokens_since_fired": torch.zeros(64, dtype=torch.long)}, tmp_path / "sae" / "weights.safetensors")
+    loaded, _ = load_sae(tmp_path / "sae")
+    assert loaded.cfg == sae.cfg
+    a = acts(30, seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(a).x_hat, sae(a).x_hat)
 
 
 # -- the real CLI -------------------------------------------------------------------------------------

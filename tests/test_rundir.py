@@ -66,9 +66,11 @@ class FileBoundaries:
 
 @pytest.fixture
 def setup(tiny_model_dir, text_corpus_dir):
+    # AuxK acts on latents dead for 128 tokens (two steps), so resuming also needs the dead-latent counters back
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=768, batch_size=4, context_length=32,
-                      sae_batch_tokens=64, buffer_tokens=256, log_every=100, checkpoint_every=4)
-    specs = [SAESpec.build("topk", k=4, latent_size=64, layer=1), SAESpec.build("routesae", k=4, latent_size=64, layers="0:3")]
+                      sae_batch_tokens=64, buffer_tokens=256, log_every=100, checkpoint_every=4, dead_after_tokens=128)
+    specs = [SAESpec.build("topk", k=4, latent_size=64, layer=1, auxk=1 / 32),
+             SAESpec.build("routesae", k=4, latent_size=64, layers="0:3")]
     return cfg, specs
 
 
@@ -158,6 +160,19 @@ def test_a_run_from_before_generations_resumes(setup, tmp_path, monkeypatch):
     train(specs, out, cfg, resume=True, reporters=[])
     assert_same_weights(weights(out), expected)
     assert not (out / RNG_FILE).exists() and not any((out / name / TRAINER_STATE_FILE).exists() for name in NAMES)
+
+
+def test_a_run_recorded_by_an_earlier_version_is_the_same_run(setup, tmp_path):
+    """run.json's request holds each SAE's settings as that version wrote them (TopK had ``dead_tokens``)."""
+    cfg, specs = setup
+    out = tmp_path / "run"
+    summary = train(specs, out, cfg, reporters=[])
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["request"]["saes"][0]["config"]["dead_tokens"] = 100_000
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RouteSAEError, match="already holds this finished run"):
+        train(specs, out, cfg, reporters=[])
+    assert summary["saes"][0]["final"]["auxk"] > 0, "AuxK acted in this run"
 
 
 def test_sae_names_must_be_one_plain_path_component():

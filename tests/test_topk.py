@@ -6,9 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from routesae.architectures.base import Inference, default_single_layer, normalized_mse, standardize
 from routesae.architectures.topk import TopKConfig, TopKEncode, TopKSAE
+from routesae.checkpoint import load_sae
 from routesae.errors import ConfigError
 
 
@@ -203,3 +205,52 @@ def test_overrides_and_edits_bypass_the_sparse_encoder():
                                                          (256, 1024, False), (4, 16, False)])
 def test_auto_encoder_backward_is_sparse_only_where_measured_to_pay(k, latent_size, sparse):
     assert TopKSAE(TopKConfig(k=k, latent_size=latent_size, layer=0), 8).uses_sparse_encoder_backward() is sparse
+
+
+@pytest.mark.parametrize(("encoder_path", "auxk", "has_pre"), [("sparse", 0.0, False), ("dense", 0.0, True), ("sparse", 1 / 32, True)])
+def test_pre_activations_are_given_except_on_the_sparse_encoder_path(encoder_path, auxk, has_pre):
+    """TopKEncode keeps only the top k per token, so there are no dense pre-activations to give; AuxK never takes it."""
+    sae = TopKSAE(TopKConfig(k=4, latent_size=64, layer=0, auxk=auxk), 16)
+    sae.encoder_path = encoder_path
+    x = torch.randn(10, 1, 16)
+    out = sae(x)
+    if has_pre:
+        torch.testing.assert_close(out.pre, sae.preactivations(out.target))
+    else:
+        assert out.pre is None
+    with sae.inference(Inference(k=2)):
+        torch.testing.assert_close(sae(x).pre, sae.preactivations(out.target))
+
+
+def write_v1_topk_checkpoint(directory, auxk):
+    """A TopK checkpoint as routesae wrote it while AuxK kept its own dead-latent counter (setting and buffer)."""
+    torch.manual_seed(3)
+    weights = {"W_enc": torch.randn(32, 16), "W_dec": torch.randn(32, 16), "b_enc": torch.randn(32), "b_dec": torch.randn(16)}
+    if auxk:
+        weights["tokens_since_fired"] = torch.arange(32)
+    settings_ = {"latent_size": 32, "normalize": "token", "layer": 1, "k": 4, "relu": False, "auxk": auxk, "auxk_k": None,
+                 "dead_tokens": 100_000}
+    directory.mkdir()
+    save_file(weights, directory / "weights.safetensors")
+    config = {"format_version": 1, "routesae_version": "0.1.0", "architecture": "topk", "config": settings_, "d_model": 16,
+              "layers": [1]}
+    (directory / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+def test_upgrade_drops_the_old_dead_latent_setting_and_buffer():
+    config = {"k": 4, "auxk": 0.5, "dead_tokens": 128}
+    state = {"W_enc": torch.zeros(1), "tokens_since_fired": torch.zeros(1, dtype=torch.long)}
+    new_config, new_state = TopKSAE.upgrade(config, state)
+    assert new_config == {"k": 4, "auxk": 0.5} and set(new_state) == {"W_enc"}
+    assert TopKSAE.upgrade(new_config, new_state) == (new_config, new_state), "a current checkpoint passes unchanged"
+
+
+@pytest.mark.parametrize("auxk", [0.0, 1 / 32])
+def test_a_checkpoint_with_the_old_dead_latent_counter_loads(tmp_path, auxk):
+    weights = write_v1_topk_checkpoint(tmp_path / "topk", auxk)
+    sae, _ = load_sae(tmp_path / "topk")
+    assert isinstance(sae, TopKSAE) and sae.cfg.auxk == auxk and sae.cfg.k == 4
+    assert set(sae.state_dict()) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+    for name, value in sae.state_dict().items():
+        assert torch.equal(value, weights[name]), name

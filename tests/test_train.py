@@ -138,6 +138,7 @@ def test_one_harvest_trains_several_architectures(base_args, tmp_path):
         (["--dataset", "/no/such/corpus"], "/no/such/corpus"),
         (["--model", "/no/such/model"], "/no/such/model"),
         (["--lr", "-1"], "lr must be positive"),
+        (["--dead-after-tokens", "0"], "dead-after-tokens must be positive"),
     ],
 )
 def test_bad_input_is_a_short_error_with_exit_code_2(base_args, tmp_path, text_corpus_dir, extra, message):
@@ -265,8 +266,8 @@ class DivergingSAE(TopKSAE):
         super().__init__(cfg, d_model)
         self.steps_done = 0
 
-    def loss(self, out):
-        loss, terms = super().loss(out)
+    def loss(self, out, state):
+        loss, terms = super().loss(out, state)
         return (loss * float("nan") if self.steps_done >= 3 else loss), terms
 
     def after_step(self, step):

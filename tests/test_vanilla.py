@@ -42,6 +42,7 @@ def test_forward_is_encode_then_decode_of_the_standardized_input():
     out = sae(acts)
     x = standardize(acts, "token")[0][:, 0]
     torch.testing.assert_close(out.target, x)
+    torch.testing.assert_close(out.pre, sae.preactivations(x))
     torch.testing.assert_close(out.latents, sae.encode(x))
     torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
 

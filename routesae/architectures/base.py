@@ -5,7 +5,10 @@ and a ``Config`` dataclass. The kernel hands it raw residual-stream activations
 ``acts_NLD`` (N tokens, the L layers it reads, D model width) and gets back an
 :class:`SAEOutput`; everything else (normalisation, routing, sparsity) is the architecture's
 business. Single-layer architectures subclass :class:`SingleLayerSAE`, which owns the usual
-encoder/decoder parameters and the per-token standardisation of the reference.
+encoder/decoder parameters, the per-token standardisation of the reference and the forward pass:
+an architecture defines its pre-activations, activation, decode and loss terms, not ``forward``.
+The trainer passes what it knows (the step, the dead latents) to :meth:`SAE.loss` as a
+:class:`TrainingState`.
 """
 
 from __future__ import annotations
@@ -198,13 +201,35 @@ class StandardizedLayers:
 
 @dataclass
 class SAEOutput:
-    """What one forward pass produced; ``target`` and ``x_hat`` live in the SAE's input space."""
+    """What one forward pass produced; ``target`` and ``x_hat`` live in the SAE's input space.
+
+    ``pre`` are the pre-activations ``[N, F]`` the latents were made from, so that a loss term
+    on them (AuxK, JumpReLU's L0, Gated's gate terms) needs no forward of its own: W_enc(x − b_dec)
+    + b_enc for TopK, Vanilla, JumpReLU and BatchTopK, Gated's shared h = W_gate(x − b_dec), the
+    Crosscoder's joint pre-activation, RouteSAE's inner's. It is None where an architecture has
+    none to give: TopK's sparse encoder path (:class:`~routesae.architectures.topk.TopKEncode`,
+    TopK without AuxK where it pays) keeps only the top k per token, because holding the dense
+    pre-activations as well made its training steps slower and larger.
+    """
 
     latents: Tensor  # [N, F] (dense; zeros where inactive)
     x_hat: Tensor  # same shape as target
     target: Tensor  # what x_hat reconstructs (the normalised input; the routed input for RouteSAE)
+    pre: Tensor | None = None  # [N, F], see above
     norm: Standardization | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What the trainer knows that a loss may use (like SAELens' TrainStepInput)."""
+
+    step: int = 0
+    # bool [F]: latents that have not fired for TrainConfig.dead_after_tokens training tokens; None outside training
+    dead_F: Tensor | None = None
+
+
+NO_TRAINING_STATE = TrainingState()
 
 
 @dataclass(frozen=True)
@@ -221,7 +246,8 @@ class Inference:
     Per architecture, ``a`` is W_enc(x − b_dec) + b_enc for TopK, Vanilla, JumpReLU and
     BatchTopK (the override replaces TopK / ReLU / JumpReLU / the batch rule or its threshold),
     the joint pre-activation Σ_l W_enc[:, l] x_l + b_enc for the Crosscoder, and the inner SAE's
-    for RouteSAE (routing is untouched). Gated has no single pre-activation and refuses them.
+    for RouteSAE (routing is untouched). Gated refuses them: its latents follow from its
+    pre-activation through two paths (gate and magnitude), so no one value both selects and sets them.
     """
 
     k: int | None = None
@@ -263,7 +289,7 @@ class SAE(nn.Module):
     """Base class of every architecture. See the module docstring for the contract.
 
     Inference overrides: inside ``with sae.inference(Inference(k=64)):`` every encoding path
-    (``forward``, ``encode``, ``encode_decode``) sparsifies through :meth:`sparsify`, which uses
+    (``forward``, ``encode``) sparsifies through :meth:`sparsify`, which uses
     the override instead of the trained :meth:`activation`. It applies whenever set, in train or
     eval mode; the trainer never sets it, so training is unaffected. An architecture whose
     pre-activations an override cannot replace sets ``supports_inference = False``.
@@ -272,9 +298,12 @@ class SAE(nn.Module):
     (``forward``, ``encode``, and so ``reconstruction``) passes them through ``fn`` before
     decoding, so ``out.latents`` are the edited latents and ``x_hat`` decodes them. The kernel
     steers any architecture through this alone, without knowing its internals. :meth:`sparsify`
-    applies it; an architecture that makes latents some other way (Gated) calls
-    :meth:`apply_latent_edit` itself, and one with a sparse decode decodes densely while an edit
-    is set (an edit may switch on latents the sparse selection did not keep).
+    applies it; an architecture that makes latents some other way calls :meth:`apply_latent_edit`
+    itself, and one with a sparse decode decodes densely while an edit is set (an edit may switch
+    on latents the sparse selection did not keep).
+
+    Loss: :meth:`loss` is NMSE plus the architecture's :meth:`loss_terms`, logged with its
+    :meth:`diagnostics` and L0; an architecture defines those two rather than ``loss``.
     """
 
     name: ClassVar[str] = ""
@@ -324,6 +353,16 @@ class SAE(nn.Module):
     def apply_latent_edit(self, latents_NF: Tensor) -> Tensor:
         """``latents_NF`` through the edit set by :meth:`edit_latents`, or unchanged when none is."""
         return latents_NF if self.latent_edit is None else self.latent_edit(latents_NF)
+
+    def routed_blocks(self, out: SAEOutput) -> Tensor | None:
+        """Per token of ``out``, the block its latents were read at (``[N]`` long), or None when they span several.
+
+        A single-layer SAE reads its one block; RouteSAE the block its router chose per token; a
+        Crosscoder's latents belong to no single block. Contexts record it beside each activation.
+        """
+        if len(self.layers) != 1:
+            return None
+        return torch.full((out.latents.shape[0],), self.layers[0], dtype=torch.long, device=out.latents.device)
 
     def steering_caveat(self) -> str | None:
         """Why a clamp on this SAE's latents has no single block to act on, or None when it has.
@@ -379,10 +418,27 @@ class SAE(nn.Module):
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         raise NotImplementedError
 
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training loss and the terms to log. Default: normalised MSE alone."""
+    def loss(self, out: SAEOutput, state: TrainingState = NO_TRAINING_STATE) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss, NMSE + each of :meth:`loss_terms`, and the terms to log.
+
+        Logged: ``nmse``, each loss term as it enters the loss (so ``loss`` is their sum), the
+        :meth:`diagnostics`, then ``l0``.
+        """
         nmse = normalized_mse(out.x_hat, out.target)
-        return nmse, {"nmse": nmse.detach(), "l0": l0(out.latents)}
+        terms = self.loss_terms(out, state)
+        total = nmse
+        for term in terms.values():
+            total = total + term
+        logged = {"nmse": nmse.detach(), **{name: term.detach() for name, term in terms.items()}}
+        return total, {**logged, **self.diagnostics(out, state), "l0": l0(out.latents)}
+
+    def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """Scalars the loss adds to the NMSE (sparsity penalties, auxiliary losses), by logged name. Default: none."""
+        return {}
+
+    def diagnostics(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """Scalars logged beside the loss but not part of it (a dead fraction, a threshold). Default: none."""
+        return {}
 
     def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
         """{block: (x_hat_ND in the residual stream, mask_N of tokens to replace)} for splicing."""
@@ -390,6 +446,17 @@ class SAE(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Hook for per-step bookkeeping (thresholds, statistics). Default: nothing."""
+
+    @classmethod
+    def upgrade(cls, config: dict[str, Any], state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(config, state dict) of a checkpoint written by an earlier routesae, in this version's form.
+
+        ``config`` is the architecture's settings (``config.json``'s ``"config"``), ``state_dict``
+        the saved weights; :func:`~routesae.checkpoint.load_sae` passes both through here before
+        building the SAE, so an architecture that drops or renames a setting or a buffer keeps its
+        old checkpoints loadable. Default: both unchanged.
+        """
+        return config, state_dict
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -418,10 +485,16 @@ def l0(latents_NF: Tensor) -> Tensor:
 
 
 class SingleLayerSAE(SAE):
-    """An SAE on one block: W_enc/W_dec [F, D], b_enc [F], b_dec [D]; subclasses pick the activation.
+    """An SAE on one block: W_enc/W_dec [F, D], b_enc [F], b_dec [D], and the forward pass every such SAE runs.
 
     Initialised as in the reference: encoder with PyTorch's Linear default, decoder a copy of it
     (tied init), unit-norm decoder rows, zero biases.
+
+    ``forward`` and ``loss`` are a template: standardise x, pre-activations, latents, x̂, then
+    NMSE plus the loss terms. A subclass defines :meth:`activation` and, where it differs from the
+    default, :meth:`preactivations`, :meth:`decode`, :meth:`~SAE.loss_terms` and
+    :meth:`~SAE.diagnostics`. A faster path overrides :meth:`activate_decode` (a sparse decode)
+    or :meth:`encode_decode` (an encoder that never builds the dense pre-activations).
     """
 
     Config: ClassVar[type[SAEConfig]] = SingleLayerConfig
@@ -437,6 +510,7 @@ class SingleLayerSAE(SAE):
         self.normalize_decoder()
 
     def preactivations(self, x_ND: Tensor) -> Tensor:
+        """``[N, F]``, what :meth:`activation` sparsifies (and ``SAEOutput.pre``): W_enc(x − b_dec) + b_enc."""
         return (x_ND - self.b_dec) @ self.W_enc.T + self.b_enc
 
     def encode(self, x_ND: Tensor) -> Tensor:
@@ -445,9 +519,10 @@ class SingleLayerSAE(SAE):
     def decode(self, latents_NF: Tensor) -> Tensor:
         return latents_NF @ self.W_dec + self.b_dec
 
-    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents, x_hat)."""
-        return self.sparsify_decode(self.preactivations(x_ND))
+    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(pre-activations, latents, x_hat) of ``x_ND``; a fast path may give no pre-activations (None)."""
+        pre_NF = self.preactivations(x_ND)
+        return (pre_NF, *self.sparsify_decode(pre_NF))
 
     def sparsify_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) from pre-activations: with an override or an edit set, :meth:`sparsify` densely
@@ -464,9 +539,9 @@ class SingleLayerSAE(SAE):
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
-        x = x_NLD[:, 0]
-        z, x_hat = self.encode_decode(x)
-        return SAEOutput(latents=z, x_hat=x_hat, target=x, norm=norm)
+        x_ND = x_NLD[:, 0]
+        pre_NF, z_NF, x_hat_ND = self.encode_decode(x_ND)
+        return SAEOutput(latents=z_NF, x_hat=x_hat_ND, target=x_ND, pre=pre_NF, norm=norm)
 
     def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
         x_hat = out.x_hat[:, None]

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routesae.architectures.base import SAE, MultiLayerConfig, SAEConfig, SAEOutput, l0, normalized_mse, standardize
+from routesae.architectures.base import SAE, MultiLayerConfig, SAEConfig, SAEOutput, TrainingState, standardize
 from routesae.architectures.topk import check_k
-from routesae.architectures.vanilla import DEFAULT_L1, L1_HELP
+from routesae.architectures.vanilla import DEFAULT_L1, L1_HELP, l1_penalty
 from routesae.config import setting
 from routesae.errors import ConfigError
 
@@ -120,19 +120,18 @@ class Crosscoder(SAE):
         pre_NF = self.preactivations(x_NLD)
         if not self.cfg.k or self.inference_override.active or self.latent_edit is not None:
             z_NF = self.sparsify(pre_NF)
-            return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_NLD, norm=norm)
+            return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_NLD, pre=pre_NF, norm=norm)
         values, indices = self.select(pre_NF)  # sparse decode: gather only the k kept [L·D] rows
         x_hat = F.embedding_bag(indices, self.W_dec.view(self.W_dec.shape[0], -1), per_sample_weights=values, mode="sum")
         x_hat_NLD = x_hat.view(-1, self.n_routed, self.d_model)
         if self.b_dec is not None:
             x_hat_NLD = x_hat_NLD + self.b_dec
         z_NF = torch.zeros_like(pre_NF).scatter(-1, indices, values)
-        return SAEOutput(latents=z_NF, x_hat=x_hat_NLD, target=x_NLD, norm=norm)
+        return SAEOutput(latents=z_NF, x_hat=x_hat_NLD, target=x_NLD, pre=pre_NF, norm=norm)
 
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        nmse = normalized_mse(out.x_hat, out.target)  # per (token, layer) vector, then averaged
-        l1 = self.cfg.l1 * out.latents.abs().mean()
-        return nmse + l1, {"nmse": nmse.detach(), "l1": l1.detach(), "l0": l0(out.latents)}
+    def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """``l1`` (the NMSE is per (token, layer) vector, then averaged)."""
+        return {"l1": l1_penalty(self.cfg.l1, out.latents)}
 
     def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
         """Every read block, every token."""

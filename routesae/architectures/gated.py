@@ -35,11 +35,10 @@ from routesae.architectures.base import (
     SAEOutput,
     SingleLayerConfig,
     SingleLayerSAE,
-    l0,
+    TrainingState,
     normalized_mse,
-    standardize,
 )
-from routesae.architectures.vanilla import DEFAULT_L1, L1_HELP, check_l1
+from routesae.architectures.vanilla import DEFAULT_L1, L1_HELP, check_l1, l1_penalty
 from routesae.config import setting
 
 # Shared with jumprelu: the CLI has one --variant option, so both describe both.
@@ -66,7 +65,7 @@ class GatedSAE(SingleLayerSAE):
     name = "gated"
     Config: ClassVar[type[SAEConfig]] = GatedConfig
     cfg: GatedConfig
-    # Latents are ReLU(π_mag) where π_gate > 0: no one pre-activation both selects and sets them, so TopK or a
+    # Latents are ReLU(π_mag) where π_gate > 0: no one value both selects and sets them, so TopK or a
     # threshold "over the pre-activations" has no single meaning here; the reference accepts and ignores them.
     supports_inference = False
 
@@ -78,37 +77,22 @@ class GatedSAE(SingleLayerSAE):
         self.b_mag = nn.Parameter(torch.zeros(F))
         self.r_mag = nn.Parameter(torch.zeros(F))
 
-    def gate_and_magnitude(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-        """(π_gate, π_mag), [N, F] each."""
-        h_NF = (x_ND - self.b_dec) @ self.W_enc.T
-        return h_NF + self.b_gate, h_NF * self.r_mag.exp() + self.b_mag
-
     def preactivations(self, x_ND: Tensor) -> Tensor:
-        """π_gate: a latent fires exactly where this is positive."""
-        return self.gate_and_magnitude(x_ND)[0]
+        """h = W_gate(x − b_dec), [N, F]: both paths follow from it (:meth:`gate`, :meth:`activation`)."""
+        return (x_ND - self.b_dec) @ self.W_enc.T
 
-    @staticmethod
-    def combine(pi_gate_NF: Tensor, pi_mag_NF: Tensor) -> Tensor:
-        return torch.where(pi_gate_NF > 0, pi_mag_NF.relu(), 0.0)
+    def gate(self, h_NF: Tensor) -> Tensor:
+        """π_gate = h + b_gate: a latent fires exactly where this is positive."""
+        return h_NF + self.b_gate
 
-    def encode(self, x_ND: Tensor) -> Tensor:
-        return self.apply_latent_edit(self.combine(*self.gate_and_magnitude(x_ND)))
+    def activation(self, h_NF: Tensor) -> Tensor:
+        """z = 1[π_gate > 0] ⊙ ReLU(π_mag), π_mag = exp(r_mag) ⊙ h + b_mag."""
+        return torch.where(self.gate(h_NF) > 0, (h_NF * self.r_mag.exp() + self.b_mag).relu(), 0.0)
 
-    def forward(self, acts_NLD: Tensor) -> SAEOutput:
-        x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
-        x_ND = x_NLD[:, 0]
-        pi_gate_NF, pi_mag_NF = self.gate_and_magnitude(x_ND)
-        z_NF = self.apply_latent_edit(self.combine(pi_gate_NF, pi_mag_NF))  # no sparsify() here, so edit ourselves
-        return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_ND, norm=norm, extras={"pi_gate": pi_gate_NF})
-
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logs each term as it enters the loss (``loss = nmse + l1 + aux``) and L0."""
-        nmse = normalized_mse(out.x_hat, out.target)
+    def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """Published: ``l1`` on ReLU(π_gate) and the frozen-decoder ``aux``; reference: ``l1`` on z."""
         if self.cfg.variant == "reference":
-            l1 = self.cfg.l1 * out.latents.abs().mean()
-            return nmse + l1, {"nmse": nmse.detach(), "l1": l1.detach(), "l0": l0(out.latents)}
-        gate_NF = out.extras["pi_gate"].relu()
-        l1 = self.cfg.l1 * gate_NF.mean()
+            return {"l1": l1_penalty(self.cfg.l1, out.latents)}
+        gate_NF = self.gate(out.pre).relu()
         aux = normalized_mse(gate_NF @ self.W_dec.detach() + self.b_dec.detach(), out.target)
-        terms = {"nmse": nmse.detach(), "l1": l1.detach(), "aux": aux.detach(), "l0": l0(out.latents)}
-        return nmse + l1 + aux, terms
+        return {"l1": self.cfg.l1 * gate_NF.mean(), "aux": aux}  # l1_penalty's convention; ReLU(·) is its own |·|

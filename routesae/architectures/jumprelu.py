@@ -37,15 +37,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from routesae.architectures.base import (
-    SAEConfig,
-    SAEOutput,
-    SingleLayerConfig,
-    SingleLayerSAE,
-    l0,
-    normalized_mse,
-    standardize,
-)
+from routesae.architectures.base import SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE, TrainingState
 from routesae.architectures.gated import VARIANT_HELP
 from routesae.config import setting
 from routesae.errors import ConfigError
@@ -152,17 +144,7 @@ class JumpReLUSAE(SingleLayerSAE):
     def activation(self, pre_NF: Tensor) -> Tensor:
         return jumprelu(pre_NF, self.threshold, self.cfg.bandwidth)
 
-    def forward(self, acts_NLD: Tensor) -> SAEOutput:
-        """As :class:`SingleLayerSAE`, keeping the pre-activations (``extras["pre"]``) for the L0 term."""
-        x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
-        x_ND = x_NLD[:, 0]
-        pre_NF = self.preactivations(x_ND)
-        z_NF = self.sparsify(pre_NF)
-        return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_ND, norm=norm, extras={"pre": pre_NF})
-
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logs each term as it enters the loss (``loss = nmse + sparsity``) and the L0 itself."""
-        nmse = normalized_mse(out.x_hat, out.target)
-        u_NF = out.extras["pre"] if self.cfg.variant == "published" else out.latents
-        sparsity = self.cfg.l0 * step(u_NF, self.threshold, self.cfg.bandwidth).sum(-1).mean()
-        return nmse + sparsity, {"nmse": nmse.detach(), "sparsity": sparsity.detach(), "l0": l0(out.latents)}
+    def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """``sparsity``: l0 · the mean over tokens of Σ_i Step(a_i, θ_i) (of z_i with ``variant="reference"``)."""
+        u_NF = out.pre if self.cfg.variant == "published" else out.latents
+        return {"sparsity": self.cfg.l0 * step(u_NF, self.threshold, self.cfg.bandwidth).sum(-1).mean()}

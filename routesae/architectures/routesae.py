@@ -24,8 +24,9 @@ mirrored into the inner config, so the dictionary size has one source of truth, 
 kernel reads (``cfg.latent_size``). The inner's ``normalize`` is fixed to ``"none"``: RouteSAE
 standardises each layer before routing, and the inner sees the routed vector as is.
 
-The inner runs through its own ``forward`` and ``loss``, so its extras (AuxK pre-activations,
-BatchTopK thresholds, ...) and ``after_step`` work as they do when it stands alone.
+The inner runs through its own ``forward`` and ``loss`` (with the trainer's ``TrainingState``), so
+its pre-activations (AuxK's), extras, loss terms and ``after_step`` (BatchTopK's threshold) work as
+they do when it stands alone.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from routesae.architectures.base import (
+    NO_TRAINING_STATE,
     SAE,
     Inference,
     LatentEdit,
@@ -49,6 +51,7 @@ from routesae.architectures.base import (
     SingleLayerSAE,
     Standardization,
     StandardizedLayers,
+    TrainingState,
 )
 from routesae.config import setting
 from routesae.errors import ConfigError
@@ -186,6 +189,16 @@ class RouteSAE(SAE):
             inner_settings[key] = value
         return cls.Config.from_dict({**own, "inner_settings": inner_settings})
 
+    @classmethod
+    def upgrade(cls, config: dict[str, Any], state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The inner architecture's upgrade, applied to its settings and to its (``sae.``-prefixed) weights."""
+        inner_cls = inner_architecture(config.get("inner", cls.Config.__dataclass_fields__["inner"].default))
+        inner_weights = {k.removeprefix("sae."): v for k, v in state_dict.items() if k.startswith("sae.")}
+        inner_settings, inner_weights = inner_cls.upgrade(config.get("inner_settings", {}), inner_weights)
+        own_weights = {k: v for k, v in state_dict.items() if not k.startswith("sae.")}
+        own_weights.update({f"sae.{k}": v for k, v in inner_weights.items()})
+        return {**config, "inner_settings": inner_settings}, own_weights
+
     # -- forward ---------------------------------------------------------------------------------
     def route(self, acts_NLD: Tensor) -> tuple[StandardizedLayers, Tensor, Routing]:
         """(the standardised layers, router probabilities p_NL, the Routing), without a standardised [N, L, D] copy."""
@@ -200,7 +213,7 @@ class RouteSAE(SAE):
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         layers, probs_NL, routing = self.route(acts_NLD)
         # The inner's own forward (its normalize is "none"), so whatever it records for its loss or
-        # bookkeeping (pre-activations for AuxK, batch thresholds, ...) happens as if it stood alone.
+        # bookkeeping (batch thresholds, ...) happens as if it stood alone.
         inner = self.sae(routing.x_route_ND[:, None])
         ours = {
             "router_probs": probs_NL,
@@ -215,12 +228,18 @@ class RouteSAE(SAE):
             with torch.no_grad():
                 self.routing_counts += routing.layer_weights_NL.detach().sum(0, dtype=torch.float64)
         return SAEOutput(
-            latents=inner.latents, x_hat=inner.x_hat, target=inner.target, norm=layers.norm, extras={**inner.extras, **ours}
+            latents=inner.latents,
+            x_hat=inner.x_hat,
+            target=inner.target,
+            pre=inner.pre,
+            norm=layers.norm,
+            extras={**inner.extras, **ours},
         )
 
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, out: SAEOutput, state: TrainingState = NO_TRAINING_STATE) -> tuple[Tensor, dict[str, Tensor]]:
         """The inner's loss on x_route → x̂ (its sparsity terms included), plus router diagnostics."""
-        total, terms = self.sae.loss(SAEOutput(latents=out.latents, x_hat=out.x_hat, target=out.target, extras=out.extras))
+        inner = SAEOutput(latents=out.latents, x_hat=out.x_hat, target=out.target, pre=out.pre, extras=out.extras)
+        total, terms = self.sae.loss(inner, state)
         probs_NL = out.extras["router_probs"].detach()
         entropy = -(probs_NL * probs_NL.clamp_min(torch.finfo(probs_NL.dtype).tiny).log()).sum(-1).mean()
         return total, {**terms, "router_entropy": entropy, "router_p_max": probs_NL.max(-1).values.mean()}
@@ -253,9 +272,13 @@ class RouteSAE(SAE):
         """The inner SAE makes every latent (``forward`` and ``reconstruction`` alike), so the edit is the inner's."""
         return self.sae.edit_latents(edit)
 
+    def routed_blocks(self, out: SAEOutput) -> Tensor:
+        """The block each token was routed to (the argmax one, where a router mixes blocks)."""
+        return torch.tensor(self.layers, device=out.latents.device)[out.extras["chosen"]]
+
     def steering_caveat(self) -> str | None:
-        """Hard routing puts each token's latents at one block; any other router mixes blocks."""
-        if self.cfg.router == "hard":
+        """A router that sends each token to a single block (``hard``) puts its latents there; others mix blocks."""
+        if self.routing_rule.single_block:
             return None
         return (
             f"this RouteSAE routes with {self.cfg.router!r}: each token's latents encode a mix of blocks, so no "

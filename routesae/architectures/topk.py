@@ -7,32 +7,32 @@ and its gradient scale with k, not with the dictionary size — where that pays.
 within float tolerance; :func:`sparse_decode_pays` picks between them from k and the latent size.
 Likewise the encoder: in training (no override, no edit, no AuxK) :class:`TopKEncode` builds the
 encoder's gradient from the k kept pre-activations per token instead of a dense [N, F] one, where
-:func:`sparse_encoder_backward_pays`.
+:func:`sparse_encoder_backward_pays`; that path keeps no dense pre-activations, so its
+``SAEOutput.pre`` is None.
 
-AuxK (Gao et al. 2024; off by default, as in the reference): with ``auxk`` > 0 a buffer
-counts, per latent, the training tokens since it last fired; a latent is dead after
-``dead_tokens`` of them. The loss then adds ``auxk · NMSE(e, ê)``, where e = x − x̂ is the main
-reconstruction's (detached) residual and ê = W_dec z_aux, z_aux keeping the ``auxk_k`` largest
-pre-activations among dead latents only (no b_dec), through the same rule as the main TopK:
-ReLU'd when ``relu`` is on, as in Gao et al., signed otherwise. Dead latents get a gradient from
-explaining what the live ones miss, which brings them back into the top k. (Forcing the ReLU on
-signed TopK left more latents dead in the revival toy of tests/test_auxk.py: 27 vs 20 of 32 on
-average over three seeds.) It acts only once latents are dead, so it needs runs much longer than
-``dead_tokens``: in a 400k-token run on SmolLM2 block 21 (4,096 latents, k 32, auxk 1/32) the
-dead fraction was 35%, against 30% without it.
+AuxK (Gao et al. 2024; off by default, as in the reference): with ``auxk`` > 0 the loss adds
+``auxk · NMSE(e, ê)``, where e = x − x̂ is the main reconstruction's (detached) residual and ê =
+W_dec z_aux, z_aux keeping the ``auxk_k`` largest pre-activations among dead latents only (no
+b_dec), through the same rule as the main TopK: ReLU'd when ``relu`` is on, as in Gao et al.,
+signed otherwise. Dead latents get a gradient from explaining what the live ones miss, which
+brings them back into the top k. (Forcing the ReLU on signed TopK left more latents dead in the
+revival toy of tests/test_auxk.py: 27 vs 20 of 32 on average over three seeds.) It acts only once
+latents are dead, so it needs runs much longer than the trainer's ``dead_after_tokens``: in a
+400k-token run on SmolLM2 block 21 (4,096 latents, k 32, auxk 1/32) the dead fraction was 35%,
+against 30% without it.
 
-The counter is a buffer, so it is checkpointed. Train-mode ``forward`` notes which latents fired
-and ``after_step`` (once per optimiser step, after the loss has used the old counts) folds that
-in, so the tokens of several forwards per step all count and eval-mode forwards never do. With
-``auxk=0`` there is no buffer and the module is exactly the plain TopK SAE (same state dict,
-forward and loss).
+Which latents are dead is the trainer's knowledge, not the SAE's: its dead-latent counter
+(:class:`~routesae.firing.FiringCounter`) passes them to :meth:`TopKSAE.loss` as
+``TrainingState.dead_F``; without one (outside training) none is dead and the AuxK term is 0.
+AuxK always takes the dense encoder path, whose pre-activations the term reads. It adds no
+state: with ``auxk=0`` the module is exactly the plain TopK SAE.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,8 @@ from routesae.architectures.base import (
     SAEOutput,
     SingleLayerConfig,
     SingleLayerSAE,
-    l0,
+    TrainingState,
     normalized_mse,
-    standardize,
 )
 from routesae.config import setting
 from routesae.errors import ConfigError
@@ -149,11 +148,6 @@ class TopKConfig(SingleLayerConfig):
     auxk_k: int | None = setting(
         None, "Dead latents the AuxK loss reconstructs with per token. Default: d_model // 2 (Gao et al.)."
     )
-    dead_tokens: int = setting(
-        100_000,
-        "AuxK: a latent is dead after this many training tokens without firing (Gao et al.: 10M, for far longer "
-        "runs; the default matches the trainer's dead-latent statistic).",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,8 +156,6 @@ class TopKConfig(SingleLayerConfig):
             raise ConfigError(f"auxk must be a finite number >= 0 (0 turns AuxK off), got {self.auxk}")
         if self.auxk_k is not None and not 0 < self.auxk_k <= self.latent_size:
             raise ConfigError(f"auxk_k must satisfy 0 < auxk_k <= latent size; got {self.auxk_k}, latent size {self.latent_size}")
-        if self.dead_tokens <= 0:
-            raise ConfigError(f"dead_tokens must be positive, got {self.dead_tokens}")
 
     def name_parts(self) -> list[str]:
         return name_parts_with_k(super().name_parts(), self.k)
@@ -173,7 +165,6 @@ class TopKSAE(SingleLayerSAE):
     name = "topk"
     Config: ClassVar[type[SAEConfig]] = TopKConfig
     cfg: TopKConfig
-    tokens_since_fired: Tensor  # [F], only with AuxK
     decode_path: ComputePath = "auto"  # tests force a path to compare the two
     encoder_path: ComputePath = "auto"  # likewise for the encoder's backward
 
@@ -181,9 +172,15 @@ class TopKSAE(SingleLayerSAE):
         super().__init__(cfg, d_model)
         if cfg.auxk > 0:
             self.aux_latents = min(cfg.auxk_k or max(1, d_model // 2), cfg.latent_size)
-            self.register_buffer("tokens_since_fired", torch.zeros(cfg.latent_size, dtype=torch.long))
-            self._pending_fired: Tensor | None = None  # latents fired by train-mode forwards since the last step
-            self._pending_tokens = 0
+
+    @classmethod
+    def upgrade(cls, config: dict[str, Any], state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Checkpoints from before the trainer kept the dead-latent counter: drop AuxK's own ``dead_tokens``
+        setting and ``tokens_since_fired`` buffer (now ``TrainConfig.dead_after_tokens`` and the trainer's
+        :class:`~routesae.firing.FiringCounter`)."""
+        config = {k: v for k, v in config.items() if k != "dead_tokens"}
+        state_dict = {k: v for k, v in state_dict.items() if k != "tokens_since_fired"}
+        return config, state_dict
 
     def select(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(values, indices) of the kept latents, [N, k] each."""
@@ -197,16 +194,18 @@ class TopKSAE(SingleLayerSAE):
     def uses_sparse_encoder_backward(self) -> bool:
         return path_taken(self.encoder_path, sparse_encoder_backward_pays(self.cfg.k, self.cfg.latent_size))
 
-    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents, x_hat); the trained activation's encoder backward touches only the kept latents where that pays.
+    def encode_decode(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(pre-activations, latents, x_hat); the trained activation's encoder backward touches only the kept
+        latents where that pays, and then there are no pre-activations to give (None).
 
-        Overrides and edits keep the dense path of :class:`SingleLayerSAE` (they read all pre-activations);
-        AuxK never comes here (its ``forward`` needs the dense pre-activations of dead latents).
+        Overrides and edits keep the dense path of :class:`SingleLayerSAE` (they read all pre-activations),
+        and so does AuxK (its loss reads the pre-activations of dead latents).
         """
-        if self.inference_override.active or self.latent_edit is not None or not self.uses_sparse_encoder_backward():
+        dense = self.cfg.auxk > 0 or self.inference_override.active or self.latent_edit is not None
+        if dense or not self.uses_sparse_encoder_backward():
             return super().encode_decode(x_ND)
         values, indices = TopKEncode.apply(x_ND - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
-        return self.decode_selected(self.kept(values), indices)
+        return (None, *self.decode_selected(self.kept(values), indices))
 
     def activation(self, pre_NF: Tensor) -> Tensor:
         values, indices = self.select(pre_NF)
@@ -229,39 +228,15 @@ class TopKSAE(SingleLayerSAE):
         return z_NF, x_hat
 
     # -- AuxK ---------------------------------------------------------------------------------------
-    def forward(self, acts_NLD: Tensor) -> SAEOutput:
-        if self.cfg.auxk == 0:
-            return super().forward(acts_NLD)
-        x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
-        x_ND = x_NLD[:, 0]
-        pre_NF = self.preactivations(x_ND)
-        z_NF, x_hat = self.sparsify_decode(pre_NF)
-        if self.training:
-            self._note_fired(z_NF)
-        return SAEOutput(latents=z_NF, x_hat=x_hat, target=x_ND, norm=norm, extras={"pre": pre_NF})
+    def dead_latents(self, state: TrainingState) -> Tensor:
+        """[F] bool: the trainer's dead latents, or none outside training."""
+        if state.dead_F is not None:
+            return state.dead_F
+        return torch.zeros(self.cfg.latent_size, dtype=torch.bool, device=self.W_dec.device)
 
-    @torch.no_grad()
-    def _note_fired(self, z_NF: Tensor) -> None:
-        fired_F = (z_NF != 0).any(0)
-        self._pending_fired = fired_F if self._pending_fired is None else self._pending_fired | fired_F
-        self._pending_tokens += z_NF.shape[0]
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """Age every latent by the tokens seen since the last step; reset those that fired."""
-        if self.cfg.auxk == 0 or self._pending_fired is None:
-            return
-        self.tokens_since_fired.add_(self._pending_tokens).masked_fill_(self._pending_fired, 0)
-        self._pending_fired, self._pending_tokens = None, 0
-
-    def dead_mask(self) -> Tensor:
-        """[F] bool: latents that have not fired for ``dead_tokens`` training tokens."""
-        return self.tokens_since_fired >= self.cfg.dead_tokens
-
-    def auxk_loss(self, out: SAEOutput) -> Tensor:
+    def auxk_loss(self, out: SAEOutput, dead_F: Tensor) -> Tensor:
         """NMSE of the residual's reconstruction from the top ``auxk_k`` dead latents; 0 when none is dead."""
-        dead_F = self.dead_mask()
-        pre_NF = torch.where(dead_F, out.extras["pre"], -torch.inf)
+        pre_NF = torch.where(dead_F, out.pre, -torch.inf)
         values, indices = pre_NF.topk(self.aux_latents, dim=-1, sorted=False)
         values = torch.where(dead_F[indices], values, 0.0)  # fewer dead latents than auxk_k: drop the -inf picks
         if self.cfg.relu:
@@ -270,11 +245,14 @@ class TopKSAE(SingleLayerSAE):
         aux = normalized_mse(e_hat, (out.target - out.x_hat).detach())
         return torch.where(dead_F.any(), aux, 0.0)
 
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        """NMSE, plus ``auxk`` · the AuxK loss when on; logs ``auxk`` (as it enters the loss) and ``dead`` (fraction)."""
+    def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """``auxk`` · the AuxK loss, when on."""
         if self.cfg.auxk == 0:
-            return super().loss(out)
-        nmse = normalized_mse(out.x_hat, out.target)
-        aux = self.cfg.auxk * self.auxk_loss(out)
-        terms = {"nmse": nmse.detach(), "auxk": aux.detach(), "dead": self.dead_mask().float().mean(), "l0": l0(out.latents)}
-        return nmse + aux, terms
+            return {}
+        return {"auxk": self.cfg.auxk * self.auxk_loss(out, self.dead_latents(state))}
+
+    def diagnostics(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """With AuxK, the fraction of dead latents it acts on."""
+        if self.cfg.auxk == 0:
+            return {}
+        return {"dead": self.dead_latents(state).float().mean()}

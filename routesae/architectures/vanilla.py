@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from routesae.architectures.base import SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE, l0, normalized_mse
+from routesae.architectures.base import SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE, TrainingState
 from routesae.config import setting
 from routesae.errors import ConfigError
 
@@ -35,6 +35,11 @@ def check_l1(l1: float) -> None:
         raise ConfigError(f"l1 must be a finite number >= 0, got {l1}")
 
 
+def l1_penalty(l1: float, latents_NF: Tensor) -> Tensor:
+    """l1 · mean|z| over all N·F entries: the reference's convention (see the module docstring)."""
+    return l1 * latents_NF.abs().mean()
+
+
 @dataclass
 class VanillaConfig(SingleLayerConfig):
     l1: float = setting(DEFAULT_L1, L1_HELP)
@@ -52,8 +57,5 @@ class VanillaSAE(SingleLayerSAE):
     def activation(self, pre_NF: Tensor) -> Tensor:
         return pre_NF.relu()
 
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        """NMSE + l1·mean|z|; logs each term as it enters the loss (``loss = nmse + l1``) and L0."""
-        nmse = normalized_mse(out.x_hat, out.target)
-        l1 = self.cfg.l1 * out.latents.abs().mean()
-        return nmse + l1, {"nmse": nmse.detach(), "l1": l1.detach(), "l0": l0(out.latents)}
+    def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        return {"l1": l1_penalty(self.cfg.l1, out.latents)}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routesae.architectures.base import SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE
+from routesae.architectures.base import SAEConfig, SAEOutput, SingleLayerConfig, SingleLayerSAE, TrainingState
 from routesae.architectures.topk import check_k, name_parts_with_k
 from routesae.config import setting
 from routesae.errors import ConfigError
@@ -143,7 +143,6 @@ class BatchTopKSAE(SingleLayerSAE):
         self.threshold_count.copy_(count)
         self._pending_sum = self._pending_n = None
 
-    def loss(self, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        total, terms = super().loss(out)
-        terms["threshold"] = self.threshold.detach().clone()
-        return total, terms
+    def diagnostics(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
+        """θ as this step found it (a copy: ``after_step`` moves θ before the trainer reads the terms)."""
+        return {"threshold": self.threshold.detach().clone()}
