@@ -26,7 +26,7 @@ setup: $(STAMP)
 # Threshold 4: activations of briefly trained SmolLM2 SAEs stay far below the reference's 15 (docs/contexts.md).
 demo: setup
 	$(VENV)/bin/routesae pipeline --arch routesae --arch topk --k 32 --latent-size 4096 --tokens 200000 --out runs/demo \
-	  --eval-tokens 4096 --threshold 4 --context-tokens 16384 --interpreter local --sample 5
+	  --evaluate-tokens 4096 --contexts-threshold 4 --contexts-tokens 16384 --interpreter local --interpret-sample 5
 
 # The report tests drive headless Chromium; on Debian the set-up installs it (sudo unless root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -43,28 +43,49 @@ from torch import Tensor
 from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference
 from routesae.checkpoint import load_sae, read_sae_config
+from routesae.config import setting
 from routesae.data import leading_blocks
-from routesae.errors import RouteSAEError
+from routesae.errors import ConfigError
 from routesae.files import write_json
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import corpus_for, model_for, training_seed
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
-from routesae.reporters import build_reporters
+from routesae.reporters.build import build_reporters
 from routesae.rundir import EVAL_FILE, expand_dirs, run_dir_of
+from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
 
 SPLIT = "eval"
 
 
+@dataclass
+class EvaluateConfig(StageConfig):
+    """How to evaluate: ``routesae evaluate``'s options, ``evaluate``'s settings, the pipeline's ``evaluate``."""
+
+    tokens: int | None = setting(None, "Eval tokens (counted positions) to use. Default: the whole eval split.")
+    batch_size: int = setting(8, "Sequences per language-model batch.")
+    reference_metrics: bool = setting(
+        False,
+        "The reference's conventions: every position (BOS, padding) replaced and counted, KL summed over positions "
+        "and divided by sequences, CE over all B*(T-1) positions.",
+    )
+    infer_k: int | None = infer_k_setting("every SAE")
+    theta: float | None = theta_setting("every SAE")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens is not None and self.tokens <= 0:
+            raise ConfigError(f"tokens must be positive, got {self.tokens}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        Inference(k=self.infer_k, theta=self.theta)  # a contradictory override fails before anything loads
+
+
 def metric_classes(names: Sequence[str] | None) -> list[type[Metric]]:
     """The requested metrics (default: every installed one); unknown names list what is installed."""
     pm = get_plugin_manager()
-    classes = [pm.get("metric", name) for name in (names or pm.names("metric"))]
-    for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, Metric)):
-            raise RouteSAEError(f"metric {cls!r} is not a subclass of routesae.metrics.Metric")
-    return list(dict.fromkeys(classes))
+    return list(dict.fromkeys(pm.get("metric", name) for name in (names or pm.names("metric"))))
 
 
 def counted_positions(attention_mask_BT: Tensor, reference: bool) -> Tensor:
@@ -186,37 +207,31 @@ def _evaluate_batch(
 def evaluate(
     sae_dirs: Path | str | Sequence[Path | str],
     metrics: Sequence[str] | None = None,
+    cfg: EvaluateConfig | None = None,
     *,
-    tokens: int | None = None,
-    batch_size: int = 8,
-    reference_metrics: bool = False,
-    infer_k: int | None = None,
-    theta: float | None = None,
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
     reporters: Sequence[str] = ("console",),
+    **settings: Any,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate SAEs of one model on the ``eval`` split in one pass; returns ``{directory: record}``.
 
-    ``tokens`` (default: the whole split) counts counted positions. The data is the eval split of
-    the first SAE's training data (same source, context length and split seed). Each record also
-    goes to ``eval.json`` in its checkpoint directory. ``infer_k`` or ``theta`` (not both)
-    replaces every SAE's trained activation (see the module docstring). The records also go to
-    ``reporters`` (and always to the run's ``metrics.jsonl``), one set per run directory.
+    ``cfg`` says how (:class:`EvaluateConfig`; keyword ``settings`` such as ``tokens=4096`` build
+    or override it). ``tokens`` (default: the whole split) counts counted positions. The data is
+    the eval split of the first SAE's training data (same source, context length and split seed).
+    Each record also goes to ``eval.json`` in its checkpoint directory. ``infer_k`` or ``theta``
+    (not both) replaces every SAE's trained activation (see the module docstring). The records
+    also go to ``reporters`` (and always to the run's ``metrics.jsonl``), one set per run directory.
 
     >>> evaluate(["runs/demo"], ["kldiv", "l0"], tokens=100_000)
     """
+    cfg = EvaluateConfig.build(cfg, settings)
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
-    if tokens is not None and tokens <= 0:
-        raise RouteSAEError(f"tokens must be positive, got {tokens}")
-    if batch_size <= 0:
-        raise RouteSAEError(f"batch_size must be positive, got {batch_size}")
-    Inference(k=infer_k, theta=theta)  # a contradictory override fails before anything loads
     dirs = expand_dirs(sae_dirs)
     runs = {run: build_reporters(reporters, run) for run in dict.fromkeys(map(run_dir_of, dirs))}  # fail fast
     try:
-        results = _evaluate(dirs, metrics, tokens, batch_size, reference_metrics, infer_k, theta, lm, device)
+        results = _evaluate(dirs, metrics, cfg, lm, device)
         for run, run_reporters in runs.items():
             records = [results[str(d)] for d in dirs if run_dir_of(d) == run]
             for reporter in run_reporters:
@@ -231,15 +246,11 @@ def evaluate(
 def _evaluate(
     dirs: list[Path],
     metrics: Sequence[str] | None,
-    tokens: int | None,
-    batch_size: int,
-    reference_metrics: bool,
-    infer_k: int | None,
-    theta: float | None,
+    cfg: EvaluateConfig,
     lm: LanguageModel | None,
     device: str | torch.device | None,
 ) -> dict[str, dict[str, Any]]:
-    override = Inference(k=infer_k, theta=theta)
+    override = Inference(k=cfg.infer_k, theta=cfg.theta)
     configs = [read_sae_config(d) for d in dirs]
     classes = metric_classes(metrics)
     lm = model_for(dirs, configs, lm, device)
@@ -252,13 +263,14 @@ def _evaluate(
             overrides.enter_context(s.sae.inference(override))
         corpus = corpus_for(configs[0], lm)
         blocks = corpus.split(SPLIT)
-        n_blocks, n_tokens = leading_blocks(counted_positions(blocks.attention_mask, reference_metrics), tokens, SPLIT)
+        counted_BT = counted_positions(blocks.attention_mask, cfg.reference_metrics)
+        n_blocks, n_tokens = leading_blocks(counted_BT, cfg.tokens, SPLIT)
         layers = sorted({block for s in saes for block in s.sae.layers})
         started = time.perf_counter()  # the pass only: model loading and tokenisation excluded
-        for input_ids, attention_mask in blocks.batches(batch_size):
+        for input_ids, attention_mask in blocks.batches(cfg.batch_size):
             if n_blocks <= 0:
                 break
-            _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], reference_metrics)
+            _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], cfg.reference_metrics)
             n_blocks -= input_ids.shape[0]
         seconds = time.perf_counter() - started
 
@@ -271,13 +283,12 @@ def _evaluate(
         "shared_seconds": max(0.0, seconds - sum(s.seconds for s in saes)),
     }
 
+    asked = cfg.request()
+    del asked["tokens"]  # the record's own "tokens" says how many were counted
     settings = {
         "metrics": [cls.name for cls in classes],
-        "batch_size": batch_size,
-        "reference_metrics": reference_metrics,
-        "infer_k": infer_k,
-        "theta": theta,
-        "positions": "all" if reference_metrics else "real tokens except position 0",
+        **asked,
+        "positions": "all" if cfg.reference_metrics else "real tokens except position 0",
         "data": {
             "source": data["source"],
             "text_field": data["text_field"],
@@ -301,6 +312,7 @@ def _evaluate(
             "pass": timing,
             "settings": settings,
             "metrics": {k: v for m in s.metrics for k, v in m.result().items()},
+            "better": {k: m.better for m in s.metrics for k in m.result()},  # which way each value improves
         }
         write_json(s.directory / EVAL_FILE, record)
         results[str(s.directory)] = record

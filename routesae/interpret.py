@@ -19,10 +19,12 @@ import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from routesae.config import setting
 from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import read_json, write_json
@@ -30,11 +32,54 @@ from routesae.interpreters.answers import CATEGORIES, parse_detection, parse_exp
 from routesae.interpreters.base import Completion, Interpreter, InterpreterError, InterpreterUnavailable, Message
 from routesae.interpreters.templates import PromptTemplate, load_template, render_classes, render_numbered
 from routesae.rundir import CONTEXTS_FILE, INTERPRETATIONS_FILE
+from routesae.stage_config import StageConfig
 from routesae.version import __version__
 
 FORMAT = "routesae.interpretations"
 FORMAT_VERSION = 1
 SYSTEM_PROMPT = "You are an assistant that explains what the features of language models respond to."
+
+
+@dataclass
+class InterpretConfig(StageConfig):
+    """How to interpret: ``routesae interpret``'s options, ``interpret``'s settings, the pipeline's ``interpret``."""
+
+    EXECUTION_SETTINGS = ("max_cost", "concurrency")  # how far and how fast a run goes, not what it answers
+
+    sample: int = setting(100, "Latents to interpret (a seeded sample of the kept ones; all if fewer).")
+    seed: int = setting(42, "Seed of the latent sample and of the detection shuffles.")
+    prompt_template: str | None = setting(
+        None, "Explanation prompt file ($contexts required, $latent optional) instead of the built-in one."
+    )
+    detection_template: str | None = setting(
+        None, "Detection prompt file ($explanation, $contexts required; $count, $latent optional)."
+    )
+    max_cost: float | None = setting(
+        None, "USD this command may spend; no request that could exceed it is started (needs known prices)."
+    )
+    concurrency: int | None = setting(None, "Requests at once. Default: the interpreter's.")
+    detection: bool = setting(
+        True, "Also score each explanation by asking which held-out and pool contexts activate the feature."
+    )
+    max_tokens: int = setting(128, "Longest answer, in tokens.")
+    temperature: float = setting(0.1, "Sampling temperature of the answers.")
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_template", "detection_template"):  # a Path is welcome; the config keeps JSON's text
+            if isinstance(getattr(self, name), Path):
+                setattr(self, name, str(getattr(self, name)))
+        super().__post_init__()
+        for name, low in (("sample", 1), ("max_tokens", 1), ("concurrency", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be at least {low}, got {value}")
+        if self.max_cost is not None and self.max_cost <= 0:
+            raise ConfigError(f"max_cost must be positive, got {self.max_cost}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+
+
+INTERPRET_SETTINGS = frozenset(f.name for f in fields(InterpretConfig))
 
 
 class InterpretationStopped(RouteSAEError):
@@ -249,10 +294,7 @@ def _build_backend(interpreter: str | Interpreter, options: dict[str, Any]) -> t
         return interpreter, False
     from routesae.plugins import get_plugin_manager
 
-    cls = get_plugin_manager().get("interpreter", interpreter)
-    if not (isinstance(cls, type) and issubclass(cls, Interpreter)):
-        raise RouteSAEError(f"interpreter {interpreter!r} is not a subclass of routesae.interpreters.Interpreter: {cls!r}")
-    return cls.from_options(**options), True
+    return get_plugin_manager().get("interpreter", interpreter).from_options(**options), True
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
@@ -292,71 +334,61 @@ def _pending_jobs(doc: dict[str, Any], contexts: dict[str, Any], detection: bool
 def interpret(
     sae_dir: str | Path,
     interpreter: str | Interpreter = "local",
+    cfg: InterpretConfig | None = None,
     *,
-    sample: int = 100,
-    seed: int = 42,
-    detection: bool = True,
-    prompt_template: str | Path | None = None,
-    detection_template: str | Path | None = None,
-    max_cost: float | None = None,
-    concurrency: int | None = None,
-    max_tokens: int = 128,
-    temperature: float = 0.1,
     overwrite: bool = False,
     retry_unparsable: bool = False,
     progress: bool = True,
-    **interpreter_options: Any,
+    **options: Any,
 ) -> dict[str, Any]:
     """Explain and score ``sample`` latents of ``sae_dir/contexts.json``; write ``sae_dir/interpretations.json``.
 
-    ``interpreter`` is a registered backend name (its settings as keyword options) or an instance.
-    Returns the written document. Raises :class:`BudgetReached` or :class:`InterpretationStopped`
-    (after writing what was finished) when it stops early; re-running the same call continues.
+    ``interpreter`` is a registered backend name or an instance. ``cfg`` says how
+    (:class:`InterpretConfig`); keyword ``options`` are its settings (``sample=5``, building or
+    overriding it) and the named backend's own (``model=...``), told apart by name.
+    ``overwrite`` discards an existing file instead of continuing it; ``retry_unparsable`` asks
+    again where an earlier answer could not be read. Returns the written document. Raises
+    :class:`BudgetReached` or :class:`InterpretationStopped` (after writing what was finished)
+    when it stops early; re-running the same call continues.
     """
+    settings = {name: options.pop(name) for name in INTERPRET_SETTINGS & set(options)}
+    cfg = InterpretConfig.build(cfg, settings)
     sae_dir = Path(sae_dir)
     contexts_path = sae_dir / CONTEXTS_FILE
     if not contexts_path.is_file():
         raise RouteSAEError(f"{sae_dir} has no {CONTEXTS_FILE}: run `routesae contexts {sae_dir}` first")
-    for name, value, low in (("sample", sample, 1), ("max_tokens", max_tokens, 1), ("concurrency", concurrency, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"{name} must be at least {low}, got {value}")
-    if max_cost is not None and max_cost <= 0:
-        raise ConfigError(f"max_cost must be positive, got {max_cost}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
     fingerprint = contexts_fingerprint(contexts_path)
     contexts = read_contexts(contexts_path)
     if not contexts["latents"]:
         raise RouteSAEError(f"{contexts_path} keeps no latents (none passed its filters), so there is nothing to interpret")
-    templates = (load_template("explain", prompt_template), load_template("detect", detection_template))
+    templates = (load_template("explain", cfg.prompt_template), load_template("detect", cfg.detection_template))
 
-    backend, owned = _build_backend(interpreter, interpreter_options)
+    backend, owned = _build_backend(interpreter, options)
     try:
-        workers = concurrency or backend.concurrency
+        workers = cfg.concurrency or backend.concurrency
         if backend.max_concurrency is not None and workers > backend.max_concurrency:
             raise ConfigError(f"the {backend.name} interpreter runs at most {backend.max_concurrency} request(s) at once, not {workers}")
-        if max_cost is not None and backend.cost(1, 1) is None:
+        if cfg.max_cost is not None and backend.cost(1, 1) is None:
             raise ConfigError(
                 f"--max-cost needs prices, and the price of {backend.describe().get('model', backend.name)!r} is unknown: "
                 "pass --price-input and --price-output (USD per million tokens)"
             )
         path = sae_dir / INTERPRETATIONS_FILE
-        doc = _start_document(path, contexts, fingerprint, templates, backend, sample, seed, detection,
-                              max_tokens, temperature, overwrite)
+        doc = _start_document(path, contexts, fingerprint, templates, backend, cfg, overwrite)
         base = _Usage.from_dict(doc["usage"])
-        req = _Requester(backend, max_tokens, temperature, max_cost)
-        jobs = _pending_jobs(doc, contexts, detection, retry_unparsable)
+        req = _Requester(backend, cfg.max_tokens, cfg.temperature, cfg.max_cost)
+        jobs = _pending_jobs(doc, contexts, cfg.detection, retry_unparsable)
         _write(doc, path, base, req)
-        _run(jobs, req, doc, lambda: _write(doc, path, base, req), contexts, templates, detection, seed, workers, progress)
+        write = partial(_write, doc, path, base, req)
+        _run(jobs, req, doc, write, contexts, templates, cfg.detection, cfg.seed, workers, progress)
     finally:
         if owned:
             backend.close()
-    return _finish(doc, path, req, max_cost)
+    return _finish(doc, path, req, cfg.max_cost)
 
 
 def _start_document(path: Path, contexts: dict[str, Any], fingerprint: str, templates: tuple[PromptTemplate, PromptTemplate],
-                    backend: Interpreter, sample: int, seed: int, detection: bool, max_tokens: int, temperature: float,
-                    overwrite: bool) -> dict[str, Any]:
+                    backend: Interpreter, cfg: InterpretConfig, overwrite: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -366,8 +398,9 @@ def _start_document(path: Path, contexts: dict[str, Any], fingerprint: str, temp
         "interpreter": backend.describe(),
         "prompt_template": templates[0].describe(),
         "detection_template": templates[1].describe(),
-        "settings": {"sample": sample, "seed": seed, "detection": detection, "max_tokens": max_tokens, "temperature": temperature},
-        "sampled": sample_latents([int(k) for k in contexts["latents"]], sample, seed),
+        "settings": {"sample": cfg.sample, "seed": cfg.seed, "detection": cfg.detection, "max_tokens": cfg.max_tokens,
+                     "temperature": cfg.temperature},  # the templates are described above, by checksum
+        "sampled": sample_latents([int(k) for k in contexts["latents"]], cfg.sample, cfg.seed),
         "latents": {},
         "usage": _Usage().to_dict(),
     }

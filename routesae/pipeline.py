@@ -16,17 +16,20 @@ import importlib.metadata
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routesae.config import Config, setting
+from routesae.config import Config, field_types, setting
+from routesae.contexts import ContextsConfig, extract_contexts
 from routesae.errors import ConfigError, RouteSAEError
+from routesae.evaluate import EvaluateConfig, evaluate
 from routesae.files import read_json, write_json
-from routesae.rundir import MANIFEST_FILE
+from routesae.interpret import BudgetReached, InterpretConfig, interpret
+from routesae.rundir import INTERPRETATIONS_FILE, MANIFEST_FILE, expand_dirs
 from routesae.specs import SAESpec
 from routesae.train import train
-from routesae.train_config import TrainConfig, run_request
+from routesae.train_config import TrainConfig, run_request, upgrade_request
 
 STAGES = ("train", "evaluate", "contexts", "interpret", "report")
 VERSIONED = ("routesae", "torch", "transformers", "transformer-lens", "datasets", "safetensors", "openai")
@@ -34,28 +37,38 @@ VERSIONED = ("routesae", "torch", "transformers", "transformer-lens", "datasets"
 
 @dataclass
 class PipelineConfig(Config):
-    """What the stages after training do (training has its own :class:`TrainConfig`)."""
+    """What the stages after training do (training has its own :class:`TrainConfig`): each stage's own config.
 
-    eval_tokens: int | None = setting(None, "Eval-split tokens for evaluation (default: the whole split).")
-    eval_batch_size: int = setting(8, "Sequences per language-model batch in evaluation and context extraction.")
-    threshold: float = setting(15.0, "Activation threshold for contexts (see `routesae contexts --help`).")
-    context_tokens: int | None = setting(None, "Apply-split tokens to scan for contexts (default: the whole split).")
-    max_classes: int = setting(32, "Drop latents that fire on more token classes than this (0: keep all).")
-    min_contexts: int = setting(5, "Keep latents with at least this many shown contexts.")
+    Round-trips through JSON with the stages nested (``{"contexts": {"threshold": 4.0}, ...}``), so
+    a stage's settings are those of its command (``routesae contexts --threshold`` is
+    ``routesae pipeline --contexts-threshold``).
+    """
+
+    evaluate: EvaluateConfig = field(
+        default_factory=EvaluateConfig, metadata={"help": "Evaluation of every SAE (`routesae evaluate`)."}
+    )
+    contexts: ContextsConfig = field(
+        default_factory=ContextsConfig, metadata={"help": "Top-activating contexts of every SAE (`routesae contexts`)."}
+    )
     interpreter: str = setting("local", "Interpreter backend that explains latents ('none' skips interpretation).")
-    sample: int = setting(100, "Latents to interpret per SAE (the paper: 100), drawn with --interpret-seed.")
-    interpret_seed: int = setting(42, "Seed of the latent sample.")
-    detection: bool = setting(True, "Also score each explanation by detection (held-out vs non-activating contexts).")
-    max_cost: float | None = setting(None, "Budget cap in USD for a paid interpreter, over the whole run.")
+    interpret: InterpretConfig = field(
+        default_factory=InterpretConfig,
+        metadata={"help": "Interpretation of every SAE (`routesae interpret`); its max_cost caps the whole run."},
+    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("eval_tokens", "context_tokens"):
+        for name, (config_cls, _) in field_types(type(self)).items():
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        if self.sample <= 0:
-            raise ConfigError(f"sample must be positive, got {self.sample}")
+            if not (isinstance(config_cls, type) and issubclass(config_cls, Config)) or isinstance(value, config_cls):
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"PipelineConfig: {name} must be a {config_cls.__name__} or a dict, got {value!r}")
+            setattr(self, name, config_cls.from_dict(value))  # a stage given as JSON or a TOML table
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        nested = {name: value.to_dict() for name, value in vars(self).items() if isinstance(value, Config)}
+        return {**super().to_dict(), **nested}
 
 
 def versions() -> dict[str, str | None]:
@@ -94,25 +107,18 @@ class Pipeline:
 
     # -- requests and records --------------------------------------------------------------------
     def requests(self) -> dict[str, dict[str, Any]]:
-        """What each stage is asked to do; a stage re-runs when its request changes."""
+        """What each stage is asked to do; a stage re-runs when its request changes.
+
+        A stage's request is its config's :meth:`~routesae.stage_config.StageConfig.request`: the
+        settings that change only how it runs (a batch size, the budget) are left out, so changing
+        them re-runs nothing.
+        """
         c = self.cfg
         return {
             "train": run_request(self.specs, self.train_cfg),
-            "evaluate": {"tokens": c.eval_tokens, "batch_size": c.eval_batch_size},
-            "contexts": {
-                "threshold": c.threshold,
-                "tokens": c.context_tokens,
-                "batch_size": c.eval_batch_size,
-                "max_classes": c.max_classes,
-                "min_contexts": c.min_contexts,
-            },
-            "interpret": {
-                "interpreter": c.interpreter,
-                "sample": c.sample,
-                "seed": c.interpret_seed,
-                "detection": c.detection,
-                "options": self.interpreter_options,
-            },
+            "evaluate": c.evaluate.request(),
+            "contexts": c.contexts.request(),
+            "interpret": {"interpreter": c.interpreter, **c.interpret.request(), "options": self.interpreter_options},
             "report": {},
         }
 
@@ -169,7 +175,7 @@ class Pipeline:
         """Reuse a finished identical run, resume an unfinished one, else train (``train`` refuses to replace another run)."""
         manifest = self.out / MANIFEST_FILE
         existing = None if self.overwrite or not manifest.is_file() else read_json(manifest)
-        same = existing is not None and existing.get("request") == self.requests()["train"]
+        same = existing is not None and upgrade_request(existing.get("request", {})) == self.requests()["train"]
         if same and existing.get("status") == "finished":
             return {"tokens": existing["progress"]["tokens"], "reused": True}
         resume = same and existing.get("status") == "running"
@@ -179,52 +185,35 @@ class Pipeline:
         return {"tokens": summary.get("tokens"), "seconds": summary.get("seconds"), "resumed": resume}
 
     def _evaluate(self, fresh: bool) -> None:
-        from routesae.evaluate import evaluate
-
-        evaluate([self.out], tokens=self.cfg.eval_tokens, batch_size=self.cfg.eval_batch_size, reporters=self.reporters)
+        evaluate([self.out], cfg=self.cfg.evaluate, reporters=self.reporters)
 
     def _contexts(self, fresh: bool) -> dict[str, Any]:
-        from routesae.contexts import extract_contexts
-
-        c = self.cfg
-        records = extract_contexts(
-            [self.out],
-            threshold=c.threshold,
-            tokens=c.context_tokens,
-            batch_size=c.eval_batch_size,
-            max_classes=c.max_classes,
-            min_contexts=c.min_contexts,
-        )
+        records = extract_contexts([self.out], self.cfg.contexts)
         return {Path(d).name: r["interpretable_latents"] for d, r in records.items()}
 
     def _interpret(self, fresh: bool) -> dict[str, Any]:
-        """Each SAE in turn; ``max_cost`` caps this call's spending over all of them.
+        """Each SAE in turn; the interpret config's ``max_cost`` caps this call's spending over all of them.
 
         ``fresh``: the contexts or the request changed, so earlier interpretations are discarded;
         otherwise an interrupted interpretation continues where it stopped.
         """
-        from routesae.interpret import BudgetReached, interpret
-        from routesae.rundir import INTERPRETATIONS_FILE, expand_dirs
-
+        cfg = self.cfg.interpret
         scores: dict[str, Any] = {}
         spent = 0.0
         for directory in expand_dirs([self.out]):
             path = directory / INTERPRETATIONS_FILE
             before = 0.0 if fresh or not path.is_file() else read_json(path)["usage"].get("cost_usd") or 0.0
-            budget = None if self.cfg.max_cost is None else self.cfg.max_cost - spent
+            budget = None if cfg.max_cost is None else cfg.max_cost - spent
             if budget is not None and budget <= 0:
                 raise BudgetReached(
-                    f"budget reached: --max-cost {self.cfg.max_cost:g} is spent before {directory.name}; "
+                    f"budget reached: --interpret-max-cost {cfg.max_cost:g} is spent before {directory.name}; "
                     "run the same command again to continue",
                     {},
                 )
             result = interpret(
                 directory,
                 self.cfg.interpreter,
-                sample=self.cfg.sample,
-                seed=self.cfg.interpret_seed,
-                detection=self.cfg.detection,
-                max_cost=budget,
+                cfg.replace(max_cost=budget),
                 overwrite=fresh,
                 **self.interpreter_options,
             )
@@ -250,7 +239,7 @@ def pipeline(
     """Train → evaluate → contexts → interpret → report into ``out``; see :class:`Pipeline`.
 
     >>> pipeline([SAESpec.build("routesae", k=32), SAESpec.build("topk", k=32)], "runs/demo",
-    ...          TrainConfig(tokens=200_000), PipelineConfig(sample=5))
+    ...          TrainConfig(tokens=200_000), PipelineConfig(interpret=InterpretConfig(sample=5)))
     """
     if not specs:
         raise RouteSAEError("the pipeline needs at least one SAE to train")

@@ -50,9 +50,11 @@ from transformers.generation.logits_process import LogitsProcessorList, Temperat
 
 from routesae.architectures.base import SAE, Inference, LatentEdit
 from routesae.checkpoint import load_sae
-from routesae.errors import RouteSAEError
+from routesae.config import setting
+from routesae.errors import ConfigError, RouteSAEError
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import model_for
+from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
 
 Op = Literal["set", "add", "mul"]
@@ -317,40 +319,59 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool | None, system: str | 
     return text, list(ids), use_chat
 
 
-@dataclass(frozen=True)
-class _Options:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    positions: Positions
-    replace: bool
+@dataclass
+class SteerConfig(StageConfig):
+    """How to generate and where to steer: ``routesae steer``'s options and ``steer``'s settings."""
+
+    max_new_tokens: int = setting(64, "Most tokens to generate (stops at EOS).")
+    temperature: float = setting(0.7, "Sampling temperature; 0 is greedy.")
+    top_p: float = setting(1.0, "Nucleus sampling: keep the smallest set of tokens with this probability.")
+    seed: int = setting(0, "Seed of both continuations (the same stream for each).")
+    chat: bool | None = setting(
+        None, "Wrap the prompt in the tokenizer's chat template. Default: when the tokenizer has one."
+    )
+    system: str | None = setting(None, "A system message for the chat template.")
+    replace: bool = setting(  # as a field it hides Config.replace here: use dataclasses.replace on a SteerConfig
+        False,
+        "Put the clamped reconstruction itself in the residual stream (the reference), adding the SAE's error; "
+        "by default only the clamp's change is added.",
+    )
+    positions: Positions = setting(  # noqa: RUF009 (setting() makes a dataclass field; ruff cannot tell)
+        "all",
+        "'all': every token but position 0 (the attention sink), prompt included; 'generation': only the positions "
+        "that pick new tokens.",
+    )
+    soft_at_argmax: bool = setting(
+        False, "Steer a soft-routed RouteSAE at each token's highest-weight block, as evaluation splices it."
+    )
+    infer_k: int | None = infer_k_setting("the SAE")
+    theta: float | None = theta_setting("the SAE")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_new_tokens <= 0:
-            raise RouteSAEError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise RouteSAEError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise RouteSAEError(f"top_p must satisfy 0 < top_p <= 1, got {self.top_p}")
-        if self.positions not in POSITIONS:
-            raise RouteSAEError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+            raise ConfigError(f"top_p must satisfy 0 < top_p <= 1, got {self.top_p}")
+        Inference(k=self.infer_k, theta=self.theta)
 
 
 def _continue(
-    lm: LanguageModel, sae: SAE | None, prompt_ids: list[int], clamps: Sequence[Clamp], opts: _Options
+    lm: LanguageModel, sae: SAE | None, prompt_ids: list[int], clamps: Sequence[Clamp], cfg: SteerConfig
 ) -> tuple[list[int], list[float]]:
     """Generate from ``prompt_ids``; with ``sae`` every step is steered. Returns (new ids, delta norms)."""
-    sample = Sampler(opts.temperature, opts.top_p, opts.seed, lm.device)
+    sample = Sampler(cfg.temperature, cfg.top_p, cfg.seed, lm.device)
     ids = torch.tensor([prompt_ids], device=lm.device)
     new: list[int] = []
     norms: list[float] = []
-    for _ in range(opts.max_new_tokens):
+    for _ in range(cfg.max_new_tokens):
         if sae is None:
             logits_V = lm.logits(ids, torch.ones_like(ids))[0, -1]
         else:
-            steer_BT = steered_positions(ids.shape[1], len(prompt_ids), opts.positions, lm.device)
-            logits, changes = steered_logits(lm, sae, ids, steer_BT, clamps, opts.replace)
+            steer_BT = steered_positions(ids.shape[1], len(prompt_ids), cfg.positions, lm.device)
+            logits, changes = steered_logits(lm, sae, ids, steer_BT, clamps, cfg.replace)
             logits_V = logits[0, -1]
             norms.append(float(sum(change.delta_norm_BT()[0, -1] for change in changes.values())))
         token = sample(ids, logits_V)
@@ -387,39 +408,32 @@ def steer(
     sae: SAE | Path | str,
     prompt: str,
     clamps: Sequence[str | Clamp],
+    cfg: SteerConfig | None = None,
     *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.7,
-    top_p: float = 1.0,
-    seed: int = 0,
-    chat: bool | None = None,
-    system: str | None = None,
-    replace: bool = False,
-    positions: Positions = "all",
-    soft_at_argmax: bool = False,
-    infer_k: int | None = None,
-    theta: float | None = None,
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
+    **settings: Any,
 ) -> SteeringResult:
     """Continue ``prompt`` twice from the same seed, without and with ``clamps`` on ``sae``'s latents.
 
     ``sae`` is a checkpoint directory (its model is loaded unless ``lm`` is given) or a loaded
     SAE (then ``lm`` is required). ``clamps``: strings like ``"123=20"`` or :class:`Clamp`
-    objects. ``chat=None`` applies the tokenizer's chat template when it has one. ``replace``
-    puts the clamped reconstruction itself in the residual stream instead of adding the clamp's
-    change (see the module docstring, also for ``positions``). ``soft_at_argmax`` accepts
-    steering a soft-routed RouteSAE at each token's highest-weight block. ``infer_k`` /
-    ``theta`` read the SAE with an inference-time sparsity override.
+    objects. ``cfg`` says how (:class:`SteerConfig`; keyword ``settings`` such as
+    ``max_new_tokens=32`` build or override it): ``chat=None`` applies the tokenizer's chat
+    template when it has one; ``replace`` puts the clamped reconstruction itself in the residual
+    stream instead of adding the clamp's change (see the module docstring, also for
+    ``positions``); ``soft_at_argmax`` accepts steering a soft-routed RouteSAE at each token's
+    highest-weight block; ``infer_k`` / ``theta`` read the SAE with an inference-time sparsity
+    override.
 
     >>> steer("runs/demo/topk-L21-k32-F4096", "Tell me about Paris.", ["1234=20"]).steered
     """
-    opts = _Options(max_new_tokens, temperature, top_p, seed, positions, replace)
-    override = Inference(k=infer_k, theta=theta)
+    cfg = SteerConfig.build(cfg, settings)
+    override = Inference(k=cfg.infer_k, theta=cfg.theta)
     sae, directory, config = _open(sae)  # everything about the SAE is checked before the model loads
     parsed = parse_clamps(clamps, sae.cfg.latent_size)
     caveat = sae.steering_caveat()
-    if caveat is not None and not soft_at_argmax:
+    if caveat is not None and not cfg.soft_at_argmax:
         raise RouteSAEError(
             f"{caveat}. Pass --soft-at-argmax (soft_at_argmax=True) to steer each token at its highest-weight block, "
             "as evaluation splices it"
@@ -427,11 +441,11 @@ def steer(
     with sae.inference(override):
         lm = _model_for(sae, directory, config, lm, device)
         sae.to(lm.device)
-        text, prompt_ids, used_chat = render_prompt(lm.tokenizer, prompt, chat, system)
+        text, prompt_ids, used_chat = render_prompt(lm.tokenizer, prompt, cfg.chat, cfg.system)
         start = time.perf_counter()
-        original_ids, _ = _continue(lm, None, prompt_ids, (), opts)
+        original_ids, _ = _continue(lm, None, prompt_ids, (), cfg)
         middle = time.perf_counter()
-        steered_ids, norms = _continue(lm, sae, prompt_ids, parsed, opts)
+        steered_ids, norms = _continue(lm, sae, prompt_ids, parsed, cfg)
         end = time.perf_counter()
     decode = lm.tokenizer.decode
     settings = {
@@ -440,17 +454,8 @@ def steer(
         "layers": list(sae.layers),
         "model": lm.spec,
         "clamps": [str(c) for c in parsed],
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
+        **cfg.request(),
         "chat": used_chat,
-        "system": system,
-        "replace": replace,
-        "positions": positions,
-        "soft_at_argmax": soft_at_argmax,
-        "infer_k": infer_k,
-        "theta": theta,
     }
     return SteeringResult(
         prompt=text,

@@ -15,6 +15,8 @@ from openai_server import FakeOpenAI
 
 from routesae import SAESpec, TrainConfig
 from routesae.cli import make_cli
+from routesae.contexts import ContextsConfig
+from routesae.errors import ConfigError
 from routesae.files import read_json
 from routesae.pipeline import STAGES, PipelineConfig, pipeline
 
@@ -36,7 +38,27 @@ def train_cfg(tiny_model_dir: Path, text_corpus_dir: Path, **overrides) -> Train
 
 
 SPECS = [SAESpec.build("routesae", k=4, latent_size=64), SAESpec.build("topk", k=4, latent_size=64)]
-STAGE_CFG = dict(eval_tokens=64, threshold=0.0, context_tokens=128, max_classes=0, min_contexts=1, interpreter="openai", sample=2)
+
+
+def stage_cfg(interpreter="openai", contexts: dict | None = None, interpret: dict | None = None) -> PipelineConfig:
+    """The stages' settings for the tiny model, with ``contexts`` and ``interpret`` overrides."""
+    return PipelineConfig.from_dict({
+        "evaluate": {"tokens": 64},
+        "contexts": {"threshold": 0.0, "tokens": 128, "max_classes": 0, "min_contexts": 1, **(contexts or {})},
+        "interpreter": interpreter,
+        "interpret": {"sample": 2, **(interpret or {})},
+    })
+
+
+def test_the_stage_configs_nest_and_round_trip_through_json():
+    cfg = stage_cfg(interpret={"max_cost": 2.5})
+    assert PipelineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.contexts == ContextsConfig(threshold=0.0, tokens=128, max_classes=0, min_contexts=1)
+    assert "max_cost" not in cfg.interpret.request() and "batch_size" not in cfg.contexts.request()
+    with pytest.raises(ConfigError, match="unknown setting.*thresold"):
+        PipelineConfig.from_dict({"contexts": {"thresold": 4}})
+    with pytest.raises(ConfigError, match="sample must be at least 1"):
+        PipelineConfig.from_dict({"interpret": {"sample": 0}})
 
 
 @pytest.fixture
@@ -48,7 +70,7 @@ def server(monkeypatch):
 
 def run(out: Path, tiny_model_dir: Path, text_corpus_dir: Path, server: FakeOpenAI, **stage_overrides) -> dict:
     options = {"base_url": server.base_url, "price_input": 1.0, "price_output": 2.0}
-    cfg = PipelineConfig(**{**STAGE_CFG, **stage_overrides})
+    cfg = stage_cfg(**stage_overrides)
     return pipeline(SPECS, out, train_cfg(tiny_model_dir, text_corpus_dir), cfg, interpreter_options=options, reporters=[])
 
 
@@ -88,7 +110,7 @@ def test_rerunning_the_same_pipeline_redoes_nothing(tiny_model_dir, text_corpus_
 def test_a_changed_stage_reruns_it_and_what_follows_but_not_training(tiny_model_dir, text_corpus_dir, server, tmp_path):
     out = tmp_path / "run"
     first = run(out, tiny_model_dir, text_corpus_dir, server)
-    second = run(out, tiny_model_dir, text_corpus_dir, server, threshold=0.5)
+    second = run(out, tiny_model_dir, text_corpus_dir, server, contexts={"threshold": 0.5})
     assert second["stages"]["train"] == first["stages"]["train"]
     assert second["stages"]["evaluate"] == first["stages"]["evaluate"]
     for stage in ("contexts", "interpret", "report"):
@@ -104,7 +126,7 @@ def test_an_interrupted_interpretation_continues_on_the_same_command(tiny_model_
 
     out = tmp_path / "run"
     with pytest.raises(BudgetReached):
-        run(out, tiny_model_dir, text_corpus_dir, server, max_cost=1e-9)
+        run(out, tiny_model_dir, text_corpus_dir, server, interpret={"max_cost": 1e-9})
     stages = read_json(out / "run.json")["pipeline"]["stages"]
     assert [stages[s]["status"] for s in ("train", "evaluate", "contexts")] == ["done"] * 3
     assert "interpret" not in stages
@@ -120,14 +142,14 @@ def test_a_different_training_request_is_refused_without_overwrite(tiny_model_di
 
     out = tmp_path / "run"
     run(out, tiny_model_dir, text_corpus_dir, server)
-    cfg = PipelineConfig(**STAGE_CFG)
+    cfg = stage_cfg()
     with pytest.raises(RouteSAEError, match="different run"):
         pipeline(SPECS, out, train_cfg(tiny_model_dir, text_corpus_dir, lr=1e-3), cfg, reporters=[])
 
 
 def test_interpreter_none_skips_interpretation(tiny_model_dir, text_corpus_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = PipelineConfig(**{**STAGE_CFG, "interpreter": "none"})
+    cfg = stage_cfg(interpreter="none")
     record = pipeline(SPECS[1:], out, train_cfg(tiny_model_dir, text_corpus_dir), cfg, reporters=[])
     assert record["stages"]["interpret"]["status"] == "skipped" and record["stages"]["report"]["status"] == "done"
     assert not list(out.glob("*/interpretations.json"))
@@ -139,8 +161,9 @@ def test_cli_pipeline_prints_where_the_report_is(tiny_model_dir, text_corpus_dir
         "pipeline", "--arch", "topk", "--k", "4", "--latent-size", "64", "--model", str(tiny_model_dir),
         "--dataset", str(text_corpus_dir), "--tokens", "512", "--batch-size", "4", "--context-length", "32",
         "--sae-batch-tokens", "64", "--buffer-tokens", "256", "--device", "cpu", "--out", str(out),
-        "--eval-tokens", "64", "--threshold", "0", "--context-tokens", "128", "--max-classes", "0", "--min-contexts", "1",
-        "--interpreter", "openai", "--sample", "2", "--interpreter-base-url", server.base_url,
+        "--evaluate-tokens", "64", "--contexts-threshold", "0", "--contexts-tokens", "128",
+        "--contexts-max-classes", "0", "--contexts-min-contexts", "1", "--interpreter", "openai",
+        "--interpret-sample", "2", "--interpreter-base-url", server.base_url,
         "--interpreter-price-input", "1", "--interpreter-price-output", "2", "--report", "jsonl", "--json",
     ]  # fmt: skip
     result = CliRunner().invoke(make_cli(), args)
@@ -148,5 +171,6 @@ def test_cli_pipeline_prints_where_the_report_is(tiny_model_dir, text_corpus_dir
     record = json.loads(result.stdout)
     assert record["stages"]["interpret"]["status"] == "done"
     assert f"report: {out / 'report.html'}" in result.stderr
-    budget = CliRunner().invoke(make_cli(), [*args, "--interpreter-model", "other-model", "--max-cost", "1e-9"])
+    over_budget = [*args, "--interpreter-model", "other-model", "--interpret-max-cost", "1e-9"]
+    budget = CliRunner().invoke(make_cli(), over_budget)
     assert budget.exit_code == 3 and "budget reached" in budget.stderr

@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from routesae.cli.options import (
+    config_options,
+    config_values,
     device_option,
-    inference_options,
     json_option,
     print_json,
 )
@@ -19,36 +20,18 @@ from routesae.plugins import PluginManager
 
 
 def make_contexts_command(pm: PluginManager) -> click.Command:
-    from routesae.contexts import extract_contexts
+    from routesae.contexts import ContextsConfig, extract_contexts
 
-    def callback(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
-        results = extract_contexts(list(paths), **options)
+    def callback(paths: tuple[str, ...], device: str | None, as_json: bool, **values: Any) -> None:
+        cfg = ContextsConfig.from_dict(config_values(ContextsConfig, values))
+        results = extract_contexts(list(paths), cfg, device=device)
         if as_json:
             keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
             print_json({d: {"file": f"{d}/contexts.json", **{k: r[k] for k in keys}} for d, r in results.items()})
 
-    def option(name: str, type_: Any, default: Any, help_: str) -> click.Option:
-        return click.Option([name], type=type_, default=default, show_default=default is not None, help=help_)
-
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),
-        option(
-            "--threshold",
-            float,
-            15.0,
-            "A latent activates at a token when z > threshold. 15 suits d_model 2048 "
-            "(the reference); activations scale with sqrt(d_model): 3-4 suits the SmolLM2 demo SAEs.",
-        ),
-        option("--window", int, 64, "Most tokens per context (a sentence around the token, cropped around it)."),
-        option("--top-per-class", int, 2, "Contexts kept per (latent, activating-token class), highest first."),
-        option("--max-classes", int, 32, "Drop latents that fire on more token classes than this (0: keep all)."),
-        option("--min-contexts", int, 5, "Keep latents with at least this many shown contexts."),
-        option("--held-out", int, 5, "Random extra contexts per latent (and non-activating windows) for detection."),
-        option("--pool", int, 100, "Random windows of the split, the negatives for detection."),
-        option("--tokens", int, None, "Apply-split tokens to read. [default: the whole apply split]"),
-        option("--batch-size", int, 8, "Sequences per language-model batch."),
-        *inference_options(),
-        option("--seed", int, 0, "Seed of the held-out sample and the pool."),
+        *config_options(ContextsConfig),
         device_option(),
         json_option("Print a summary per SAE as JSON on stdout."),
     ]
@@ -62,10 +45,13 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
 
 
 def make_steer_command(pm: PluginManager) -> click.Command:
-    from routesae.steering import POSITIONS, steer
+    from routesae.steering import SteerConfig, steer
 
-    def callback(sae_dir: str, clamp: tuple[str, ...], as_json: bool, **options: Any) -> None:
-        result = steer(sae_dir, options.pop("prompt"), list(clamp), **options)
+    def callback(
+        sae_dir: str, clamp: tuple[str, ...], prompt: str, device: str | None, as_json: bool, **values: Any
+    ) -> None:
+        cfg = SteerConfig.from_dict(config_values(SteerConfig, values))
+        result = steer(sae_dir, prompt, list(clamp), cfg, device=device)
         if as_json:
             print_json(result.to_dict())
             return
@@ -89,56 +75,7 @@ def make_steer_command(pm: PluginManager) -> click.Command:
         click.Option(
             ["--prompt"], required=True, help="Text to continue (wrapped as a user message for instruct models)."
         ),
-        click.Option(
-            ["--max-new-tokens"],
-            type=int,
-            default=64,
-            show_default=True,
-            help="Most tokens to generate (stops at EOS).",
-        ),
-        click.Option(
-            ["--temperature"], type=float, default=0.7, show_default=True, help="Sampling temperature; 0 is greedy."
-        ),
-        click.Option(
-            ["--top-p"],
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="Nucleus sampling: keep the smallest set of tokens with this probability.",
-        ),
-        click.Option(
-            ["--seed"],
-            type=int,
-            default=0,
-            show_default=True,
-            help="Seed of both continuations (the same stream for each).",
-        ),
-        click.Option(
-            ["--chat/--no-chat"],
-            default=None,
-            help="Wrap the prompt in the tokenizer's chat template. [default: when the tokenizer has one]",
-        ),
-        click.Option(["--system"], default=None, help="A system message for the chat template."),
-        click.Option(
-            ["--replace"],
-            is_flag=True,
-            help="Put the clamped reconstruction itself in the residual stream (the reference), adding the SAE's error; "
-            "by default only the clamp's change is added.",
-        ),
-        click.Option(
-            ["--positions"],
-            type=click.Choice(POSITIONS),
-            default="all",
-            show_default=True,
-            help="'all': every token but position 0 (the attention sink), prompt included; 'generation': only the "
-            "positions that pick new tokens.",
-        ),
-        click.Option(
-            ["--soft-at-argmax"],
-            is_flag=True,
-            help="Steer a soft-routed RouteSAE at each token's highest-weight block, as evaluation splices it.",
-        ),
-        *inference_options("the SAE"),
+        *config_options(SteerConfig),
         device_option(),
         json_option("Print the record (texts, token ids, settings) as JSON."),
     ]

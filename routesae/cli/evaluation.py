@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from routesae.cli.options import (
+    config_options,
+    config_values,
     device_option,
-    inference_options,
     json_option,
     print_json,
     report_option,
@@ -16,31 +19,13 @@ from routesae.plugins import PluginManager
 
 
 def make_evaluate_command(pm: PluginManager) -> click.Command:
-    from routesae.evaluate import evaluate
+    from routesae.evaluate import EvaluateConfig, evaluate
 
     def callback(
-        paths: tuple[str, ...],
-        metric: tuple[str, ...],
-        tokens: int | None,
-        batch_size: int,
-        reference_metrics: bool,
-        infer_k: int | None,
-        theta: float | None,
-        device: str | None,
-        as_json: bool,
-        report: str,
+        paths: tuple[str, ...], metric: tuple[str, ...], device: str | None, as_json: bool, report: str, **values: Any
     ) -> None:
-        results = evaluate(
-            list(paths),
-            list(metric) or None,
-            tokens=tokens,
-            batch_size=batch_size,
-            reference_metrics=reference_metrics,
-            infer_k=infer_k,
-            theta=theta,
-            device=device,
-            reporters=reporter_names(report),
-        )
+        cfg = EvaluateConfig.from_dict(config_values(EvaluateConfig, values))
+        results = evaluate(list(paths), list(metric) or None, cfg, device=device, reporters=reporter_names(report))
         if as_json:
             print_json(results)
 
@@ -51,22 +36,7 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
             multiple=True,
             help=f"Metric to compute; repeat for several (default: all). Installed: {', '.join(pm.names('metric'))}.",
         ),
-        click.Option(
-            ["--tokens"],
-            type=int,
-            default=None,
-            help="Eval tokens (counted positions) to use. [default: the whole eval split]",
-        ),
-        click.Option(
-            ["--batch-size"], type=int, default=8, show_default=True, help="Sequences per language-model batch."
-        ),
-        click.Option(
-            ["--reference-metrics"],
-            is_flag=True,
-            help="The reference's conventions: every position (BOS, padding) replaced and counted, KL summed over positions "
-            "and divided by sequences, CE over all B*(T-1) positions.",
-        ),
-        *inference_options(),
+        *config_options(EvaluateConfig),
         device_option(),
         json_option("Print the results as JSON on stdout (the table goes to stderr)."),
         report_option(pm),

@@ -13,6 +13,8 @@ from rich.table import Table
 
 from routesae.cli.options import (
     cli_settable,
+    config_options,
+    config_values,
     field_default,
     field_option,
     json_option,
@@ -61,28 +63,15 @@ def interpreter_options(pm: PluginManager, reserved: Iterable[str], prefix: str 
 def make_interpret_command(pm: PluginManager) -> click.Command:
     from pathlib import Path
 
-    from routesae.interpret import BudgetReached, interpret
+    from routesae.interpret import INTERPRET_SETTINGS, BudgetReached, InterpretConfig, interpret
     from routesae.rundir import INTERPRETATIONS_FILE
 
-    reserved = {
-        "sae_dir",
-        "interpreter",
-        "sample",
-        "seed",
-        "prompt_template",
-        "detection_template",
-        "max_cost",
-        "concurrency",
-        "detection",
-        "overwrite",
-        "retry_unparsable",
-        "max_tokens",
-        "temperature",
-        "as_json",
-    }
+    reserved = INTERPRET_SETTINGS | {"sae_dir", "interpreter", "overwrite", "retry_unparsable", "as_json"}
 
-    def callback(sae_dir: str, interpreter: str, as_json: bool, **values: Any) -> None:
-        protocol = {k: values.pop(k) for k in reserved & set(values)}
+    def callback(
+        sae_dir: str, interpreter: str, retry_unparsable: bool, overwrite: bool, as_json: bool, **values: Any
+    ) -> None:
+        cfg = InterpretConfig.from_dict(config_values(InterpretConfig, values))
         options = {k: v for k, v in values.items() if v is not None}
         config_cls = getattr(pm.get("interpreter", interpreter), "Config", None)
         known = {f.name for f in dataclasses.fields(config_cls)} if config_cls else set()
@@ -93,7 +82,9 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
             )
         console = Console(stderr=True)
         try:
-            doc = interpret(sae_dir, interpreter, **protocol, **options)
+            doc = interpret(
+                sae_dir, interpreter, cfg, overwrite=overwrite, retry_unparsable=retry_unparsable, **options
+            )
         except BudgetReached as e:
             console.print(f"[bold]{e}", highlight=False)
             sys.exit(3)
@@ -111,49 +102,7 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
             show_default=True,
             help=f"Interpreter backend. Installed: {', '.join(pm.names('interpreter'))}.",
         ),
-        click.Option(
-            ["--sample"],
-            type=int,
-            default=100,
-            show_default=True,
-            help="Latents to interpret (a seeded sample of the kept ones; all if fewer).",
-        ),
-        click.Option(
-            ["--seed"],
-            type=int,
-            default=42,
-            show_default=True,
-            help="Seed of the latent sample and of the detection shuffles.",
-        ),
-        click.Option(
-            ["--prompt-template"],
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="Explanation prompt file ($contexts required, $latent optional) instead of the built-in one.",
-        ),
-        click.Option(
-            ["--detection-template"],
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="Detection prompt file ($explanation, $contexts required; $count, $latent optional).",
-        ),
-        click.Option(
-            ["--max-cost"],
-            type=float,
-            default=None,
-            help="USD this command may spend; no request that could exceed it is started (needs known prices).",
-        ),
-        click.Option(["--concurrency"], type=int, default=None, help="Requests at once. [default: the interpreter's]"),
-        click.Option(
-            ["--detection/--no-detection"],
-            default=True,
-            show_default=True,
-            help="Also score each explanation by asking which held-out and pool contexts activate the feature.",
-        ),
-        click.Option(["--max-tokens"], type=int, default=128, show_default=True, help="Longest answer, in tokens."),
-        click.Option(
-            ["--temperature"], type=float, default=0.1, show_default=True, help="Sampling temperature of the answers."
-        ),
+        *config_options(InterpretConfig),
         click.Option(
             ["--retry-unparsable"],
             is_flag=True,

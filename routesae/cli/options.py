@@ -1,4 +1,10 @@
-"""Option builders shared by the commands: architecture and config fields become click options."""
+"""Option builders shared by the commands: architecture and config fields become click options.
+
+A config's fields become options with :func:`config_options` and come back as its settings with
+:func:`config_values`; both name them the same way, so a command never lists a config's settings
+by hand. A nested config (the pipeline's ``contexts``) prefixes its fields' options with its name
+(``--contexts-threshold``).
+"""
 
 from __future__ import annotations
 
@@ -54,10 +60,12 @@ def field_option(
     """A click option for a config field; its default is None so we know what the user set.
 
     ``prefix`` namespaces it (``interpreter_`` turns ``model`` into ``--interpreter-model``) where a
-    command takes the settings of two configs that share a field name.
+    command takes the settings of two configs that share a field name. A field whose default is
+    None says in its help what None means, so no ``[default: None]`` is shown.
     """
     name = prefix + field.name
-    help_text = f"{field_help(field)}{extra_help} [default: {default_text or field_default(field)}]"
+    default = default_text or field_default(field)
+    help_text = field_help(field) + extra_help + ("" if default is None else f" [default: {default}]")
     if tp is bool:
         flag = name.replace("_", "-")
         return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_text)
@@ -71,9 +79,33 @@ def cli_settable(tp: Any) -> bool:
     return tp in (bool, int, float, str) or get_origin(tp) is Literal
 
 
-def config_options(config_cls: type[Config]) -> list[click.Option]:
-    types = field_types(config_cls)
-    return [field_option(f, types[f.name][0]) for f in dataclasses.fields(config_cls)]
+def _nested(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Config)
+
+
+def config_options(config_cls: type[Config], prefix: str = "") -> list[click.Option]:
+    """One option per field of ``config_cls``, in field order; a nested config's fields are prefixed with its name."""
+    options = []
+    for f, (tp, _) in zip(dataclasses.fields(config_cls), field_types(config_cls).values()):
+        if _nested(tp):
+            options += config_options(tp, f"{prefix}{f.name}_")
+        else:
+            options.append(field_option(f, tp, prefix=prefix))
+    return options
+
+
+def config_values(config_cls: type[Config], values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The settings given for ``config_cls``'s options (:func:`config_options`), taken out of a command's ``values``.
+
+    Options left out (None) are not settings, so the config's defaults apply; a nested config's
+    settings come back nested, ready for ``config_cls.from_dict``.
+    """
+    given: dict[str, Any] = {}
+    for f, (tp, _) in zip(dataclasses.fields(config_cls), field_types(config_cls).values()):
+        value = config_values(tp, values, f"{prefix}{f.name}_") if _nested(tp) else values.pop(prefix + f.name)
+        if value is not None and value != {}:
+            given[f.name] = value
+    return given
 
 
 def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[click.Option]:
@@ -142,26 +174,6 @@ def reporter_names(report: str) -> list[str]:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
-
-
-def inference_options(reads: str = "every SAE") -> list[click.Option]:
-    """``--infer-k`` / ``--theta``: read SAEs with an inference-time sparsity override (evaluate, contexts, steer)."""
-    return [
-        click.Option(
-            ["--infer-k"],
-            type=int,
-            default=None,
-            help=f"Read {reads} with TopK over its pre-activations (signed values, as the reference) instead of its "
-            "trained activation; at most the latent size. Not for gated SAEs. Excludes --theta.",
-        ),
-        click.Option(
-            ["--theta"],
-            type=float,
-            default=None,
-            help=f"Read {reads} with one global threshold, z = a * (a > theta), instead of its trained activation. "
-            "Not for gated SAEs. Excludes --infer-k.",
-        ),
-    ]
 
 
 def device_option() -> click.Option:

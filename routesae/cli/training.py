@@ -12,6 +12,7 @@ from routesae.cli.options import (
     CommaList,
     architecture_options,
     config_options,
+    config_values,
     json_option,
     option_name,
     print_json,
@@ -111,11 +112,14 @@ def make_train_command(pm: PluginManager) -> click.Command:
 
 
 def make_pipeline_command(pm: PluginManager) -> click.Command:
-    from routesae.cli.interpretation import interpreter_options
-    from routesae.interpret import BudgetReached
-    from routesae.pipeline import PipelineConfig, pipeline
+    """``routesae pipeline``: every training option, then each stage's options prefixed with its name.
 
-    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    ``routesae contexts --threshold 4`` is ``routesae pipeline --contexts-threshold 4``; the
+    interpreter backend's own options are prefixed ``--interpreter-``.
+    """
+    from routesae.cli.interpretation import interpreter_options
+    from routesae.interpret import INTERPRET_SETTINGS, BudgetReached
+    from routesae.pipeline import PipelineConfig, pipeline
 
     def callback(
         arch: tuple[str, ...],
@@ -126,21 +130,20 @@ def make_pipeline_command(pm: PluginManager) -> click.Command:
         report: str,
         **values: Any,
     ) -> None:
-        interpreter = {
-            k.removeprefix(INTERPRETER_PREFIX): v
-            for k, v in values.items()
-            if k.startswith(INTERPRETER_PREFIX) and v is not None
+        stages = PipelineConfig.from_dict(config_values(PipelineConfig, values))
+        backend = {
+            name.removeprefix(INTERPRETER_PREFIX): values.pop(name)
+            for name in list(values)
+            if name.startswith(INTERPRETER_PREFIX)
         }
-        stages = {k: v for k, v in values.items() if k in pipeline_fields and v is not None}
-        rest = {k: v for k, v in values.items() if not k.startswith(INTERPRETER_PREFIX) and k not in pipeline_fields}
-        specs, out, train_cfg = training_request(arch, config, out, rest)
+        specs, out, train_cfg = training_request(arch, config, out, values)
         try:
             record = pipeline(
                 specs,
                 out,
                 train_cfg,
-                PipelineConfig.from_dict(stages),
-                interpreter_options=interpreter,
+                stages,
+                interpreter_options={k: v for k, v in backend.items() if v is not None},
                 overwrite=overwrite,
                 reporters=reporter_names(report),
             )
@@ -158,14 +161,15 @@ def make_pipeline_command(pm: PluginManager) -> click.Command:
         json_option("Print the pipeline record (stages, timings, versions) as JSON."),
         *training_params(pm),
         *config_options(PipelineConfig),
-        *interpreter_options(pm, reserved=set(), prefix=INTERPRETER_PREFIX),
+        *interpreter_options(pm, reserved=INTERPRET_SETTINGS, prefix=INTERPRETER_PREFIX),
     ]
     return click.Command(
         "pipeline",
         callback=callback,
         params=params,
         help="Train -> evaluate -> contexts -> interpret -> report into one run directory, recording every stage in "
-        "run.json. Re-running the same command continues where it stopped. Exit code 3: --max-cost reached.",
+        "run.json. Each stage's options are its command's, prefixed with its name (--contexts-threshold). Re-running "
+        "the same command continues where it stopped. Exit code 3: --interpret-max-cost reached.",
     )
 
 

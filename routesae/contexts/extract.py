@@ -38,7 +38,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,17 @@ from torch import Tensor
 from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference, SAEOutput
 from routesae.checkpoint import load_sae, read_sae_config
+from routesae.config import setting
 from routesae.contexts.schema import FORMAT, FORMAT_VERSION
 from routesae.contexts.topn import TopN
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
 from routesae.data import TokenBlocks, leading_blocks
-from routesae.errors import RouteSAEError
+from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import write_json
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for, model_for
 from routesae.rundir import CONTEXTS_FILE, expand_dirs
+from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
 
 SPLIT = "apply"
@@ -69,37 +71,44 @@ _HASH_MULTIPLIERS = (1_103_515_245, 48_271, 69_621)
 _PAYLOAD = {"row": torch.long, "position": torch.long, "layer": torch.long, "activation": torch.float32}
 
 
-@dataclass(frozen=True)
-class ContextSettings:
-    """What an extraction was asked for; validated before anything loads."""
+@dataclass
+class ContextsConfig(StageConfig):
+    """What an extraction is asked for (``routesae contexts``' options, the pipeline's ``contexts``)."""
 
-    threshold: float = 15.0
-    window: int = 64
-    top_per_class: int = 2
-    max_classes: int = 32
-    min_contexts: int = 5
-    held_out: int = 5
-    pool: int = 100
-    tokens: int | None = None
-    batch_size: int = 8
-    infer_k: int | None = None
-    theta: float | None = None
-    seed: int = 0
+    EXECUTION_SETTINGS = ("batch_size",)  # hits are independent of batching
+
+    threshold: float = setting(
+        15.0,
+        "A latent activates at a token when z > threshold. 15 suits d_model 2048 (the reference); activations scale "
+        "with sqrt(d_model): 3-4 suits the SmolLM2 demo SAEs.",
+    )
+    window: int = setting(64, "Most tokens per context (a sentence around the token, cropped around it).")
+    top_per_class: int = setting(2, "Contexts kept per (latent, activating-token class), highest first.")
+    max_classes: int = setting(32, "Drop latents that fire on more token classes than this (0: keep all).")
+    min_contexts: int = setting(5, "Keep latents with at least this many shown contexts.")
+    held_out: int = setting(5, "Random extra contexts per latent (and non-activating windows) for detection.")
+    pool: int = setting(100, "Random windows of the split, the negatives for detection.")
+    tokens: int | None = setting(None, "Apply-split tokens to read. Default: the whole apply split.")
+    batch_size: int = setting(8, "Sequences per language-model batch.")
+    infer_k: int | None = infer_k_setting("every SAE")
+    theta: float | None = theta_setting("every SAE")
+    seed: int = setting(0, "Seed of the held-out sample and the pool.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not math.isfinite(self.threshold):
-            raise RouteSAEError(f"threshold must be a finite number, got {self.threshold!r}")
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold!r}")
         positive = {"window": self.window, "top_per_class": self.top_per_class, "batch_size": self.batch_size}
         for name, value in positive.items():
             if value < 1:
-                raise RouteSAEError(f"{name} must be at least 1, got {value}")
+                raise ConfigError(f"{name} must be at least 1, got {value}")
         for name in ("max_classes", "min_contexts", "held_out", "pool"):
             if getattr(self, name) < 0:
-                raise RouteSAEError(f"{name} must be 0 or more, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
-            raise RouteSAEError(f"tokens must be positive, got {self.tokens}")
+            raise ConfigError(f"tokens must be positive, got {self.tokens}")
         if self.max_classes and self.min_contexts > self.max_classes * self.top_per_class:
-            raise RouteSAEError(
+            raise ConfigError(
                 f"min_contexts={self.min_contexts} can never be met: a latent shows at most max_classes × top_per_class "
                 f"= {self.max_classes * self.top_per_class} contexts; lower --min-contexts or raise --max-classes/--top-per-class"
             )
@@ -128,26 +137,24 @@ class Extraction:
     """One SAE's running state during the pass."""
 
     def __init__(
-        self, directory: Path, config: dict[str, Any], sae: SAE, settings: ContextSettings, n_classes: int, n_pool: int
+        self, directory: Path, config: dict[str, Any], sae: SAE, cfg: ContextsConfig, n_classes: int, n_pool: int
     ) -> None:
-        self.directory, self.config, self.sae, self.settings = directory, config, sae, settings
+        self.directory, self.config, self.sae, self.cfg = directory, config, sae, cfg
         device = next(sae.parameters()).device
         self.F = sae.cfg.latent_size
         self.n_classes = n_classes
         self.keep_bos = bool(config.get("data", {}).get("keep_bos", False))
-        self.top = TopN(settings.top_per_class, _PAYLOAD, device)
-        self.sample = TopN(settings.sample_size, _PAYLOAD, device)
+        self.top = TopN(cfg.top_per_class, _PAYLOAD, device)
+        self.sample = TopN(cfg.sample_size, _PAYLOAD, device)
         self.hits = torch.zeros(self.F, dtype=torch.long, device=device)
         self.max_activation = torch.full((self.F,), -math.inf, device=device)
         self.overflow = torch.zeros(self.F, dtype=torch.bool, device=device)
         self.pool_max = torch.full((n_pool, self.F), -math.inf, device=device)
 
     def hit_layers(self, out: SAEOutput, n: int) -> Tensor:
-        """The block each token was read at: RouteSAE's routed block, a single-layer SAE's block, else none."""
-        layers = torch.tensor(self.sae.layers, device=out.latents.device)
-        if "chosen" in out.extras:
-            return layers[out.extras["chosen"]]
-        return torch.full((n,), int(layers[0]) if len(layers) == 1 else NO_LAYER, device=out.latents.device)
+        """The block each token was read at (:meth:`~routesae.SAE.routed_blocks`), or ``NO_LAYER`` for every token."""
+        blocks = self.sae.routed_blocks(out)
+        return torch.full((n,), NO_LAYER, device=out.latents.device) if blocks is None else blocks
 
     def update(self, acts_BTLD: Tensor, slots: list[int], ids_BT: Tensor, mask_BT: Tensor, first_row: int, tables: Tables,
                pool_windows: list[tuple[int, int, int, int]]) -> None:
@@ -156,7 +163,7 @@ class Extraction:
             out = self.sae(acts_BTLD[:, :, slots].reshape(B * T, len(slots), -1))
         z_NF = out.latents
         counted_N = (training_positions(mask_BT, self.keep_bos) & ~tables.special[ids_BT]).reshape(-1)
-        n, f = ((z_NF > self.settings.threshold) & counted_N[:, None]).nonzero(as_tuple=True)
+        n, f = ((z_NF > self.cfg.threshold) & counted_N[:, None]).nonzero(as_tuple=True)
         activation = z_NF[n, f]
         self.hits += torch.bincount(f, minlength=self.F)
         self.max_activation.scatter_reduce_(0, f, activation, "amax")
@@ -164,11 +171,11 @@ class Extraction:
         fresh = ~self.overflow[f]  # a latent past max_classes is dropped anyway: skip its hits
         self.top.update(f[fresh] * self.n_classes + tables.class_id[ids_BT.reshape(-1)[n[fresh]]], activation[fresh],
                         **{k: v[fresh] for k, v in payload.items()})
-        if self.settings.max_classes:
+        if self.cfg.max_classes:
             classes = torch.bincount(torch.unique_consecutive(self.top.group) // self.n_classes, minlength=self.F)
-            self.overflow |= classes > self.settings.max_classes
+            self.overflow |= classes > self.cfg.max_classes
             self.top.keep(~self.overflow[self.top.group // self.n_classes])
-        self.sample.update(f, random_key(self.settings.seed, payload["row"], payload["position"], f), **payload)
+        self.sample.update(f, random_key(self.cfg.seed, payload["row"], payload["position"], f), **payload)
         counted_BT = counted_N.view(B, T)
         for p, row, lo, hi in pool_windows:
             inside = counted_BT[row - first_row, lo : hi + 1]
@@ -194,74 +201,64 @@ def apply_blocks(blocks: TokenBlocks, tokens: int | None) -> tuple[int, int]:
     return leading_blocks(counted_BT, tokens, "apply")
 
 
-def choose_pool(ids_BT: Tensor, counted_BT: Tensor, start_BT: Tensor, end_BT: Tensor, settings: ContextSettings) -> Tensor:
-    """``[P, 3]`` (row, first, last) of ``settings.pool`` distinct random sentence windows, in a seeded order."""
+def choose_pool(ids_BT: Tensor, counted_BT: Tensor, start_BT: Tensor, end_BT: Tensor, cfg: ContextsConfig) -> Tensor:
+    """``[P, 3]`` (row, first, last) of ``cfg.pool`` distinct random sentence windows, in a seeded order."""
     rows, positions = counted_BT.nonzero(as_tuple=True)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(settings.seed))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
     rows, positions = rows[order], positions[order]
-    lo, hi = crop(start_BT[rows, positions], end_BT[rows, positions], positions, settings.window)
+    lo, hi = crop(start_BT[rows, positions], end_BT[rows, positions], positions, cfg.window)
     windows = torch.stack([rows, lo, hi], 1)
     unique, inverse = torch.unique(windows, dim=0, return_inverse=True)
     first_seen = torch.full((len(unique),), len(windows), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(windows)), "amin"
     )
-    return windows[first_seen.sort().values[: settings.pool]]
+    return windows[first_seen.sort().values[: cfg.pool]]
 
 
 def extract_contexts(
     sae_dirs: Path | str | Sequence[Path | str],
+    cfg: ContextsConfig | None = None,
     *,
-    threshold: float = 15.0,
-    window: int = 64,
-    top_per_class: int = 2,
-    max_classes: int = 32,
-    min_contexts: int = 5,
-    held_out: int = 5,
-    pool: int = 100,
-    tokens: int | None = None,
-    batch_size: int = 8,
-    infer_k: int | None = None,
-    theta: float | None = None,
-    seed: int = 0,
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
+    **settings: Any,
 ) -> dict[str, dict[str, Any]]:
     """Extract top-activating contexts for SAEs of one model in one pass over the ``apply`` split.
 
-    Writes ``contexts.json`` into each SAE directory (run directories expand to their SAEs) and
-    returns ``{directory: record}``. ``tokens`` (default: the whole split) counts real tokens
-    except each block's position 0. See the module docstring for the algorithm and thresholds.
+    ``cfg`` says how (:class:`ContextsConfig`; keyword ``settings`` such as ``threshold=4.0``
+    build or override it). Writes ``contexts.json`` into each SAE directory (run directories
+    expand to their SAEs) and returns ``{directory: record}``. ``tokens`` (default: the whole
+    split) counts real tokens except each block's position 0. See the module docstring for the
+    algorithm and thresholds.
 
     >>> extract_contexts(["runs/demo"], threshold=5.0)
     """
+    cfg = ContextsConfig.build(cfg, settings)
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
-    settings = ContextSettings(threshold, window, top_per_class, max_classes, min_contexts, held_out, pool, tokens,
-                               batch_size, infer_k, theta, seed)
     dirs = expand_dirs(sae_dirs)
     configs = [read_sae_config(d) for d in dirs]
     lm = model_for(dirs, configs, lm, device)
     corpus = corpus_for(configs[0], lm)
     blocks = corpus.split(SPLIT)
-    n_blocks, n_tokens = apply_blocks(blocks, settings.tokens)
+    n_blocks, n_tokens = apply_blocks(blocks, cfg.tokens)
     ids_BT, mask_BT = blocks.input_ids[:n_blocks], blocks.attention_mask[:n_blocks]
     vocab = Vocabulary.build(lm.tokenizer, max(lm.vocab_size, len(lm.tokenizer), int(ids_BT.max()) + 1))
     tables = Tables(vocab, vocab.class_id.to(lm.device), vocab.special.to(lm.device))
     start_BT, end_BT = sentence_bounds(ids_BT, mask_BT, vocab)
     counted_BT = training_positions(mask_BT, keep_bos=False) & ~vocab.special[ids_BT]
-    pool_windows = choose_pool(ids_BT, counted_BT, start_BT, end_BT, settings)
+    pool_windows = choose_pool(ids_BT, counted_BT, start_BT, end_BT, cfg)
 
     with ExitStack() as overrides:
         extractions = []
         for directory, config in zip(dirs, configs):
             sae = load_sae(directory, lm.device)[0]
-            overrides.enter_context(sae.inference(Inference(k=infer_k, theta=theta)))
-            extractions.append(Extraction(directory, config, sae, settings, len(vocab.class_names), len(pool_windows)))
-        _pass(lm, extractions, ids_BT, mask_BT, tables, pool_windows, settings.batch_size)
+            overrides.enter_context(sae.inference(Inference(k=cfg.infer_k, theta=cfg.theta)))
+            extractions.append(Extraction(directory, config, sae, cfg, len(vocab.class_names), len(pool_windows)))
+        _pass(lm, extractions, ids_BT, mask_BT, tables, pool_windows, cfg.batch_size)
 
     data = {"source": corpus.source, "split": SPLIT, "fingerprint": corpus.fingerprint}
-    recorded = {**asdict(settings), "tokens": n_tokens, "data": data}
-    del recorded["batch_size"]
+    recorded = {**cfg.request(), "tokens": n_tokens, "data": data}
     results = {}
     console = Console(stderr=True)
     for e in extractions:
@@ -292,16 +289,16 @@ def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask
             progress.advance(task)
 
 
-def _record(e: Extraction, settings: dict[str, Any], ids_BT: Tensor, start_BT: Tensor, end_BT: Tensor,
+def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: Tensor, end_BT: Tensor,
             pool_windows: Tensor, tokenizer: Any, vocab: Vocabulary) -> dict[str, Any]:
     top = {k: v.cpu() for k, v in e.top.rows.items()}
     top_latent = e.top.group.cpu() // e.n_classes
     top_class = e.top.group.cpu() % e.n_classes
     shown = torch.bincount(top_latent, minlength=e.F)
     classes = torch.bincount(torch.unique_consecutive(e.top.group.cpu()) // e.n_classes, minlength=e.F)
-    kept = (shown >= max(e.settings.min_contexts, 1)) & ~e.overflow.cpu()
-    if e.settings.max_classes:
-        kept &= classes <= e.settings.max_classes
+    kept = (shown >= max(e.cfg.min_contexts, 1)) & ~e.overflow.cpu()
+    if e.cfg.max_classes:
+        kept &= classes <= e.cfg.max_classes
     in_kept = kept[top_latent]
 
     sample = {k: v.cpu() for k, v in e.sample.rows.items()}
@@ -311,13 +308,13 @@ def _record(e: Extraction, settings: dict[str, Any], ids_BT: Tensor, start_BT: T
     candidate = kept[sample_latent] & ~torch.isin((sample["row"] * T + sample["position"]) * e.F + sample_latent, shown_key)
     held = candidate.nonzero().squeeze(1)
     rank = torch.arange(len(held)) - torch.searchsorted(sample_latent[held], sample_latent[held], side="left")
-    held = held[rank < e.settings.held_out]
+    held = held[rank < e.cfg.held_out]
 
     rows = torch.cat([top["row"][in_kept], sample["row"][held]])
     positions = torch.cat([top["position"][in_kept], sample["position"][held]])
     contexts = _contexts(rows, positions, torch.cat([top["activation"][in_kept], sample["activation"][held]]),
                          torch.cat([top["layer"][in_kept], sample["layer"][held]]), ids_BT, start_BT, end_BT,
-                         e.settings.window, tokenizer, vocab)
+                         e.cfg.window, tokenizer, vocab)
     pool = [_context(tokens, None, 0.0, NO_LAYER, row, lo) for tokens, (row, lo, _) in zip(
         window_tokens(tokenizer, vocab, [ids_BT[r, lo : hi + 1].tolist() for r, lo, hi in pool_windows.tolist()]),
         pool_windows.tolist())]
@@ -347,7 +344,7 @@ def _record(e: Extraction, settings: dict[str, Any], ids_BT: Tensor, start_BT: T
         "architecture": e.sae.name,
         "model": e.config["model"]["spec"],
         "latent_size": e.F,
-        "settings": settings,
+        "settings": recorded,
         "hits": int(e.hits.sum()),
         "interpretable_latents": len(latents),
         "latents": latents,
@@ -358,8 +355,8 @@ def _record(e: Extraction, settings: dict[str, Any], ids_BT: Tensor, start_BT: T
 def _non_activating(e: Extraction, latent: int) -> list[int]:
     """Up to ``held_out`` pool windows (a seeded random choice) where the latent is never positive."""
     inactive = (e.pool_max[:, latent] <= 0).nonzero().squeeze(1).cpu()
-    keys = random_key(e.settings.seed + 1, inactive, torch.zeros_like(inactive), torch.full_like(inactive, latent))
-    return sorted(inactive[keys.argsort(descending=True)[: e.settings.held_out]].tolist())
+    keys = random_key(e.cfg.seed + 1, inactive, torch.zeros_like(inactive), torch.full_like(inactive, latent))
+    return sorted(inactive[keys.argsort(descending=True)[: e.cfg.held_out]].tolist())
 
 
 def _contexts(rows: Tensor, positions: Tensor, activations: Tensor, layers: Tensor, ids_BT: Tensor, start_BT: Tensor,
@@ -387,7 +384,7 @@ def _context(tokens: list[str], index: int | None, activation: float, layer: int
 
 
 def _summarise(console: Console, e: Extraction, record: dict[str, Any], n_tokens: int) -> None:
-    hits, kept, threshold = record["hits"], record["interpretable_latents"], e.settings.threshold
+    hits, kept, threshold = record["hits"], record["interpretable_latents"], e.cfg.threshold
     top = float(e.max_activation.max()) if hits else None
     largest = f", largest {top:.3g}" if top is not None else ""
     console.print(
