@@ -18,17 +18,22 @@ def register_architectures(register):
 
 @hookspec
 def register_routers(register):
-    """Register routers and layer aggregations used by routed architectures."""
+    """Register routers (instances of ``routesae.routers.Router``) that routed architectures choose layers with."""
+
+
+@hookspec
+def register_aggregations(register):
+    """Register layer aggregations (instances of ``routesae.routers.Aggregation``) that pool a token's layers for a router."""
 
 
 @hookspec
 def register_metrics(register):
-    """Register evaluation metrics."""
+    """Register evaluation metrics (subclasses of ``routesae.metrics.Metric``)."""
 
 
 @hookspec
 def register_interpreters(register):
-    """Register interpreter backends that explain latents."""
+    """Register interpreter backends that explain latents (subclasses of ``routesae.Interpreter``)."""
 
 
 @hookspec

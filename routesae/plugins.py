@@ -15,27 +15,62 @@ import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from routesae import hookspecs
+from routesae.architectures.base import SAE
 from routesae.errors import PluginError
+from routesae.interpreters.base import Interpreter
+from routesae.metrics.base import Metric
+from routesae.reporters.base import Reporter
+from routesae.routers.base import Aggregation, Router
 
 ENTRY_POINT_GROUP = "routesae"
 BUILTIN_DISTRIBUTION = "routesae"
 
-#: hook -> the kind of thing it registers. ``register_routers`` also takes layer aggregations:
-#: an object whose ``kind`` attribute is ``"aggregation"`` is filed under that kind.
-HOOK_KINDS: dict[str, str] = {
-    "register_architectures": "architecture",
-    "register_routers": "router",
-    "register_metrics": "metric",
-    "register_interpreters": "interpreter",
-    "register_reporters": "reporter",
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of plugin: the hook that registers it, and what a registered object must be."""
+
+    name: str
+    hook: str
+    base: type
+    where: str  # how a plugin author imports ``base``
+    instance: bool  # registered as an instance of ``base`` (stateless strategies), or as a subclass (built per use)
+
+    def check(self, name: str, obj: Any) -> None:
+        """Refuse at registration what the kernel could not use later, with the fix in the message."""
+        what = f"{self.where}.{self.base.__qualname__}"
+        if self.instance:
+            if isinstance(obj, type):
+                raise PluginError(f"{self.name} {name!r} must be registered as an instance: register({obj.__name__}()), not the class")
+            if not isinstance(obj, self.base):
+                raise PluginError(f"{self.name} {name!r} must be an instance of {what}, got {obj!r}")
+        elif not (isinstance(obj, type) and issubclass(obj, self.base)):
+            raise PluginError(f"{self.name} {name!r} must be a subclass of {what}, got {obj!r}")
+        if self.base is SAE:
+            obj.check_contract()
+
+
+#: Every kind of plugin. The host files what a hook registers under its kind and checks it against the base.
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("architecture", "register_architectures", SAE, "routesae", instance=False),
+        Kind("router", "register_routers", Router, "routesae.routers", instance=True),
+        Kind("aggregation", "register_aggregations", Aggregation, "routesae.routers", instance=True),
+        Kind("metric", "register_metrics", Metric, "routesae.metrics", instance=False),
+        Kind("interpreter", "register_interpreters", Interpreter, "routesae", instance=False),
+        Kind("reporter", "register_reporters", Reporter, "routesae.reporters", instance=False),
+    )
 }
-KINDS = (*HOOK_KINDS.values(), "aggregation")
 
 
 @dataclass
@@ -158,10 +193,10 @@ class PluginManager:
                 continue
             found: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
             try:
-                for hook_name, kind in HOOK_KINDS.items():
-                    for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                for kind in KINDS.values():
+                    for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
                         if impl.plugin is plugin:
-                            impl.function(_registrar(kind, found))
+                            impl.function(_registrar(kind, found[kind.name]))
             except Exception as e:
                 self._fail(info, e)
                 continue
@@ -211,45 +246,51 @@ class PluginManager:
                 self._fail(self.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, "?", "?"), e)
 
 
-def _registrar(hook_kind: str, found: dict[str, dict[str, Any]]) -> Callable[..., None]:
+def _registrar(kind: Kind, into: dict[str, Any]) -> Callable[..., None]:
     def register(obj: Any, name: str | None = None) -> None:
-        kind = "aggregation" if hook_kind == "router" and getattr(obj, "kind", None) == "aggregation" else hook_kind
-        into = found[kind]
         key = name or getattr(obj, "name", None)
         if not isinstance(key, str) or not key:
-            raise PluginError(f"cannot register {obj!r} as a {kind}: it has no name (pass name=...)")
+            raise PluginError(f"cannot register {obj!r} as a {kind.name}: it has no name (pass name=...)")
         if key in into:
-            raise PluginError(f"the {kind} {key!r} is registered twice by the same plugin")
-        _validate(kind, key, obj)
+            raise PluginError(f"the {kind.name} {key!r} is registered twice by the same plugin")
+        kind.check(key, obj)
         into[key] = obj
 
     return register
 
 
-def _validate(kind: str, name: str, obj: Any) -> None:
-    """Refuse at registration what the kernel could not use later."""
-    if kind == "architecture":
-        from routesae.architectures.base import SAE
-
-        if not (isinstance(obj, type) and issubclass(obj, SAE)):
-            raise PluginError(f"architecture {name!r} must be a subclass of routesae.SAE, got {obj!r}")
-        obj.check_contract()
-    elif kind == "reporter":
-        from routesae.reporters.base import Reporter
-
-        if not (isinstance(obj, type) and issubclass(obj, Reporter)):
-            raise PluginError(f"reporter {name!r} must be a subclass of routesae.reporters.Reporter, got {obj!r}")
-
-
 _manager: PluginManager | None = None
+_active: ContextVar[PluginManager | None] = ContextVar("routesae_plugin_manager", default=None)
 
 
 def get_plugin_manager() -> PluginManager:
-    """The process-wide plugin manager, loaded on first use."""
+    """The plugin manager in use: the one activated around this call (:func:`activated`), else the process-wide one.
+
+    The process-wide manager loads every installed plugin on first use. A manager passed to
+    :func:`routesae.cli.make_cli` or to ``train``/``load_sae``/``SAESpec.build`` (``plugins=``) is
+    activated for the whole call, so everything beneath it, down to RouteSAE looking up its router,
+    sees that manager's plugins. The activation belongs to the calling thread (a ``ContextVar``).
+    """
+    active = _active.get()
+    if active is not None:
+        return active
     global _manager
     if _manager is None:
         _manager = PluginManager()
     return _manager
+
+
+@contextmanager
+def activated(pm: PluginManager | None) -> Iterator[PluginManager]:
+    """Make ``pm`` the manager in use inside the ``with`` block (None: keep the one in use)."""
+    if pm is None:
+        yield get_plugin_manager()
+        return
+    token = _active.set(pm)
+    try:
+        yield pm
+    finally:
+        _active.reset(token)
 
 
 def reset_plugin_manager() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 
@@ -30,6 +30,8 @@ from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_text
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
+from routesae.metrics.base import Better
+from routesae.plugins import get_plugin_manager
 from routesae.rundir import (
     CONFIG_FILE,
     CONTEXTS_FILE,
@@ -43,19 +45,6 @@ from routesae.version import __version__
 
 DEFAULT_MAX_CARDS = 24
 CONTEXTS_PER_CARD = 5
-
-Better = Literal["lower", "higher"]
-BETTER: dict[str, Better] = {
-    "normmse": "lower",
-    "kldiv": "lower",
-    "deltace": "lower",
-    "fvu": "lower",
-    "dead": "lower",
-    "recovered": "higher",
-    "recovered_mean_ablation": "higher",
-    "cosine": "higher",
-}
-"""Which way each built-in metric improves; metrics not listed (``l0``, plugins' own) are not ranked."""
 
 CATEGORY_BADGES = {"low-level": "low", "high-level": "high", "undiscernible": "undiscernible"}
 """Known interpretation categories -> CSS class suffix; anything else is drawn as ``other``."""
@@ -131,6 +120,21 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def metric_directions(records: list[dict[str, Any]]) -> dict[str, Better | None]:
+    """Which way each reported value improves: as ``eval.json`` records it (``better``, from the metric plugins).
+
+    Records written before ``better`` existed are ranked by the installed metric of each name.
+    """
+    directions: dict[str, Better | None] = {}
+    pm = get_plugin_manager()
+    for record in records:
+        if "better" in record:
+            directions.update(record["better"])
+        else:
+            directions.update({n: pm.get("metric", n).better for n in record["metrics"] if n in pm.names("metric")})
+    return directions
+
+
 def metric_table(saes: list[SAEFiles]) -> dict[str, Any]:
     """Rows = SAEs, columns = every metric some eval.json holds; the best value of a ranked column marked.
 
@@ -138,7 +142,8 @@ def metric_table(saes: list[SAEFiles]) -> dict[str, Any]:
     not "best" of anything. Ties are all marked.
     """
     names = list(dict.fromkeys(m for s in saes if s.evaluation.data for m in s.evaluation.data["metrics"]))
-    columns = [{"name": n, "label": n.replace("_", " "), "better": BETTER.get(n)} for n in names]
+    better = metric_directions([s.evaluation.data for s in saes if s.evaluation.data])
+    columns = [{"name": n, "label": n.replace("_", " "), "better": better.get(n)} for n in names]
     best: dict[str, float] = {}
     for column in columns:
         values = [

@@ -8,15 +8,15 @@ it. A setting that none of them takes is an error, never silently ignored.
 from __future__ import annotations
 
 import itertools
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from routesae.architectures.base import SAEConfig
 from routesae.errors import ConfigError, RouteSAEError
-from routesae.plugins import get_plugin_manager
+from routesae.plugins import PluginManager, activated
+from routesae.rundir import check_sae_name
 
 
 @dataclass
@@ -28,9 +28,10 @@ class SAESpec:
     name: str | None = None
 
     @classmethod
-    def build(cls, architecture: str, name: str | None = None, **settings: Any) -> SAESpec:
-        arch = get_plugin_manager().get("architecture", architecture)
-        return cls(architecture, arch.build_config(settings), name)
+    def build(cls, architecture: str, name: str | None = None, *, plugins: PluginManager | None = None, **settings: Any) -> SAESpec:
+        """The spec of ``architecture`` with ``settings``, checked by its config (``plugins``: the manager to use)."""
+        with activated(plugins) as pm:
+            return cls(architecture, pm.get("architecture", architecture).build_config(settings), name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "config": self.config.to_dict(), "name": self.name}
@@ -40,9 +41,13 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def expand_specs(architectures: list[str], settings: dict[str, Any]) -> list[SAESpec]:
+def expand_specs(architectures: list[str], settings: dict[str, Any], *, plugins: PluginManager | None = None) -> list[SAESpec]:
     """One spec per architecture and per combination of swept (list-valued) settings."""
-    pm = get_plugin_manager()
+    with activated(plugins) as pm:
+        return _expand(pm, architectures, settings)
+
+
+def _expand(pm: PluginManager, architectures: list[str], settings: dict[str, Any]) -> list[SAESpec]:
     archs = {name: pm.get("architecture", name) for name in dict.fromkeys(architectures)}
     accepted = {name: arch.setting_names() for name, arch in archs.items()}
     for key in settings:
@@ -57,7 +62,7 @@ def expand_specs(architectures: list[str], settings: dict[str, Any]) -> list[SAE
     return specs
 
 
-def load_run_file(path: Path | str) -> tuple[dict[str, Any], list[SAESpec]]:
+def load_run_file(path: Path | str, *, plugins: PluginManager | None = None) -> tuple[dict[str, Any], list[SAESpec]]:
     """Read a TOML run file: a ``[train]`` table (training settings, ``out``) and one ``[sae.NAME]`` table per SAE.
 
     .. code-block:: toml
@@ -93,11 +98,14 @@ def load_run_file(path: Path | str) -> tuple[dict[str, Any], list[SAESpec]]:
         if "arch" not in table:
             raise ConfigError(f"run file {path}: [sae.{name}] needs an arch = \"...\" entry")
         arch = table.pop("arch")
+        swept = sorted(k for k, v in table.items() if isinstance(v, list))
+        if swept:
+            raise ConfigError(f"run file {path}: [sae.{name}] sweeps {', '.join(swept)}; give one value per SAE table")
         try:
-            (spec,) = expand_specs([arch], table)
-        except ValueError:
-            raise ConfigError(f"run file {path}: [sae.{name}] sweeps a setting; give one value per SAE table") from None
-        spec.name = name
+            (spec,) = expand_specs([arch], table, plugins=plugins)
+        except ConfigError as e:
+            raise ConfigError(f"run file {path}: [sae.{name}]: {e}") from None
+        spec.name = check_sae_name(name)
         specs.append(spec)
     train = {k.replace("-", "_"): v for k, v in data.get("train", {}).items()}
     return train, specs

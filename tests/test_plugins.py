@@ -1,8 +1,8 @@
 """The plugin kernel: discovery through entry points, isolation of broken plugins, duplicates, CLI."""
 
-import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,15 +11,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from routesae import hookspecs
 from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.cli import make_cli
 from routesae.errors import PluginError
 from routesae.hookspecs import hookimpl
-from routesae.plugins import PluginManager
+from routesae.interpreters import Interpreter
+from routesae.metrics import Metric
+from routesae.plugins import KINDS, PluginManager
+from routesae.routers import Aggregation, Router
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+
+
+class MaxOfLayers(Aggregation):
+    name = "max-of-layers"
 
 
 class WideTopKSAE(TopKSAE):
@@ -205,31 +210,32 @@ def test_load_plugins_selects_distributions(broken_plugins_site):
     assert {p["distribution"] for p in json.loads(builtins_only.stdout)} == {"routesae"}
 
 
-@pytest.mark.parametrize("hook", HOOKS)
-def test_every_hook_is_documented_in_the_readme(hook):
-    assert f"{hook}(" in (ROOT / "README.md").read_text()
+class CoinFlip(Router):
+    name = "coin-flip"
 
 
-@pytest.mark.parametrize("hook", HOOKS)
-def test_every_hook_has_a_test(hook):
-    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
-    assert f"def {hook}(" in tests
+class Length(Metric):
+    name = "length"
+
+
+class Echo(Interpreter):
+    name = "echo"
 
 
 class ManyKinds:
-    """One plugin providing one thing of each kind that has no built-in consumer yet."""
+    """One plugin providing one thing of several kinds."""
 
     @hookimpl
     def register_routers(self, register):
-        register(object(), name="coin-flip")
+        register(CoinFlip())
 
     @hookimpl
     def register_metrics(self, register):
-        register(len, name="length")
+        register(Length)
 
     @hookimpl
     def register_interpreters(self, register):
-        register(str, name="echo")
+        register(Echo)
 
     @hookimpl
     def register_commands(self, cli):
@@ -246,8 +252,8 @@ def test_each_kind_is_registered_and_attributed():
     pm.register(ManyKinds(), name="many", distribution="routesae-many", version="1.2")
     try:
         assert pm.get("router", "coin-flip") is not None
-        assert pm.get("metric", "length") is len
-        assert pm.get("interpreter", "echo") is str
+        assert pm.get("metric", "length") is Length
+        assert pm.get("interpreter", "echo") is Echo
         info = pm.provider("metric", "length")
         assert (info.distribution, info.version) == ("routesae-many", "1.2")
         assert info.registered == {"router": ["coin-flip"], "metric": ["length"], "interpreter": ["echo"]}
@@ -255,6 +261,39 @@ def test_each_kind_is_registered_and_attributed():
         assert result.exit_code == 0 and result.output == "hello world\n"
     finally:
         pm.unregister("many")
+
+
+@pytest.mark.parametrize(
+    ("kind", "obj", "message"),
+    [
+        ("architecture", TopKConfig, "must be a subclass of routesae.SAE"),
+        ("architecture", WideTopKSAE(TopKConfig(k=2, latent_size=8, layer=0), 4), "must be a subclass of routesae.SAE"),
+        ("router", CoinFlip, r"must be registered as an instance: register\(CoinFlip\(\)\), not the class"),
+        ("router", MaxOfLayers(), "must be an instance of routesae.routers.Router"),
+        ("aggregation", MaxOfLayers, r"must be registered as an instance: register\(MaxOfLayers\(\)\)"),
+        ("aggregation", CoinFlip(), "must be an instance of routesae.routers.Aggregation"),
+        ("metric", len, "must be a subclass of routesae.metrics.Metric"),
+        ("metric", Length(), "must be a subclass of routesae.metrics.Metric"),
+        ("interpreter", str, "must be a subclass of routesae.Interpreter"),
+        ("reporter", Length, "must be a subclass of routesae.reporters.Reporter"),
+    ],
+)
+def test_every_kind_refuses_what_the_kernel_could_not_use(kind, obj, message):
+    hook = KINDS[kind].hook
+
+    class Wrong:
+        pass
+
+    def implementation(self, register):
+        register(obj, name="wrong")
+
+    implementation.__name__ = hook
+    setattr(Wrong, hook, hookimpl(implementation))
+    pm = PluginManager()
+    pm.register(Wrong(), name="wrong-plugin")
+    assert "wrong" not in pm.names(kind)
+    assert f"{kind} 'wrong'" in pm.infos["wrong-plugin"].error
+    assert re.search(message, pm.infos["wrong-plugin"].error), pm.infos["wrong-plugin"].error
 
 
 def test_cli_lists_builtins_and_the_installed_example_plugin():

@@ -21,7 +21,7 @@ from routesae.errors import RouteSAEError
 from routesae.evaluate import evaluate
 from routesae.files import read_json, write_json
 from routesae.lm import LanguageModel
-from routesae.report import BETTER, render_report, write_report
+from routesae.report import render_report, write_report
 
 XSS_NAME = '"><img src=x onerror=window.__xss=1>&é'  # an SAE name (a directory name too, so no slash)
 XSS_SCRIPT = "<script>window.__xss=2</script>"
@@ -191,7 +191,7 @@ def test_metric_table_has_one_row_per_sae_with_its_numbers_and_the_best_marked(r
         for name, value in metrics.items():
             assert cells[name].text() == f"{value:.4g}"
             others = [r["metrics"][name] for r in records.values()]
-            better = BETTER.get(name)
+            better = records[row.attrs["data-sae"]]["better"][name]
             best = better and value == (min(others) if better == "lower" else max(others))
             assert ("best" in cells[name].classes) == bool(best), (name, value, others)
     headers = {th.attrs["data-metric"]: th.text() for th in dom.find("table", "metrics").find_all("th") if "data-metric" in th.attrs}
@@ -393,7 +393,8 @@ def test_report_dom_in_chromium(run, report, browser):
     for row in rows:
         metrics = read_json(run["dir"] / row["sae"] / "eval.json")["metrics"]
         assert {k: float(v) for k, v in row["cells"].items()} == pytest.approx(metrics, rel=1e-3, abs=1e-12)
-    assert sum(len(r["best"]) for r in rows) >= sum(1 for name in rows[0]["cells"] if name in BETTER)
+    better = read_json(run["dir"] / rows[0]["sae"] / "eval.json")["better"]
+    assert sum(len(r["best"]) for r in rows) >= sum(1 for name in rows[0]["cells"] if better[name])
     labels = page.evaluate("[...document.querySelectorAll('svg.histogram rect.bar')].map(r => r.dataset.label)")
     assert labels == ["1", "2"]
     visible = page.evaluate("[...document.querySelectorAll('svg.histogram rect.bar')].map(r => r.getBBox().height > 0)")

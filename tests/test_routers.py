@@ -157,6 +157,9 @@ class ExtraRouting:
     @hookimpl
     def register_routers(self, register):
         register(FirstLayerRouter())
+
+    @hookimpl
+    def register_aggregations(self, register):
         register(MaxAggregation())
 
 

@@ -1,19 +1,5 @@
-"""Built-in architectures, registered through the ``routesae`` entry point like any plugin."""
+"""SAE architectures: the contract (:mod:`.base`) and the built-ins, each in its own module.
 
-from routesae.architectures.crosscoder import Crosscoder
-from routesae.architectures.gated import GatedSAE
-from routesae.architectures.jumprelu import JumpReLUSAE
-from routesae.architectures.routesae import RouteSAE
-from routesae.architectures.topk import TopKSAE
-from routesae.architectures.vanilla import VanillaSAE
-from routesae.hookspecs import hookimpl
-
-
-@hookimpl
-def register_architectures(register):
-    register(TopKSAE)
-    register(RouteSAE)
-    register(Crosscoder)
-    register(VanillaSAE)
-    register(GatedSAE)
-    register(JumpReLUSAE)
+The built-ins are registered by :mod:`.builtin` through the ``routesae`` entry point, the same path
+a third-party architecture takes; importing this package registers nothing.
+"""

@@ -21,17 +21,23 @@ from routesae.cli.interpretation import make_interpret_command
 from routesae.cli.reporting import make_plugins_command, make_report_command
 from routesae.cli.training import make_cache_command, make_pipeline_command, make_train_command
 from routesae.errors import RouteSAEError
-from routesae.plugins import PluginManager, get_plugin_manager
+from routesae.plugins import PluginManager, activated, get_plugin_manager
 
 __all__ = ["main", "make_cli"]
 
 
 class RouteSAEGroup(click.Group):
-    """Turns :class:`RouteSAEError` into a short message and exit code 2 instead of a traceback."""
+    """Runs every command with the group's plugin manager in use, and turns :class:`RouteSAEError` into a short
+    message and exit code 2 instead of a traceback."""
+
+    def __init__(self, plugins: PluginManager, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plugins = plugins
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with activated(self.plugins):  # what --help showed is what runs
+                return super().invoke(ctx)
         except RouteSAEError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(2)
@@ -48,10 +54,10 @@ def _quiet_dependencies() -> None:
 
 
 def make_cli(pm: PluginManager | None = None) -> click.Group:
-    """Build the CLI for the given (default: the process-wide) plugin manager."""
+    """Build the CLI for the given (default: the process-wide) plugin manager, which its commands then run with."""
     pm = pm or get_plugin_manager()
     _quiet_dependencies()
-    cli = RouteSAEGroup(help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
+    cli = RouteSAEGroup(pm, help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
     cli = click.version_option(package_name="routesae")(cli)
     builders: list[Callable[[PluginManager], click.Command]] = [
         make_train_command,

@@ -1,8 +1,7 @@
-"""Built-in interpreter backends, registered through the ``routesae`` entry point like any plugin."""
+"""Interpreter backends: the contract (:mod:`.base`) and the built-ins (registered by :mod:`.builtin`)."""
 
 from __future__ import annotations
 
-from routesae.hookspecs import hookimpl
 from routesae.interpreters.base import (
     Completion,
     Interpreter,
@@ -24,9 +23,3 @@ __all__ = [
     "Message",
     "OpenAIInterpreter",
 ]
-
-
-@hookimpl
-def register_interpreters(register):
-    register(LocalInterpreter)
-    register(OpenAIInterpreter)

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from routesae.architectures.base import SAEOutput
 
+Better = Literal["lower", "higher"]
+"""Which way a metric improves; tables mark the best SAE of a column by it."""
 Forward = Literal["spliced", "zero", "mean"]
 """A forward with the SAE's positions replaced by its reconstruction, by 0, or by the batch mean."""
 FORWARDS: tuple[Forward, ...] = ("spliced", "zero", "mean")
@@ -45,6 +47,7 @@ class Metric:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[Forward]] = frozenset()
     description: ClassVar[str] = ""
+    better: ClassVar[Better | None] = None  # for every value it reports; None: a property (L0), not a score
 
     def update(self, batch: EvalBatch) -> None:
         raise NotImplementedError

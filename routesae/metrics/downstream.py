@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from routesae.metrics.base import EvalBatch, Forward, Metric, cross_entropy_BT, kl_BT, ratio
+from routesae.metrics.base import Better, EvalBatch, Forward, Metric, cross_entropy_BT, kl_BT, ratio
 
 RECOVERED_EPS = 1e-8  # the reference's epsilon in the Recovered denominator
 
@@ -34,6 +34,7 @@ class KLDiv(Metric):
     """
 
     name: ClassVar[str] = "kldiv"
+    better: ClassVar[Better | None] = "lower"
     needs: ClassVar[frozenset[Forward]] = frozenset({"spliced"})
 
     def __init__(self) -> None:
@@ -53,6 +54,7 @@ class DeltaCE(Metric):
     """CE(spliced) − CE(clean), per-token means over the scored positions."""
 
     name: ClassVar[str] = "deltace"
+    better: ClassVar[Better | None] = "lower"
     needs: ClassVar[frozenset[Forward]] = frozenset({"spliced"})
 
     def __init__(self) -> None:
@@ -75,6 +77,7 @@ class Recovered(Metric):
     """
 
     name: ClassVar[str] = "recovered"
+    better: ClassVar[Better | None] = "higher"
     needs: ClassVar[frozenset[Forward]] = frozenset({"spliced", "zero", "mean"})
 
     def __init__(self) -> None:

@@ -7,13 +7,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from routesae.metrics.base import EvalBatch, Metric, ratio
+from routesae.metrics.base import Better, EvalBatch, Metric, ratio
 
 
 class NormMSE(Metric):
     """‖x̂ − x‖² / ‖x‖² per vector, averaged, in the SAE's input space (RouteSAE: the routed vector)."""
 
     name: ClassVar[str] = "normmse"
+    better: ClassVar[Better | None] = "lower"
 
     def __init__(self) -> None:
         self.total = 0.0
@@ -53,6 +54,7 @@ class FVU(Metric):
     """
 
     name: ClassVar[str] = "fvu"
+    better: ClassVar[Better | None] = "lower"
 
     def __init__(self) -> None:
         self.error = 0.0
@@ -73,6 +75,7 @@ class Cosine(Metric):
     """Mean cosine similarity between x and x̂ in the raw residual stream, over the replaced vectors."""
 
     name: ClassVar[str] = "cosine"
+    better: ClassVar[Better | None] = "higher"
 
     def __init__(self) -> None:
         self.total = 0.0
@@ -109,6 +112,7 @@ class Dead(Metric):
     """Fraction of latents that are never non-zero on any counted token of the evaluated data."""
 
     name: ClassVar[str] = "dead"
+    better: ClassVar[Better | None] = "lower"
 
     def __init__(self) -> None:
         self.fired_F: Tensor | None = None

@@ -5,9 +5,9 @@ A routed architecture (RouteSAE) reads L standardised layers per token, handed o
 layer per token, computed without a standardised ``[N, L, D]`` copy; ``materialize()`` gives
 the full tensor to routers that need it). An :class:`Aggregation` pools them into the
 router's input ``v_ND``; a linear map and a softmax over layers give ``probs_NL``; a
-:class:`Router` turns (layers, p) into the vector the inner SAE sees. Both are registered
-through the ``register_routers`` hook and looked up by name; the host files an object under
-the ``"aggregation"`` kind when its ``kind`` attribute says so.
+:class:`Router` turns (layers, p) into the vector the inner SAE sees. Routers are registered
+through the ``register_routers`` hook, aggregations through ``register_aggregations``, and both
+are looked up by name.
 
 Register instances: routers and aggregations hold no state, and ``__call__`` of an
 aggregation is its pooling, not a constructor.
@@ -32,9 +32,15 @@ class Routing(NamedTuple):
 
 
 class Router:
-    """Turns per-layer inputs and routing probabilities into one vector per token."""
+    """Turns per-layer inputs and routing probabilities into one vector per token.
+
+    ``single_block``: whether ``x_route`` is always one block's activation (scaled or not), so a
+    token's latents describe that block alone (``chosen_N``) and steering a latent acts on one
+    block; a router that mixes blocks (``soft``) says False.
+    """
 
     name: ClassVar[str] = ""
+    single_block: ClassVar[bool] = False
 
     def route(self, layers: StandardizedLayers, probs_NL: Tensor) -> Routing:
         raise NotImplementedError
@@ -46,7 +52,6 @@ class Router:
 class Aggregation:
     """Pools the L layers of a token into the router's input."""
 
-    kind: ClassVar[str] = "aggregation"
     name: ClassVar[str] = ""
 
     def __call__(self, layers: StandardizedLayers) -> Tensor:
@@ -64,6 +69,7 @@ class HardRouter(Router):
     """
 
     name = "hard"
+    single_block = True
 
     def route(self, layers: StandardizedLayers, probs_NL: Tensor) -> Routing:
         p_max_N, chosen_N = probs_NL.max(-1)

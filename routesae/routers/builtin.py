@@ -1,0 +1,16 @@
+"""The built-in routers' and aggregations' plugin: registered through the ``routesae`` entry point like any third-party one."""
+
+from routesae.hookspecs import hookimpl
+from routesae.routers.base import HardRouter, MeanAggregation, SoftRouter, SumAggregation
+
+
+@hookimpl
+def register_routers(register):
+    register(HardRouter())
+    register(SoftRouter())
+
+
+@hookimpl
+def register_aggregations(register):
+    register(SumAggregation())
+    register(MeanAggregation())
