@@ -2,7 +2,8 @@
 
 Everything a script needs is importable from here: each stage is a function (``train``,
 ``evaluate``, ``extract_contexts``, ``steer``, ``interpret``, ``write_report``, ``pipeline``,
-``cache_activations``); the rest of those modules imports as usual (``from routesae.train import Trainer``).
+``cache_activations``) with a config class of its settings (``TrainConfig``, ``EvaluateConfig``, ...);
+the rest of those modules imports as usual (``from routesae.train import Trainer``).
 """
 
 from routesae.architectures.base import (
@@ -16,25 +17,25 @@ from routesae.architectures.base import (
 )
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
 from routesae.checkpoint import load_sae
-from routesae.version import __version__
-
-load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 from routesae.config import setting
-from routesae.contexts import extract_contexts, read_contexts, render_context
+from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, render_context
 from routesae.data import Corpus, load_corpus
 from routesae.errors import RouteSAEError
-from routesae.evaluate import evaluate
+from routesae.evaluate import EvaluateConfig, evaluate
 from routesae.hookspecs import hookimpl
-from routesae.interpret import BudgetReached, interpret
+from routesae.interpret import BudgetReached, InterpretConfig, interpret
 from routesae.interpreters import Completion, Interpreter, InterpreterConfig
 from routesae.lm import LanguageModel
 from routesae.pipeline import PipelineConfig, pipeline
 from routesae.plugins import get_plugin_manager
 from routesae.report import write_report
 from routesae.specs import SAESpec
-from routesae.steering import Clamp, SteeringResult, steer
+from routesae.steering import Clamp, SteerConfig, SteeringResult, steer
 from routesae.train import train
 from routesae.train_config import TrainConfig
+from routesae.version import __version__
+
+load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 
 __all__ = [
     "SAE",
@@ -43,8 +44,11 @@ __all__ = [
     "CacheConfig",
     "Clamp",
     "Completion",
+    "ContextsConfig",
     "Corpus",
+    "EvaluateConfig",
     "Inference",
+    "InterpretConfig",
     "Interpreter",
     "InterpreterConfig",
     "LanguageModel",
@@ -53,6 +57,7 @@ __all__ = [
     "SAEConfig",
     "SAEOutput",
     "SAESpec",
+    "SteerConfig",
     "SingleLayerConfig",
     "SingleLayerSAE",
     "SteeringResult",

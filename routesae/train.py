@@ -274,35 +274,22 @@ def train(
 
     >>> train([SAESpec.build("topk", k=32, layer=21)], "runs/demo", TrainConfig(tokens=200_000))
     """
-    with activated(plugins):
-        return _train(specs, out, cfg or TrainConfig(), overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
-
-
-def _train(
-    specs: Sequence[SAESpec],
-    out: Path | str,
-    cfg: TrainConfig,
-    *,
-    overwrite: bool,
-    resume: bool,
-    reporters: list[str] | None,
-    lm: LanguageModel | None,
-) -> dict[str, Any]:
+    cfg = cfg or TrainConfig()
     run_dir = RunDirectory(out)
-    request = run_request(specs, cfg)
-    resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume, upgrade=upgrade_request)
-    progress = resumed.get("progress", START) if resumed else START
-    built_reporters = build_reporters(reporters if reporters is not None else ["console"], run_dir.path)
-    device = cfg.resolved_device()
-    position = (progress["group"], progress["batch"])
-    if cfg.from_cache:
-        cache = ActivationCache(cfg.from_cache)
-        cache.check_train_config(cfg)
-        layers, saes = build_trained_saes(specs, cache.model, cfg, device)
-        data = cached_data(cache, cfg, layers, {t.name: t.sae.layers for t in saes}, position)
-    else:
-        lm = lm or LanguageModel.load(cfg.model, device=device)
-        layers, saes = build_trained_saes(specs, lm, cfg, device)
-        data = live_data(lm, cfg, layers, position)
-    trainer = Trainer(cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters)
-    return trainer.run()
+    with activated(plugins):
+        request = run_request(specs, cfg)
+        resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume, upgrade=upgrade_request)
+        progress = resumed.get("progress", START) if resumed else START
+        built_reporters = build_reporters(reporters if reporters is not None else ["console"], run_dir.path)
+        device, position = cfg.resolved_device(), (progress["group"], progress["batch"])
+        if cfg.from_cache:
+            cache = ActivationCache(cfg.from_cache)
+            cache.check_train_config(cfg)
+            layers, saes = build_trained_saes(specs, cache.model, cfg, device)
+            data = cached_data(cache, cfg, layers, {t.name: t.sae.layers for t in saes}, position)
+        else:
+            lm = lm or LanguageModel.load(cfg.model, device=device)
+            layers, saes = build_trained_saes(specs, lm, cfg, device)
+            data = live_data(lm, cfg, layers, position)
+        trainer = Trainer(cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters)
+        return trainer.run()

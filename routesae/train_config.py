@@ -117,7 +117,7 @@ def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule
 
     ``wsd``: warm-up, stable, linear decay to zero, as the paper describes; unlike the reference
     code the first step's lr is not 0. ``reference-2025``: the reference code's older schedule
-    (reference §5.4), which likely produced the paper's numbers — lr 0 at step 0, a jump from 1.0
+    (docs/reference.md §5.4), which likely produced the paper's numbers — lr 0 at step 0, a jump from 1.0
     to 0.2 at 80% of training, and 0 for the last 5%.
     """
     n_warmup, n_decay = int(warmup * total_steps), int(decay * total_steps)

@@ -234,7 +234,7 @@ NO_TRAINING_STATE = TrainingState()
 
 @dataclass(frozen=True)
 class Inference:
-    """An inference-time sparsity override (reference §3.8): it replaces the trained activation.
+    """An inference-time sparsity override (docs/reference.md §3.8): it replaces the trained activation.
 
     ``k``: z = TopK_k(a), the k largest pre-activations **with their signed values** (as the
     reference, whatever the trained activation: ReLU, JumpReLU, TopK with ``relu``).

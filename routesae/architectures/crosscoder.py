@@ -1,8 +1,8 @@
-"""Crosscoder (Lindsey et al. 2024; the RouteSAE paper's baseline, reference §3.7): shared latents over a layer range.
+"""Crosscoder (Lindsey et al. 2024; the RouteSAE paper's baseline, §3.7): shared latents over a layer range.
 
 Each of the L layers has its own encoder and decoder; the latents are shared::
 
-    x_l = standardize(h_l)                          per token and layer (reference §2.3)
+    x_l = standardize(h_l)                          per token and layer (docs/reference.md §2.3)
     a = Σ_l W_enc[:, l] x_l + b_enc                 one matmul: [N, L·D] @ [L·D, F]
     z = ReLU(a)            (k = 0, the reference)   or   z = ReLU(TopK_k(a))   (k > 0)
     x̂_l = z W_dec[:, l] (+ b_dec[l] if decoder_bias)

@@ -16,7 +16,7 @@ not the dictionary):
 
 ``variant="reference"`` reproduces the RouteSAE reference code instead: the same forward, but the
 loss is NMSE + l1 · mean|z|, with no auxiliary term. Nothing then reaches b_gate (it stays at its
-initial 0), so the gate is sign(h) and the model is a ReLU-gated magnitude SAE (reference §3.3, §12.3).
+initial 0), so the gate is sign(h) and the model is a ReLU-gated magnitude SAE (docs/reference.md §3.3, §12.3).
 
 Both variants take the L1 mean over all N·F entries, as the reference and :mod:`vanilla` do, so
 ``--l1`` means the same per-token weight (l1/F) for vanilla and gated in one run.

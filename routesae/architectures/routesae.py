@@ -5,17 +5,17 @@ standardised layers into the router's input, a bias-free linear map d→L and a 
 layers give routing probabilities p, a router (``hard`` | ``soft``) builds the routed vector,
 and any registered single-layer architecture (``inner``; TopK by default) encodes it::
 
-    x_l = standardize(h_l)                       per token and layer (reference §2.3)
+    x_l = standardize(h_l)                       per token and layer (docs/reference.md §2.3)
     v = Σ_l x_l  (sum)   or   (1/L) Σ_l x_l  (mean)
     p = softmax(W_r v),  W_r ∈ R^{L×d}
     hard: i* = argmax p,  x_route = p_{i*} · x_{i*}       soft: x_route = Σ_l p_l x_l
     (z, x̂) = inner(x_route),   loss = inner's loss with target x_route
 
-Splicing (``reconstruction``) follows the reference's evaluation (§3.6, §6.2): each token is
+Splicing (``reconstruction``) follows the reference's evaluation (docs/reference.md §3.6, §6.2): each token is
 replaced once, at its argmax block, by the inner's reconstruction of that block's *unscaled*
 standardised activation x_{i*}, de-standardised with that block's (μ, σ). Soft routing uses
 the same rule (see :meth:`RouteSAE.reconstruction` for why). The spliced reconstruction is
-therefore not the trained one: training encodes p_{i*}·x_{i*} (reference pitfall §12.5).
+therefore not the trained one: training encodes p_{i*}·x_{i*} (docs/reference.md §12.5).
 
 Settings. RouteSAE's own settings are its config fields; every other setting (``k``, ``relu``,
 ``l1``, ...) belongs to the inner architecture and lives in ``inner_settings``, validated by the
@@ -247,13 +247,13 @@ class RouteSAE(SAE):
     def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
         """Each token once, at its argmax block: inner(x_{i*}) unscaled, de-standardised with that block's μ, σ.
 
-        Hard routing: the reference's evaluation splice (§3.6, §6.2). Soft routing: the same rule.
+        Hard routing: the reference's evaluation splice (docs/reference.md §3.6, §6.2). Soft routing: the same rule.
         A soft x_route = Σ p_l x_l is a mixture of layers, so its reconstruction belongs to no
         block; the argmax block is where the router puts most weight, splicing once per token
         keeps downstream metrics comparable with hard routing (a splice at several blocks would
         compound errors, each later block seeing the earlier replacement), and it is what the
         reference effectively evaluates, since its pipeline forces hard routing at evaluation
-        (§6.7, §12.15) — here explicitly, with the NMSE still on the soft target.
+        (docs/reference.md §6.7, §12.15) — here explicitly, with the NMSE still on the soft target.
         """
         x_chosen_ND, chosen_N = out.extras["x_chosen"], out.extras["chosen"]
         rows = torch.arange(x_chosen_ND.shape[0], device=x_chosen_ND.device)

@@ -62,33 +62,25 @@ def name_parts_with_k(parts: list[str], k: int) -> list[str]:
 
 
 SPARSE_DECODE_MIN_RATIO = 32
-"""The gather decode is used when latent size >= this x k.
-
-Decode + backward of 2,048 tokens on a 2-core CPU (torch 2.13; dense/sparse time): d=576:
-F=4096 k=32/64/128 1.6/1.7/2.4x; F=16384 4.3/3.1/3.2x; F=65536 9.6/6.6/6.2x. d=2048: F=4096
-2.8/2.2/2.1x; F=16384 6.7/6.3/4.8x; F=65536 k=32 19.5x. Near the boundary the dense matmul wins:
-F=4096 k=256 (ratio 16) 1.0x, k=512 0.8x; F=1024 k=64 0.7x, k=256 0.6x.
-"""
+"""The gather decode is used when latent size >= this x k; at 16 x k and below the dense matmul ties or wins
+(the measurements behind the rule: docs/speed.md)."""
 
 
 def sparse_decode_pays(k: int, latent_size: int) -> bool:
-    """Whether gathering k decoder rows beats the dense matmul (measurements in :data:`SPARSE_DECODE_MIN_RATIO`)."""
+    """Whether gathering k decoder rows beats the dense matmul (the rule: :data:`SPARSE_DECODE_MIN_RATIO`)."""
     return latent_size >= SPARSE_DECODE_MIN_RATIO * k
 
 
 SPARSE_ENCODER_MIN_RATIO = 8
 """The sparse encoder backward (:class:`TopKEncode`) is used when latent size >= this x k.
 
-Forward + backward + Adam step of 2,048 tokens, one CPU thread (torch 2.13; dense/sparse time;
-decode on auto): d=576: F=4096 k=32/64/128/256 1.7/1.7/1.5/1.25x; F=16384 k=32/64/128
-1.8/1.7/1.6x; F=1024 k=32/128/256/512 1.5/1.15/0.97/0.79x. d=2048 F=16384 k=32 1.85x (fwd+bwd
-alone 2.2x). The dense backward is two more [N, F] x D matmuls, the sparse one ~2·N·k·D work
-at a worse rate, so it loses only when k is a large share of F.
+The dense backward is two more [N, F] x D matmuls, the sparse one ~2·N·k·D work at a worse rate,
+so it loses only when k is a large share of F (the measurements behind the rule: docs/speed.md).
 """
 
 
 def sparse_encoder_backward_pays(k: int, latent_size: int) -> bool:
-    """Whether :class:`TopKEncode`'s backward beats the dense one (measurements in :data:`SPARSE_ENCODER_MIN_RATIO`)."""
+    """Whether :class:`TopKEncode`'s backward beats the dense one (the rule: :data:`SPARSE_ENCODER_MIN_RATIO`)."""
     return latent_size >= SPARSE_ENCODER_MIN_RATIO * k
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +18,7 @@ from routesae.cli.options import (
     print_json,
 )
 from routesae.plugins import PluginManager
+from routesae.rundir import CONTEXTS_FILE
 
 
 def make_contexts_command(pm: PluginManager) -> click.Command:
@@ -27,7 +29,7 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
         results = extract_contexts(list(paths), cfg, device=device)
         if as_json:
             keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
-            print_json({d: {"file": f"{d}/contexts.json", **{k: r[k] for k in keys}} for d, r in results.items()})
+            print_json({d: {"file": str(Path(d) / CONTEXTS_FILE), **{k: r[k] for k in keys}} for d, r in results.items()})
 
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),

@@ -1,4 +1,4 @@
-"""Top-activating contexts per latent (reference §7.1), vectorised, for many SAEs in one pass.
+"""Top-activating contexts per latent (docs/reference.md §7.1), vectorised, for many SAEs in one pass.
 
 One pass over the ``apply`` split serves every SAE of one model: per batch, one forward captures
 every block the SAEs read. For each SAE, all (token, latent) pairs with z > ``threshold`` are found
@@ -22,14 +22,10 @@ token (BOS, EOS between documents), which has no text to explain. See
 
 Thresholds: the reference uses 15 for Llama-3.2-1B (d_model 2048). Inputs are standardised per
 token, so ‖x‖ ≈ √d and latent activations scale roughly with √d: 15·√(576/2048) ≈ 8 for SmolLM2.
-Measured on the demo run (SmolLM2, 4,096 latents, k = 32, 200k training tokens; 16k apply tokens),
-positive activations have percentiles 50/90/99/99.9/99.99 of 3.2/5.7/6.9/7.6/8.2 for TopK (block
-21) and 2.2/4.1/5.8/6.9/7.7 for RouteSAE (whose input is scaled by the router probability), so the
-√d-scaled 8 sits at the far tail and 15 finds nothing. Latents kept (≤ 32 classes, ≥ 5 contexts)
-at thresholds 3/4/5/6: TopK 237/78/20/2, RouteSAE 328/100/26/9 (hits per token 16.7/12.1/6.6/2.0
-and 8.5/3.5/1.0/0.23). Short-trained SAEs spread their activations thinly, so a threshold near the
-90th percentile of positive activations (3–4 here) is the useful one. Each SAE's summary line gives
-its hits per token and largest activation, so a far-off threshold shows at once.
+Briefly trained SAEs spread their activations thinly, so a threshold near the 90th percentile of
+positive activations is the useful one (docs/contexts.md gives the measured distribution on the
+demo SAEs and what each threshold keeps). Each SAE's summary line gives its hits per token and
+largest activation, so a far-off threshold shows at once.
 """
 
 from __future__ import annotations

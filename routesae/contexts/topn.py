@@ -1,7 +1,7 @@
 """Top-N per group with tensor ops: the core of context extraction, kept free of any model code.
 
 The reference keeps a Python min-heap per (latent, token class) and loops over every
-above-threshold hit (§12.27). Here a batch's hits and the running candidates are concatenated
+above-threshold hit (docs/reference.md §12.27). Here a batch's hits and the running candidates are concatenated
 and sorted once by (group, score descending); a candidate's rank inside its group is its
 position minus the group's first position, and rows with rank < N survive. Sorts are stable
 and old candidates come before new ones, so ties keep the earliest hit: the result depends on

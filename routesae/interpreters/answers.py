@@ -3,7 +3,7 @@
 Models decorate answers (``**Feature category:** Low-Level``, bullets, headings), reorder the
 fields, write ``Score: 4/5``, add a preamble or a closing remark, or echo the answer template
 before filling it in. The reference's single strict regex failed on all of these and silently
-dropped the feature (§8, §12.18); here a field is recognised wherever it starts a line or a
+dropped the feature (docs/reference.md §8, §12.18); here a field is recognised wherever it starts a line or a
 ``|``/``;``-separated segment, an echoed template line (several categories, ``[5/4/3/2/1]``) is
 skipped, a field given twice counts as its last readable value, and anything still unreadable is reported as such by the caller, never guessed.
 """

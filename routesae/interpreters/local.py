@@ -86,7 +86,7 @@ class LocalInterpreter(Interpreter):
     def __init__(self, cfg: LocalConfig | None = None) -> None:
         super().__init__(cfg)
         self.cfg: LocalConfig
-        # The embedded model is resolved (converted on first use, ~15 s) only when a request needs it.
+        # The embedded model is resolved (converted on first use, which takes a while) only when a request needs it.
         self.path = None if self.cfg.model == EMBEDDED_NAME else resolve_model(self.cfg.model).path
         if self.path is None and self.cfg.model != EMBEDDED_NAME:
             raise RouteSAEError(

@@ -4,7 +4,7 @@ The key is read from ``OPENAI_API_KEY`` only: a flag would put it in ``ps``, she
 job logs (the reference's ``--api_key``, §12.20), and it is never logged or written. The client's
 own retries are off (``max_retries=0``) so that ours decide: exponential back-off with jitter on
 429, 5xx, timeouts and connection errors, honouring ``Retry-After``, and a clear
-:class:`InterpreterUnavailable` once they are used up (§12.23: the reference retried without
+:class:`InterpreterUnavailable` once they are used up (docs/reference.md §12.23: the reference retried without
 back-off). Prices are per million tokens; see :data:`DEFAULT_PRICES`.
 """
 
