@@ -69,6 +69,27 @@ def training_positions(attention_mask_BT: Tensor, keep_bos: bool) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Which language-model batches this process harvests: every ``world_size``-th, from ``rank``.
+
+    Under ``torchrun`` each rank takes global LM batches r, r + W, r + 2W, ... (batch i holds
+    blocks i·B to (i+1)·B), so the ranks split the language-model work W ways. Shuffling and
+    batching stay global: every rank draws the same permutation of a group and serves, of each
+    SAE batch, the rows it harvested itself, so the ranks' shares of a step together are exactly
+    the batch one process would train on.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def owns(self, lm_batch: int) -> bool:
+        return lm_batch % self.world_size == self.rank
+
+
+WHOLE = Shard()
+
+
+@dataclass(frozen=True)
 class Group:
     first_block: int
     end_block: int
@@ -105,20 +126,59 @@ class ShuffledStream:
         seed: int = 0,
         position: tuple[int, int] = (0, 0),
         prefetch: bool = False,
+        tokens: int | None = None,
+        shard: Shard = WHOLE,
     ) -> None:
+        """``tokens``: stop after serving this many (the last batch cut short); ``shard``: this process's LM batches."""
         self.prefetch = prefetch
         self.lm_batch_size = lm_batch_size
         self.sae_batch_tokens = sae_batch_tokens
         self.seed = seed
-        self.groups = plan_groups(kept_per_block, lm_batch_size, max(buffer_tokens, sae_batch_tokens))
+        self.limit = tokens
+        self.shard = shard
+        self.kept_per_block = list(kept_per_block)
+        self.groups = plan_groups(self.kept_per_block, lm_batch_size, max(buffer_tokens, sae_batch_tokens))
         self.position = position  # (group, batch within group) of the next batch served
+        self.batch_tokens = 0  # tokens of the batch last served, all ranks' shares together
         # Time the consumer spent obtaining and permuting groups (LM forwards or cache reads), or with
         # ``prefetch`` waiting for them: the harvest time training did not hide.
         self.harvest_seconds = 0.0
 
     def harvest(self, group: Group) -> Tensor:
-        """Activations of the kept positions of one group, ``[n, L, D]``, in corpus order."""
+        """Activations of the kept positions of this process's LM batches of ``group`` (:meth:`lm_batches`),
+        ``[n, L, D]``, in corpus order."""
         raise NotImplementedError
+
+    def lm_batches(self, group: Group) -> list[tuple[int, int]]:
+        """(first, end) blocks of each LM batch of ``group`` this process harvests."""
+        B = self.lm_batch_size
+        starts = range(group.first_block, group.end_block, B)
+        return [(first, min(first + B, group.end_block)) for first in starts if self.shard.owns(first // B)]
+
+    def kept_tokens(self, first: int, end: int) -> int:
+        """Kept positions of blocks ``first..end``."""
+        return sum(self.kept_per_block[first:end])
+
+    def _local_rows(self, group: Group) -> Tensor | None:
+        """For each row of ``group`` (corpus order), its row in this process's harvest, or -1; None when it holds all."""
+        if self.shard.world_size == 1:
+            return None
+        local = torch.full((group.tokens,), -1, dtype=torch.long)
+        row = held = 0
+        for first in range(group.first_block, group.end_block, self.lm_batch_size):
+            end = min(first + self.lm_batch_size, group.end_block)
+            n = self.kept_tokens(first, end)
+            if self.shard.owns(first // self.lm_batch_size):
+                local[row : row + n] = torch.arange(held, held + n)
+                held += n
+            row += n
+        return local
+
+    def _served_before(self, position: tuple[int, int]) -> int:
+        """Tokens served (all ranks together) before ``position``."""
+        group, batch = position
+        done = sum(g.tokens for g in self.groups[:group])
+        return done + (min(batch * self.sae_batch_tokens, self.groups[group].tokens) if group < len(self.groups) else 0)
 
     def batch_sizes(self) -> Iterator[int]:
         """Sizes of every SAE batch the stream serves from the start, known without running the LM."""
@@ -137,18 +197,34 @@ class ShuffledStream:
         the current one is served: two groups are alive at once, the price of the overlap.
         """
         first_group, skip = self.position
+        served = self._served_before(self.position)
         harvests = self._harvests(first_group)
         for index in range(first_group, len(self.groups)):
+            if self.limit is not None and served >= self.limit:
+                return
             start = time.perf_counter()
             acts = next(harvests)
+            group = self.groups[index]
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            order = torch.randperm(acts.shape[0], generator=generator).to(acts.device).split(self.sae_batch_tokens)
+            order = torch.randperm(group.tokens, generator=generator)
+            local = self._local_rows(group)
+            if local is None:
+                order = order.to(acts.device)
             self.harvest_seconds += time.perf_counter() - start
-            for b in range(skip, len(order)):
+            for b, rows in enumerate(order.split(self.sae_batch_tokens)[skip:], start=skip):
+                if self.limit is not None:
+                    if served >= self.limit:
+                        return
+                    rows = rows[: self.limit - served]
                 start = time.perf_counter()
-                batch = acts.index_select(0, order[b])
+                self.batch_tokens = len(rows)
+                served += len(rows)
+                if local is not None:  # this rank's share: the rows of the batch it harvested, in the batch's order
+                    rows = local[rows]
+                    rows = rows[rows >= 0].to(acts.device)
+                batch = acts.index_select(0, rows)
                 self.harvest_seconds += time.perf_counter() - start
-                self.position = (index, b + 1) if b + 1 < len(order) else (index + 1, 0)
+                self.position = (index, b + 1) if (b + 1) * self.sae_batch_tokens < group.tokens else (index + 1, 0)
                 yield batch
                 del batch  # the next batch is allocated while the consumer still holds this one: hold it once, not twice
             # Drop this group before harvesting the next, or two groups would be alive at once.
@@ -200,6 +276,8 @@ class ActivationStream(ShuffledStream):
         seed: int = 0,
         position: tuple[int, int] = (0, 0),
         prefetch: bool = False,
+        tokens: int | None = None,
+        shard: Shard = WHOLE,
     ) -> None:
         self.lm = lm
         self.blocks = blocks
@@ -208,16 +286,18 @@ class ActivationStream(ShuffledStream):
         kept_per_block = training_positions(blocks.attention_mask, keep_bos).sum(-1).tolist()
         super().__init__(
             kept_per_block, lm_batch_size=lm_batch_size, sae_batch_tokens=sae_batch_tokens, buffer_tokens=buffer_tokens,
-            seed=seed, position=position, prefetch=prefetch,
+            seed=seed, position=position, prefetch=prefetch, tokens=tokens, shard=shard,
         )
 
     def harvest(self, group: Group) -> Tensor:
         """One LM forward per batch, each batch's kept rows written by the capture hooks straight into one group buffer."""
-        out = torch.empty(group.tokens, len(self.layers), self.lm.d_model, dtype=self.lm.dtype, device=self.lm.device)
+        batches = self.lm_batches(group)
+        rows = sum(self.kept_tokens(first, end) for first, end in batches)
+        out = torch.empty(rows, len(self.layers), self.lm.d_model, dtype=self.lm.dtype, device=self.lm.device)
         row = 0
-        for first in range(group.first_block, group.end_block, self.lm_batch_size):
-            ids, mask, keep = batch_inputs(self.blocks, self.keep_bos, first, min(first + self.lm_batch_size, group.end_block))
-            n = int(keep.sum())
+        for first, end in batches:
+            ids, mask, keep = batch_inputs(self.blocks, self.keep_bos, first, end)
+            n = self.kept_tokens(first, end)
             self.lm.capture(ids, mask, self.layers, keep=keep, out=out[row : row + n])
             row += n
         return out

@@ -460,4 +460,12 @@ class CachedStream(ShuffledStream):
         super().__init__(kept, **shuffle)
 
     def harvest(self, group: Group) -> Tensor:
-        return self.cache.rows(self.first_row[group.first_block], self.first_row[group.end_block], self.layers)
+        """The cached rows of this process's LM batches of ``group``, one read per run of adjacent batches."""
+        runs: list[list[int]] = []
+        for first, end in self.lm_batches(group):
+            if runs and runs[-1][1] == first:
+                runs[-1][1] = end
+            else:
+                runs.append([first, end])
+        parts = [self.cache.rows(self.first_row[first], self.first_row[end], self.layers) for first, end in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

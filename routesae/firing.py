@@ -21,8 +21,11 @@ class FiringCounter:
 
     def update(self, latents_NF: Tensor) -> None:
         """Age every latent by this batch's tokens; reset those that fired on any of them."""
-        fired_F = (latents_NF != 0).any(0)
-        self.tokens_since_fired.add_(latents_NF.shape[0]).masked_fill_(fired_F, 0)
+        self.update_fired((latents_NF != 0).any(0), latents_NF.shape[0])
+
+    def update_fired(self, fired_F: Tensor, tokens: int) -> None:
+        """Age every latent by ``tokens``; reset those in ``fired_F`` (a batch's firing, e.g. gathered over ranks)."""
+        self.tokens_since_fired.add_(tokens).masked_fill_(fired_F, 0)
 
     def dead(self) -> Tensor:
         """``[F]`` bool: latents that have not fired for ``dead_after_tokens`` training tokens."""

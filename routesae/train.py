@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 from routesae.cache import ActivationCache
+from routesae.distributed import SINGLE, Ranks, join, leave
 from routesae.errors import RouteSAEError
 from routesae.files import write_safetensors
 from routesae.interrupt import Interrupt
@@ -57,9 +57,10 @@ class Trainer:
         request: dict[str, Any],
         progress: dict[str, int],
         reporters: list[Reporter],
+        ranks: Ranks = SINGLE,
     ) -> None:
         self.cfg, self.saes, self.layers, self.data, self.run_dir = cfg, saes, layers, data, run_dir
-        self.request, self.progress, self.reporters = request, dict(progress), reporters
+        self.request, self.progress, self.reporters, self.ranks = request, dict(progress), reporters, ranks
         self.device = saes[0].layer_index.device
 
     # -- records --------------------------------------------------------------------------------
@@ -77,6 +78,7 @@ class Trainer:
                 {"name": t.name, "architecture": t.sae.name, "config": t.sae.cfg.to_dict(), "path": t.name} for t in self.saes
             ],
             "train": self.cfg.to_dict(),
+            "world_size": self.ranks.world_size,
         }
 
     def _sae_meta(self, t: TrainedSAE, finished: bool) -> dict[str, Any]:
@@ -101,12 +103,32 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self, finished: bool = False) -> None:
-        """Write a new generation (every SAE, the RNG), then switch ``run.json`` to it in one atomic step."""
-        generation = self.run_dir.begin_generation(self.progress["step"])
+        """Write a new generation (every SAE, the RNG), then switch ``run.json`` to it in one atomic step.
+
+        Every rank checks the losses and sums its statistics first (collectives); rank 0 alone writes.
+        """
+        self._check_finite()
         for t in self.saes:
-            t.save(generation, self._sae_meta(t, finished), self.progress["step"])
-        write_safetensors(generation.rng, {"cpu": torch.get_rng_state()})
-        self.run_dir.commit(generation, self._manifest("finished" if finished else "running"))
+            t.sync_sums()
+        metas = {t.name: self._sae_meta(t, finished) for t in self.saes}
+        if self.ranks.writes:
+            generation = self.run_dir.begin_generation(self.progress["step"])
+            for t in self.saes:
+                t.save(generation, metas[t.name], self.progress["step"])
+            write_safetensors(generation.rng, {"cpu": torch.get_rng_state()})
+            self.run_dir.commit(generation, self._manifest("finished" if finished else "running"))
+        self.ranks.barrier()
+
+    def _check_finite(self) -> None:
+        """The NaN/inf guard, read back from the device at log steps and before every checkpoint."""
+        for t in self.saes:
+            try:
+                t.check_finite()
+            except FloatingPointError as e:
+                raise RouteSAEError(
+                    f"training diverged: SAE {t.name} {e}; the last checkpoint in {self.run_dir.path} is intact. "
+                    "Lower --lr, then --resume (or --overwrite)"
+                ) from None
 
     def _restore(self, generation: Generation) -> None:
         """Weights, optimiser state, counters and RNG of the current generation, for ``resume``."""
@@ -118,7 +140,8 @@ class Trainer:
                     f"{self.progress['step']}; the checkpoint is inconsistent, use --overwrite to start over"
                 )
         torch.set_rng_state(load_file(generation.rng)["cpu"])
-        self.run_dir.publish(generation)  # repairs a publication a crash may have cut short
+        if self.ranks.writes:
+            self.run_dir.publish(generation)  # repairs a publication a crash may have cut short
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -127,8 +150,9 @@ class Trainer:
         generation = self.run_dir.current_generation() if self.progress["step"] else None
         if generation is not None:
             self._restore(generation)
-            self.run_dir.update_manifest(self._manifest("running"))
-        else:
+            if self.ranks.writes:
+                self.run_dir.update_manifest(self._manifest("running"))
+        elif self.ranks.writes:
             self.run_dir.start(self._manifest("running"))  # a fresh (or overwritten) run: fresh manifest and log
         try:
             for r in self.reporters:
@@ -153,10 +177,19 @@ class Trainer:
             f"{seen:,} usable tokens (context {self.cfg.context_length}); lower --tokens or use a larger --dataset"
         )
 
-    def _checkpoint_due(self, step: int, last_checkpoint: float) -> bool:
-        if self.cfg.checkpoint_every is None:
-            return time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
-        return self.cfg.checkpoint_every > 0 and step % self.cfg.checkpoint_every == 0
+    def _decisions(self, step: int, last_checkpoint: float, interrupt: Interrupt, logging: bool) -> tuple[bool, bool]:
+        """(stop for Ctrl-C, checkpoint now) after ``step`` steps.
+
+        One process decides after every step. Under ``torchrun`` the ranks must decide alike, so
+        what depends on the clock or on a signal (Ctrl-C, a timed checkpoint) is agreed at log steps.
+        """
+        every = self.cfg.checkpoint_every
+        stepped = bool(every) and step % every == 0
+        if self.ranks.distributed and not logging:
+            return False, stepped
+        timed = every is None and time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
+        stop, timed = self.ranks.agree(interrupt.requested, timed)
+        return stop, stepped or timed
 
     def _loop(self, total_steps: int) -> dict[str, Any]:
         cfg, stream = self.cfg, self.data.stream
@@ -165,22 +198,25 @@ class Trainer:
         interrupt = Interrupt()
         try:
             with interrupt.installed():
-                for acts in stream:
-                    acts = acts[: cfg.tokens - self.progress["tokens"]].to(self.device, non_blocking=True)
+                for acts in stream:  # this rank's share of each batch; the stream stops at cfg.tokens
+                    acts = acts.to(self.device, non_blocking=True)
                     step = self.progress["step"]
                     lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, cfg.schedule)
-                    logged = {t.name: self._step(t, acts, lr, step) for t in self.saes}
-                    served = acts.shape[0]
+                    for t in self.saes:
+                        t.step(acts, lr, step, stream.batch_tokens)
                     del acts  # before the stream allocates the next batch: one multi-layer batch alive, not two
                     group, batch = stream.position
-                    self.progress = {"step": step + 1, "tokens": self.progress["tokens"] + served, "group": group, "batch": batch}
-                    if (step + 1) % cfg.log_every == 0:
-                        self._report(logged, lr, time.monotonic() - started, start_tokens, total_steps)
-                    if self.progress["tokens"] >= cfg.tokens:
+                    tokens = self.progress["tokens"] + stream.batch_tokens
+                    self.progress = {"step": step + 1, "tokens": tokens, "group": group, "batch": batch}
+                    logging = (step + 1) % cfg.log_every == 0
+                    if logging:
+                        self._report(lr, time.monotonic() - started, start_tokens, total_steps)
+                    if tokens >= cfg.tokens:
                         break
-                    if interrupt.requested:
+                    stop, due = self._decisions(step + 1, last_checkpoint, interrupt, logging)
+                    if stop:
                         raise KeyboardInterrupt
-                    if self._checkpoint_due(step + 1, last_checkpoint):
+                    if due:
                         self.checkpoint()
                         last_checkpoint = time.monotonic()
         except KeyboardInterrupt:
@@ -195,16 +231,9 @@ class Trainer:
         self.checkpoint(finished=True)
         return self._summary(seconds, self.progress["tokens"] - start_tokens)
 
-    def _step(self, t: TrainedSAE, acts: Tensor, lr: float, step: int) -> dict[str, float]:
-        try:
-            return t.step(acts, lr, step)
-        except FloatingPointError as e:
-            raise RouteSAEError(
-                f"training diverged: SAE {t.name} {e} at step {step}; the last checkpoint in {self.run_dir.path} is intact. "
-                "Lower --lr, then --resume (or --overwrite)"
-            ) from None
-
-    def _report(self, logged: dict[str, dict[str, float]], lr: float, seconds: float, start_tokens: int, total_steps: int) -> None:
+    def _report(self, lr: float, seconds: float, start_tokens: int, total_steps: int) -> None:
+        self._check_finite()
+        logged = {t.name: t.logged() for t in self.saes}
         report = StepReport(
             step=self.progress["step"],
             total_steps=total_steps,
@@ -276,20 +305,46 @@ def train(
     """
     cfg = cfg or TrainConfig()
     run_dir = RunDirectory(out)
-    with activated(plugins):
-        request = run_request(specs, cfg)
-        resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume, upgrade=upgrade_request)
-        progress = resumed.get("progress", START) if resumed else START
-        built_reporters = build_reporters(reporters if reporters is not None else ["console"], run_dir.path)
-        device, position = cfg.resolved_device(), (progress["group"], progress["batch"])
-        if cfg.from_cache:
-            cache = ActivationCache(cfg.from_cache)
-            cache.check_train_config(cfg)
-            layers, saes = build_trained_saes(specs, cache.model, cfg, device)
-            data = cached_data(cache, cfg, layers, {t.name: t.sae.layers for t in saes}, position)
-        else:
-            lm = lm or LanguageModel.load(cfg.model, device=device)
-            layers, saes = build_trained_saes(specs, lm, cfg, device)
-            data = live_data(lm, cfg, layers, position)
-        trainer = Trainer(cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters)
-        return trainer.run()
+    ranks, device = join(cfg)
+    try:
+        with activated(plugins):
+            return _train(specs, run_dir, cfg, ranks, device, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
+    finally:
+        leave(ranks)
+
+
+def _train(
+    specs: Sequence[SAESpec],
+    run_dir: RunDirectory,
+    cfg: TrainConfig,
+    ranks: Ranks,
+    device: torch.device,
+    *,
+    overwrite: bool,
+    resume: bool,
+    reporters: list[str] | None,
+    lm: LanguageModel | None,
+) -> dict[str, Any]:
+    request = run_request(specs, cfg)
+    resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume, upgrade=upgrade_request)
+    ranks.barrier()  # every rank has read run.json before rank 0 writes a fresh one
+    if resumed and resumed.get("world_size", 1) != ranks.world_size:
+        raise RouteSAEError(
+            f"cannot resume: {run_dir.path} was trained by {resumed.get('world_size', 1)} process(es), this is "
+            f"{ranks.world_size}; resume with the same number (torchrun --nproc-per-node ...), or --overwrite"
+        )
+    progress = resumed.get("progress", START) if resumed else START
+    wanted = reporters if reporters is not None else ["console"]
+    built_reporters = build_reporters(wanted, run_dir.path) if ranks.writes else []
+    position = (progress["group"], progress["batch"])
+    if cfg.from_cache:
+        cache = ActivationCache(cfg.from_cache)
+        cache.check_train_config(cfg)
+        layers, saes = build_trained_saes(specs, cache.model, cfg, device, ranks)
+        data = cached_data(cache, cfg, layers, {t.name: t.sae.layers for t in saes}, position, ranks.shard)
+    else:
+        lm = lm or LanguageModel.load(cfg.model, device=device)
+        layers, saes = build_trained_saes(specs, lm, cfg, device, ranks)
+        data = live_data(lm, cfg, layers, position, ranks.shard)
+    trainer = Trainer(cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters, ranks=ranks)
+    return trainer.run()

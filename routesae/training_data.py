@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from routesae.activations import ActivationStream, ShuffledStream
+from routesae.activations import WHOLE, ActivationStream, Shard, ShuffledStream
 from routesae.cache import ActivationCache, CachedModel, CachedStream
 from routesae.data import load_corpus
 from routesae.errors import RouteSAEError
@@ -31,7 +31,7 @@ class TrainingData:
     source: Literal["live", "cache"]
 
 
-def _shuffle(cfg: TrainConfig, position: tuple[int, int]) -> dict[str, Any]:
+def _shuffle(cfg: TrainConfig, position: tuple[int, int], shard: Shard) -> dict[str, Any]:
     return {
         "lm_batch_size": cfg.batch_size,
         "sae_batch_tokens": cfg.sae_batch_tokens,
@@ -39,18 +39,45 @@ def _shuffle(cfg: TrainConfig, position: tuple[int, int]) -> dict[str, Any]:
         "seed": cfg.seed,
         "position": position,
         "prefetch": cfg.overlap_harvest,
+        "tokens": cfg.tokens,
+        "shard": shard,
     }
 
 
-def live_data(lm: LanguageModel, cfg: TrainConfig, layers: Sequence[int], position: tuple[int, int]) -> TrainingData:
+def check_shard(stream: ShuffledStream, cfg: TrainConfig) -> None:
+    """Under ``torchrun``: every rank must have LM batches to harvest and tokens to train on in every step."""
+    W = stream.shard.world_size
+    if W == 1:
+        return
+    group = stream.groups[stream.position[0]] if stream.position[0] < len(stream.groups) else stream.groups[-1]
+    lm_batches = -(-(group.end_block - group.first_block) // cfg.batch_size)
+    if lm_batches < W:
+        raise RouteSAEError(
+            f"{W} ranks cannot split the work: a shuffle group of --buffer-tokens {cfg.buffer_tokens:,} holds "
+            f"{lm_batches} language-model batch(es) of --batch-size {cfg.batch_size}, fewer than the ranks; raise "
+            f"--buffer-tokens to at least {W * cfg.batch_size * cfg.context_length:,} or run fewer ranks"
+        )
+    if cfg.sae_batch_tokens < W:
+        raise RouteSAEError(f"--sae-batch-tokens {cfg.sae_batch_tokens} is smaller than the {W} ranks that share each batch")
+
+
+def live_data(
+    lm: LanguageModel, cfg: TrainConfig, layers: Sequence[int], position: tuple[int, int], shard: Shard = WHOLE
+) -> TrainingData:
     """Harvest ``layers`` from ``lm`` over the train split of ``cfg.dataset`` (tokenised here)."""
     corpus = load_corpus(cfg.dataset, lm.tokenizer, context_length=cfg.context_length, text_field=cfg.text_field, seed=cfg.seed)
-    stream = ActivationStream(lm, corpus.split(SPLIT), layers, keep_bos=cfg.keep_bos, **_shuffle(cfg, position))
+    stream = ActivationStream(lm, corpus.split(SPLIT), layers, keep_bos=cfg.keep_bos, **_shuffle(cfg, position, shard))
+    check_shard(stream, cfg)
     return TrainingData(stream, lm, {**corpus.describe(), "split": SPLIT, "keep_bos": cfg.keep_bos}, "live")
 
 
 def cached_data(
-    cache: ActivationCache, cfg: TrainConfig, layers: Sequence[int], reads: Mapping[str, Sequence[int]], position: tuple[int, int]
+    cache: ActivationCache,
+    cfg: TrainConfig,
+    layers: Sequence[int],
+    reads: Mapping[str, Sequence[int]],
+    position: tuple[int, int],
+    shard: Shard = WHOLE,
 ) -> TrainingData:
     """Read ``layers`` from ``cache``; ``reads`` (SAE name -> its blocks) names the SAE when a block is missing."""
     lacking = [f"{name} reads {cache.missing_blocks(blocks)}" for name, blocks in reads.items() if cache.missing_blocks(blocks)]
@@ -59,4 +86,6 @@ def cached_data(
             f"the activation cache in {cache.path} holds blocks {cache.layers}, but {'; '.join(lacking)}: cache those "
             "blocks too (routesae cache --layer N / --layers A:B) or train without --from-cache"
         )
-    return TrainingData(CachedStream(cache, layers, **_shuffle(cfg, position)), cache.model, cache.data, "cache")
+    stream = CachedStream(cache, layers, **_shuffle(cfg, position, shard))
+    check_shard(stream, cfg)
+    return TrainingData(stream, cache.model, cache.data, "cache")

@@ -447,6 +447,14 @@ class SAE(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook for per-step bookkeeping (thresholds, statistics). Default: nothing."""
 
+    def training_sums(self) -> list[Tensor]:
+        """Buffers that add up over training tokens (RouteSAE's routing counts). Default: none.
+
+        Under ``torchrun`` each rank adds its own tokens; the trainer sums the ranks' shares before
+        the buffers are saved or reported, so they hold what one process would have counted.
+        """
+        return []
+
     @classmethod
     def upgrade(cls, config: dict[str, Any], state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """(config, state dict) of a checkpoint written by an earlier routesae, in this version's form.

@@ -299,5 +299,8 @@ class RouteSAE(SAE):
     def after_step(self, step: int) -> None:
         self.sae.after_step(step)
 
+    def training_sums(self) -> list[Tensor]:
+        return [self.routing_counts, *self.sae.training_sums()]
+
     def statistics(self) -> dict[str, Any]:
         return {"routing_counts": {str(block): count for block, count in zip(self.layers, self.routing_counts.tolist())}}

@@ -20,10 +20,14 @@ from routesae.cli.evaluation import make_evaluate_command
 from routesae.cli.interpretation import make_interpret_command
 from routesae.cli.reporting import make_plugins_command, make_report_command
 from routesae.cli.training import make_cache_command, make_pipeline_command, make_train_command
+from routesae.distributed import launched
 from routesae.errors import RouteSAEError
 from routesae.plugins import PluginManager, activated, get_plugin_manager
 
 __all__ = ["main", "make_cli"]
+
+
+UNDER_TORCHRUN = ("train",)  # the commands that run data-parallel under torchrun
 
 
 class RouteSAEGroup(click.Group):
@@ -33,6 +37,15 @@ class RouteSAEGroup(click.Group):
     def __init__(self, plugins: PluginManager, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.plugins = plugins
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if launched() and name not in UNDER_TORCHRUN:
+            raise RouteSAEError(
+                f"routesae {name} runs in one process; under torchrun only {', '.join(UNDER_TORCHRUN)} runs "
+                "(data-parallel): start it with routesae, not torchrun"
+            )
+        return name, command, rest
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

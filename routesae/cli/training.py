@@ -19,6 +19,7 @@ from routesae.cli.options import (
     report_option,
     reporter_names,
 )
+from routesae.distributed import writes_here
 from routesae.errors import RouteSAEError
 from routesae.plugins import PluginManager
 from routesae.specs import SAESpec
@@ -93,7 +94,7 @@ def make_train_command(pm: PluginManager) -> click.Command:
             raise RouteSAEError("--overwrite and --resume contradict each other; pick one")
         specs, out, cfg = training_request(arch, config, out, values)
         summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=reporter_names(report))
-        if as_json:
+        if as_json and writes_here():  # under torchrun, rank 0 speaks for the run
             print_json(summary)
 
     params: list[click.Parameter] = [
