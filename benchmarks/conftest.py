@@ -41,6 +41,12 @@ class Workload:
     group_tokens: int  # kept tokens of the largest group: what the shuffle buffer holds at once
     cfg: TrainConfig  # the training settings of every run (same tokens, batch and buffer)
 
+    def lm_batches(self, n_blocks: int | None = None) -> list[tuple[int, int]]:
+        """(first, end) of each language-model batch over the first ``n_blocks`` blocks (default: all)."""
+        n_blocks = self.n_blocks if n_blocks is None else n_blocks
+        size = self.cfg.batch_size
+        return [(first, min(first + size, n_blocks)) for first in range(0, n_blocks, size)]
+
 
 @pytest.fixture(scope="session")
 def lm() -> LanguageModel:
@@ -63,10 +69,47 @@ def forward_seconds(lm: LanguageModel, workload: Workload, deepest: int, n_block
     """Wall time of the truncated forward (``capture`` of the deepest block) over the workload, batch 16."""
     n_blocks = workload.n_blocks if n_blocks is None else n_blocks
     started = time.perf_counter()
-    for first in range(0, n_blocks, workload.cfg.batch_size):
-        last = min(first + workload.cfg.batch_size, n_blocks)
+    for first, last in workload.lm_batches(n_blocks):
         lm.capture(workload.blocks.input_ids[first:last], workload.blocks.attention_mask[first:last], [deepest])
     return time.perf_counter() - started
+
+
+class PlainForward:
+    """A Hugging Face forward through blocks 0..deepest of a fresh copy of the model: the physical limit.
+
+    Fresh, because booting the TransformerLens bridge rewires the model it wraps; default attention
+    (``sdpa``), no hooks, no unembedding, the same batches as the capture.
+    """
+
+    def __init__(self, lm: LanguageModel) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(lm.source.name_or_path, dtype=lm.dtype, local_files_only=True)
+        self.model.to(lm.device).eval()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, deepest: int) -> None:
+        body = self.model.model
+        layers = body.layers
+        body.layers = layers[: deepest + 1]
+        try:
+            with torch.no_grad():
+                body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            body.layers = layers
+
+    def seconds(self, workload: Workload, deepest: int) -> float:
+        """Wall time over the workload's blocks (after one warm-up batch)."""
+        ids, mask = workload.blocks.input_ids, workload.blocks.attention_mask
+        self(ids[: workload.cfg.batch_size], mask[: workload.cfg.batch_size], deepest)
+        started = time.perf_counter()
+        for first, last in workload.lm_batches():
+            self(ids[first:last], mask[first:last], deepest)
+        return time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def plain_forward(lm: LanguageModel) -> PlainForward:
+    return PlainForward(lm)
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,14 @@ def join(cfg: HarvestConfig) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, joined), device
 
 
-def leave(ranks: Ranks) -> None:
-    """End the process group :func:`join` started (a no-op otherwise)."""
+def leave(ranks: Ranks, finished: bool) -> None:
+    """End the process group :func:`join` started (a no-op otherwise).
+
+    After a run that ``finished`` on every rank, the ranks first wait for each other: one that tore its
+    connections down while another was still closing made that one abort. After an error there is no
+    waiting (a rank that died would never arrive).
+    """
     if ranks.joined and dist.is_initialized():
+        if finished:
+            ranks.barrier()
         dist.destroy_process_group()

@@ -6,6 +6,12 @@ splicing, steering). It wraps a TransformerLens ``TransformerBridge`` in raw mod
 ``enable_compatibility_mode()``, which rewrites weights), so captured activations equal Hugging
 Face ``hidden_states`` and SAEs stay usable outside TransformerLens.
 
+routesae's forwards (capture, logits, splice) run the wrapped Hugging Face modules natively
+(:class:`NativeForward`): the bridge's components compute values for hook points routesae never
+uses (attention patterns, norm scales) and re-implement attention eagerly; delegating to the
+modules, with ``sdpa`` attention, gives a plain Hugging Face forward's values bit for bit, at its
+cost. The block-output hooks routesae reads and edits are TransformerLens's as before.
+
 Tokenisation is ours, not the bridge's: the bridge re-loads its own tokenizer with BOS forced
 on, so callers tokenise with :attr:`LanguageModel.tokenizer` and pass ``input_ids`` plus the
 tokenizer's ``attention_mask``. Masks must never be rebuilt from token ids: for SmolLM2,
@@ -35,6 +41,68 @@ LAYER_CONVENTION = (
 )
 
 
+class NativeForward:
+    """While active, the bridge's components inside the blocks delegate to the Hugging Face modules they wrap.
+
+    A TransformerLens bridge wraps every module of the model (norms, linear maps, MLPs, attention)
+    in a component with hook points of its own: the norms compute their scale and normalised value
+    for ``hook_scale``/``hook_normalized`` even when nothing is hooked, and the attention component
+    re-implements attention eagerly, materialising ``[B, H, T, T]`` scores for ``hook_pattern``.
+    routesae reads and edits only the blocks' outputs (``blocks.L.hook_resid_post``), so while its
+    forwards run each such component calls the module it wraps instead, and attention runs on
+    Hugging Face's ``sdpa``: the block hooks fire as before, and the values are a plain Hugging Face
+    forward's, bit for bit. Leaving restores every component, so ``lm.bridge`` used directly keeps all
+    its hooks. :meth:`check` compares a short forward both ways before the native path is used.
+    """
+
+    def __init__(self, bridge: Any) -> None:
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+        from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+        self.config = bridge.original_model.config
+        components = [
+            m
+            for block in bridge.modules() if isinstance(block, BlockBridge)
+            for m in block.modules() if isinstance(m, GeneralizedComponent) and m is not block and m.original_component is not None
+        ]
+        supports_sdpa = bool(getattr(bridge.original_model, "_supports_sdpa", False))
+        self.components = components if supports_sdpa and hasattr(self.config, "_attn_implementation") else []
+        self.enabled = bool(self.components)
+        self.depth = 0  # active() nests: only the outermost swaps and restores
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        if not self.enabled or self.depth:
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+            return
+        self.depth = 1
+        previous = self.config._attn_implementation
+        for component in self.components:  # object.__setattr__: components forward attribute writes to the HF module
+            object.__setattr__(component, "forward", component.original_component)
+        self.config._attn_implementation = "sdpa"
+        try:
+            yield
+        finally:
+            self.depth = 0
+            self.config._attn_implementation = previous
+            for component in self.components:
+                object.__delattr__(component, "forward")
+
+    def check(self, forward: Callable[[], Tensor]) -> None:
+        """Keep the native path only if ``forward()`` gives, within float tolerance, what the bridge's own path gives."""
+        if not self.enabled:
+            return
+        bridged = forward()
+        with self.active():
+            native = forward()
+        scale = bridged.abs().max().clamp_min(1.0)
+        self.enabled = bool(((native - bridged).abs().max() / scale) < 1e-3)
+
+
 class LanguageModel:
     """A frozen causal LM behind a TransformerLens bridge, addressed by 0-based block index."""
 
@@ -44,12 +112,15 @@ class LanguageModel:
         self.bridge = bridge
         self.tokenizer = tokenizer
         self.architecture = architecture
+        self.native = NativeForward(bridge)
         self.n_layers: int = bridge.cfg.n_layers
         self.d_model: int = bridge.cfg.d_model
         self.vocab_size: int = bridge.cfg.d_vocab
         first = next(bridge.parameters())
         self.device: torch.device = first.device
         self.dtype: torch.dtype = first.dtype
+        probe = torch.arange(1, 9, device=self.device).remainder(self.vocab_size)[None]
+        self.native.check(lambda: self._forward_logits(probe, torch.ones_like(probe)))
 
     @classmethod
     def load(
@@ -108,6 +179,7 @@ class LanguageModel:
             "d_model": self.d_model,
             "vocab_size": self.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": "sdpa" if self.native.enabled else "eager",
             "hook": HOOK_TEMPLATE,
             "layer_convention": LAYER_CONVENTION,
         }
@@ -138,7 +210,8 @@ class LanguageModel:
         if not layers:
             raise RouteSAEError("capture needs at least one layer")
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
-        rows = None if keep is None else keep.to(self.device).flatten().nonzero().squeeze(1)
+        # The kept rows are found on the host (where the masks live) and then sent: no read-back from the device.
+        rows = None if keep is None else keep.flatten().nonzero().squeeze(1).to(self.device)
         lead = tuple(input_ids.shape) if rows is None else (rows.numel(),)
         shape = (*lead, len(layers), self.d_model)
         if out is None:
@@ -158,7 +231,7 @@ class LanguageModel:
             return hook
 
         stop = max(layers) + 1
-        with torch.no_grad():
+        with torch.no_grad(), self.native.active():
             self.bridge.run_with_hooks(
                 input_ids,
                 attention_mask=attention_mask,
@@ -189,6 +262,10 @@ class LanguageModel:
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits ``[B, T, V]`` of a plain forward (no gradients)."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        with self.native.active():
+            return self._forward_logits(input_ids, attention_mask)
+
+    def _forward_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.no_grad():
             return self.bridge(input_ids, attention_mask=attention_mask, return_type="logits")
 

@@ -306,11 +306,14 @@ def train(
     cfg = cfg or TrainConfig()
     run_dir = RunDirectory(out)
     ranks, device = join(cfg)
+    finished = False
     try:
         with activated(plugins):
-            return _train(specs, run_dir, cfg, ranks, device, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
+            summary = _train(specs, run_dir, cfg, ranks, device, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
+        finished = True
+        return summary
     finally:
-        leave(ranks)
+        leave(ranks, finished)
 
 
 def _train(

@@ -146,8 +146,10 @@ def test_a_killed_run_resumes_to_the_weights_of_the_uninterrupted_one(tiny, tmp_
     plugin = {"PYTHONPATH": str(killer_site), "KILL_AT_STEP": "10"}
     killed = routesae(*args, "--out", str(out), "--report", "killer", ranks=2, home=home, env=plugin)
     assert killed.returncode != 0
-    assert str(-signal.SIGKILL) in killed.stderr or "SIGKILL" in killed.stderr, killed.stderr[-2000:]
-    assert "Error: another process of this torchrun job stopped" in killed.stderr, "the other rank says why it stops"
+    # torchrun names the rank that died; the other stops either on its own, saying why (when it reaches a
+    # collective first), or because torchrun stops it: never by hanging.
+    assert f"exitcode  : {-signal.SIGKILL}" in killed.stderr or "SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    assert "rank      : 0" in killed.stderr
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["status"] == "running" and manifest["progress"]["step"] == 8, "the last complete checkpoint"
     assert [p.name for p in (out / CHECKPOINTS_DIR).iterdir()] == ["step-000008"]

@@ -61,6 +61,29 @@ def test_capture_equals_hf_hidden_states(lm, tiny_model_dir):
     assert not torch.allclose(acts[:, :, 1][real], hs[4][real], atol=1e-2)
 
 
+def test_routesae_forwards_equal_a_plain_hugging_face_forward_bit_for_bit(lm, tiny_model_dir):
+    """Attention runs on Hugging Face's own sdpa kernel (NativeAttention), not the bridge's eager re-implementation."""
+    ids, mask = encode(lm, TEXTS)
+    real = mask.bool()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert plain.config._attn_implementation == "sdpa" and lm.describe()["attention"] == "sdpa"
+    with torch.no_grad():
+        out = plain(ids, attention_mask=mask, output_hidden_states=True)
+    acts = lm.capture(ids, mask, [0, 2])
+    assert torch.equal(acts[:, :, 0][real], out.hidden_states[1][real])
+    assert torch.equal(acts[:, :, 1][real], out.hidden_states[3][real])
+    assert torch.equal(lm.logits(ids, mask)[real], out.logits[real])
+
+
+def test_the_bridge_used_directly_keeps_its_attention_hooks(lm):
+    ids, mask = encode(lm, TEXTS[:1])
+    lm.capture(ids, mask, [1])
+    patterns = []
+    lm.bridge.run_with_hooks(ids, attention_mask=mask, return_type=None,
+                             fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: patterns.append(t.shape))])
+    assert patterns == [(1, 4, ids.shape[1], ids.shape[1])], "the eager re-implementation is back outside our forwards"
+
+
 def test_capture_stops_after_deepest_layer(lm):
     ids, mask = encode(lm, TEXTS[:1])
     fired: list[str] = []

@@ -4,12 +4,17 @@ Every way a value leaves a tensor for Python is counted (``item``, ``tolist``, `
 truth value, ``int``/``float``/``index``); on the CPU nothing waits, but the same calls would on a
 GPU, so the count is the same. Losses, logged terms, the NaN/inf guard and the dead-latent
 counters stay on the device and are read every ``log_every`` steps and before checkpoints.
+
+The language model's own forward is left out of the count: Hugging Face and TransformerLens read
+a value of the attention mask per forward (whether it can be skipped, whether positions move), as a
+plain Hugging Face forward does too.
 """
 
 import pytest
 import torch
 
 from routesae import SAESpec, TrainConfig, train
+from routesae.lm import LanguageModel
 from routesae.trained_sae import TrainedSAE
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -26,28 +31,34 @@ SPECS = {
 
 
 class ReadBacks:
-    """Counts reads of tensor values into Python, in total and inside ``TrainedSAE.step``."""
+    """Counts reads of tensor values into Python outside the language model's forward, in total and inside
+    ``TrainedSAE.step``."""
 
     def __init__(self, monkeypatch):
         self.total = self.in_step = 0
-        self.stepping = False
+        self.where: str | None = None
         for name in READS:
             monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
-        real_step = TrainedSAE.step
+        self._mark(monkeypatch, TrainedSAE, "step")
+        self._mark(monkeypatch, LanguageModel, "capture")
 
-        def step(trained, *args, **kwargs):
-            self.stepping = True
+    def _mark(self, monkeypatch, owner, method):
+        real = getattr(owner, method)
+
+        def marked(*args, **kwargs):
+            self.where = method
             try:
-                return real_step(trained, *args, **kwargs)
+                return real(*args, **kwargs)
             finally:
-                self.stepping = False
+                self.where = None
 
-        monkeypatch.setattr(TrainedSAE, "step", step)
+        monkeypatch.setattr(owner, method, marked)
 
     def _counting(self, read):
         def counted(tensor, *args, **kwargs):
-            self.total += 1
-            self.in_step += self.stepping
+            if self.where != "capture":
+                self.total += 1
+                self.in_step += self.where == "step"
             return read(tensor, *args, **kwargs)
 
         return counted
@@ -77,6 +88,7 @@ def test_no_training_step_reads_a_tensor_back(name, config, tmp_path, monkeypatc
 
 def test_reads_do_not_grow_with_the_steps_between_logs(config, tmp_path, monkeypatch):
     spec = SAESpec.build("routesae", k=4, latent_size=64, layers="0:3")
+    train([spec], tmp_path / "warm-up", config(640), reporters=["jsonl"])  # tokenises the corpus once
     reads = ReadBacks(monkeypatch)
     counts = []
     steps = []
