@@ -11,6 +11,11 @@ replicated, and each step's gradients are summed across ranks (each rank's loss 
 share of the batch, so the sum is the gradient of the global batch's mean loss). Dead-latent
 counters see every rank's firing, logged terms and additive statistics (RouteSAE's routing
 counts) are summed before anyone reads them, and rank 0 alone writes files.
+
+Evaluation and context extraction split the other way: each rank reads every N-th batch of the
+split, and at the end the metrics' sums (:meth:`~routesae.metrics.base.Metric.reduce`) and the
+context tables' candidates (:meth:`Ranks.gather_rows`) are combined, so every rank holds the result
+one process would have had.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from routesae.activations import HarvestConfig, Shard
+from routesae.activations import Shard
 from routesae.errors import RouteSAEError
 
 
@@ -62,9 +67,45 @@ class Ranks:
             offset += t.numel()
 
     def max_(self, tensor: Tensor) -> None:
-        """The elementwise maximum of ``tensor`` across ranks, in place."""
-        if self.distributed:
-            _collective(dist.all_reduce, tensor, op=dist.ReduceOp.MAX)
+        """The elementwise maximum of ``tensor`` across ranks, in place (a bool tensor: true where any rank's is)."""
+        if not self.distributed:
+            return
+        if tensor.dtype == torch.bool:  # the backends reduce numbers, not bools
+            votes = tensor.to(torch.uint8)
+            _collective(dist.all_reduce, votes, op=dist.ReduceOp.MAX)
+            tensor.copy_(votes.bool())
+            return
+        _collective(dist.all_reduce, tensor, op=dist.ReduceOp.MAX)
+
+    def sum_numbers(self, *values: float) -> list[float]:
+        """Python numbers summed across ranks (in float64, so sums of counts stay exact)."""
+        numbers = self._numbers(values)
+        self.sum_([numbers])
+        return numbers.tolist()
+
+    def max_numbers(self, *values: float) -> list[float]:
+        """The largest of each Python number across ranks."""
+        numbers = self._numbers(values)
+        self.max_(numbers)
+        return numbers.tolist()
+
+    def _numbers(self, values: Sequence[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float64, device=self.device_for_collectives())
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (any number of rows, same trailing shape) concatenated along dim 0 in rank order."""
+        if not self.distributed:
+            return tensor
+        device = self.device_for_collectives()
+        rows = torch.tensor([tensor.shape[0]], device=device)
+        counts = [torch.zeros_like(rows) for _ in range(self.world_size)]
+        _collective(dist.all_gather, counts, rows)
+        longest = int(max(c.item() for c in counts))
+        padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        _collective(dist.all_gather, parts, padded)
+        return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)]).to(tensor.device)
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag, true on every rank if it is true on any (a decision all ranks must take together)."""
@@ -73,6 +114,19 @@ class Ranks:
         votes = torch.tensor(flags, dtype=torch.int32, device=self.device_for_collectives())
         self.max_(votes)
         return [bool(v) for v in votes.tolist()]
+
+    def batches(self, n_batches: int, split: str) -> range:
+        """The batches of a split's ``n_batches`` this rank reads (every ``world_size``-th); each rank needs one.
+
+        Sums over batches do not depend on which rank read a batch, so evaluation and context
+        extraction end with what one process reading all of them ends with.
+        """
+        if n_batches < self.world_size:
+            raise RouteSAEError(
+                f"{self.world_size} ranks cannot split {n_batches} batch(es) of the {split} split: each needs one; "
+                "run fewer ranks, read more tokens (--tokens) or use a smaller --batch-size"
+            )
+        return range(self.rank, n_batches, self.world_size)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -114,13 +168,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(cfg: HarvestConfig) -> tuple[Ranks, torch.device]:
+def join(device: torch.device) -> tuple[Ranks, torch.device]:
     """This process's :class:`Ranks` and device; under ``torchrun``, join the process group first.
 
     Under ``torchrun`` a CUDA device (``--device auto`` on a GPU machine, or ``cuda``) means this
     rank's GPU, ``cuda:LOCAL_RANK``; the backend is ``nccl`` on CUDA and ``gloo`` on the CPU.
     """
-    device = cfg.resolved_device()
     if not launched():
         return SINGLE, device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

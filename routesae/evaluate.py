@@ -23,12 +23,17 @@ Inference overrides (``infer_k``, ``theta``; ``--infer-k``, ``--theta``)
     activation (see there and :meth:`SAE.inference`): TopK over the pre-activations, or one global
     threshold. The record's ``settings`` say which, and ``eval.json`` is overwritten like any run.
 
+Under ``torchrun`` (``torchrun --nproc-per-node N -m routesae evaluate ...``) each rank evaluates
+every N-th batch and the metrics' sums are combined (:meth:`Metric.reduce`), so the numbers are
+one process's up to the order of float additions; rank 0 writes ``eval.json`` and reports.
+
 Recovered uses zero-ablation of the spliced positions (the reference) and also reports
 ``recovered_mean_ablation`` (the block's mean residual over the batch's counted positions).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -45,12 +50,14 @@ from routesae.architectures.base import SAE, Inference
 from routesae.checkpoint import load_sae, read_sae_config
 from routesae.config import setting
 from routesae.data import leading_blocks
+from routesae.distributed import SINGLE, Ranks, join, leave
 from routesae.errors import ConfigError
 from routesae.files import write_json
 from routesae.lm import Edit, LanguageModel
-from routesae.loading import corpus_for, model_for, training_seed
+from routesae.loading import corpus_for, default_device, model_for, training_seed
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
+from routesae.reporters import Reporter
 from routesae.reporters.build import build_reporters
 from routesae.rundir import EVAL_FILE, expand_dirs, run_dir_of
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
@@ -82,10 +89,20 @@ class EvaluateConfig(StageConfig):
         Inference(k=self.infer_k, theta=self.theta)  # a contradictory override fails before anything loads
 
 
-def metric_classes(names: Sequence[str] | None) -> list[type[Metric]]:
-    """The requested metrics (default: every installed one); unknown names list what is installed."""
+def metric_classes(names: Sequence[str] | None, ranks: Ranks = SINGLE) -> list[type[Metric]]:
+    """The requested metrics (default: every installed one); unknown names list what is installed.
+
+    Under ``torchrun`` every metric must combine its ranks' sums (:meth:`Metric.reduce`).
+    """
     pm = get_plugin_manager()
-    return list(dict.fromkeys(pm.get("metric", name) for name in (names or pm.names("metric"))))
+    classes = list(dict.fromkeys(pm.get("metric", name) for name in (names or pm.names("metric"))))
+    single = [cls.name for cls in classes if not cls.reduces()]
+    if ranks.distributed and single:
+        raise ConfigError(
+            f"metric(s) {', '.join(single)} cannot combine the sums of several ranks (no Metric.reduce): evaluate "
+            "them in one process, or leave them out with --metric"
+        )
+    return classes
 
 
 def counted_positions(attention_mask_BT: Tensor, reference: bool) -> Tensor:
@@ -229,18 +246,23 @@ def evaluate(
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
     dirs = expand_dirs(sae_dirs)
-    runs = {run: build_reporters(reporters, run) for run in dict.fromkeys(map(run_dir_of, dirs))}  # fail fast
-    try:
-        results = _evaluate(dirs, metrics, cfg, lm, device)
+    ranks, device = join(torch.device(lm.device if lm is not None else device or default_device()))
+    finished = False
+    runs: dict[Path, list[Reporter]] = {}
+    try:  # rank 0 reports; the reporters are built first, so a bad one fails before any work
+        runs = {run: build_reporters(reporters, run) if ranks.writes else [] for run in dict.fromkeys(map(run_dir_of, dirs))}
+        results = _evaluate(dirs, metrics, cfg, lm, device, ranks)
         for run, run_reporters in runs.items():
             records = [results[str(d)] for d in dirs if run_dir_of(d) == run]
             for reporter in run_reporters:
                 reporter.evaluation(records)
+        finished = True
         return results
     finally:
         for run_reporters in runs.values():
             for reporter in run_reporters:
                 reporter.close()
+        leave(ranks, finished)
 
 
 def _evaluate(
@@ -248,11 +270,12 @@ def _evaluate(
     metrics: Sequence[str] | None,
     cfg: EvaluateConfig,
     lm: LanguageModel | None,
-    device: str | torch.device | None,
+    device: torch.device,
+    ranks: Ranks,
 ) -> dict[str, dict[str, Any]]:
     override = Inference(k=cfg.infer_k, theta=cfg.theta)
     configs = [read_sae_config(d) for d in dirs]
-    classes = metric_classes(metrics)
+    classes = metric_classes(metrics, ranks)
     lm = model_for(dirs, configs, lm, device)
     saes = [Evaluated(d, c, load_sae(d, lm.device)[0], [cls() for cls in classes]) for d, c in zip(dirs, configs)]
 
@@ -267,12 +290,17 @@ def _evaluate(
         n_blocks, n_tokens = leading_blocks(counted_BT, cfg.tokens, SPLIT)
         layers = sorted({block for s in saes for block in s.sae.layers})
         started = time.perf_counter()  # the pass only: model loading and tokenisation excluded
-        for input_ids, attention_mask in blocks.batches(cfg.batch_size):
-            if n_blocks <= 0:
-                break
-            _evaluate_batch(lm, layers, saes, input_ids[:n_blocks], attention_mask[:n_blocks], cfg.reference_metrics)
-            n_blocks -= input_ids.shape[0]
+        for batch in ranks.batches(math.ceil(n_blocks / cfg.batch_size), SPLIT):
+            rows = slice(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_blocks))
+            _evaluate_batch(lm, layers, saes, blocks.input_ids[rows], blocks.attention_mask[rows], cfg.reference_metrics)
         seconds = time.perf_counter() - started
+    if ranks.distributed:  # every rank's sums, and the slowest rank's times (the pass ends when it does)
+        for s in saes:
+            for metric in s.metrics:
+                metric.reduce(ranks)
+        seconds, *sae_seconds = ranks.max_numbers(seconds, *(s.seconds for s in saes))
+        for s, own in zip(saes, sae_seconds):
+            s.seconds = own
 
     rate = n_tokens / seconds if seconds > 0 else 0.0
     timing = {  # the pass all SAEs shared; each record's seconds/tokens_per_s are the same, its sae_seconds its own
@@ -280,6 +308,7 @@ def _evaluate(
         "tokens": n_tokens,
         "seconds": seconds,
         "tokens_per_s": rate,
+        "world_size": ranks.world_size,
         "shared_seconds": max(0.0, seconds - sum(s.seconds for s in saes)),
     }
 
@@ -314,6 +343,7 @@ def _evaluate(
             "metrics": {k: v for m in s.metrics for k, v in m.result().items()},
             "better": {k: m.better for m in s.metrics for k in m.result()},  # which way each value improves
         }
-        write_json(s.directory / EVAL_FILE, record)
+        if ranks.writes:
+            write_json(s.directory / EVAL_FILE, record)
         results[str(s.directory)] = record
     return results

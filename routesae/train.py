@@ -305,7 +305,7 @@ def train(
     """
     cfg = cfg or TrainConfig()
     run_dir = RunDirectory(out)
-    ranks, device = join(cfg)
+    ranks, device = join(cfg.resolved_device())
     finished = False
     try:
         with activated(plugins):

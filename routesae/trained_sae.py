@@ -102,9 +102,7 @@ class TrainedSAE:
                 if p.grad is None:  # an empty share, or a parameter no loss term reaches: it adds nothing to the sum
                     p.grad = torch.zeros_like(p)
             self.ranks.sum_([p.grad for p in self.sae.parameters()])
-            fired = fired_F.to(torch.uint8)
-            self.ranks.max_(fired)
-            fired_F = fired.bool()
+            self.ranks.max_(fired_F)
         if self.cfg.remove_parallel_grad:
             self.sae.remove_parallel_gradient()
         self.optimizer.step()

@@ -1,4 +1,5 @@
-"""Data-parallel training under ``torchrun``: two CPU ranks (gloo, one thread each) train what one process trains.
+"""Data-parallel work under ``torchrun``: two CPU ranks (gloo, one thread each) train, evaluate and extract contexts
+as one process does.
 
 Every test starts the real launcher, ``python -m torch.distributed.run --nproc-per-node 2 -m routesae
 train ...``, as a user would, and compares with ``routesae train`` in one process. The ranks' shares
@@ -108,6 +109,23 @@ def test_two_ranks_on_the_embedded_model(archs, tmp_path, embedded_home):
     assert_same_training(tmp_path / "single", tmp_path / "ddp", near_ties=NEAR_TIES)
 
 
+@pytest.mark.embedded
+def test_two_ranks_evaluate_and_extract_contexts_on_the_embedded_model(tmp_path, embedded_home):
+    run = tmp_path / "run"
+    train = routesae("train", "--tokens", "4096", "--batch-size", "8", "--sae-batch-tokens", "1024", "--buffer-tokens",
+                     "4096", "--k", "32", "--latent-size", "1024", "--device", "cpu", "--report", "jsonl", "--arch",
+                     "routesae", "--arch", "topk", "--out", str(run), home=embedded_home)
+    assert train.returncode == 0, train.stderr
+    options = ["--tokens", "1024", "--batch-size", "4"]
+    assert_same_evaluation(evaluated(run, *options, ranks=1, home=embedded_home),
+                           evaluated(run, *options, ranks=2, home=embedded_home))
+    options = ["--tokens", "4096", "--threshold", "2", "--batch-size", "4"]
+    single = extracted_contexts(run, *options, ranks=1, home=embedded_home)
+    ddp = extracted_contexts(run, *options, ranks=2, home=embedded_home)
+    assert len(single) == 2 and all(r["interpretable_latents"] > 0 for r in single.values())
+    assert ddp == single
+
+
 @pytest.fixture(scope="module")
 def killer_site(tmp_path_factory):
     """A reporter plugin, as an installed distribution on a path of its own, that SIGKILLs its process at a step."""
@@ -177,10 +195,76 @@ def test_a_world_size_that_cannot_split_the_work_is_a_clear_error(tiny, tmp_path
     assert not (tmp_path / "run" / MANIFEST_FILE).exists(), "nothing is written"
 
 
-def test_commands_other_than_train_refuse_to_run_under_torchrun(tmp_path, home):
-    result = routesae("evaluate", str(tmp_path), ranks=2, home=home)
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path, home):
+    result = routesae("report", str(tmp_path), ranks=2, home=home)
     assert result.returncode != 0
-    assert "Error: routesae evaluate runs in one process; under torchrun only train runs" in result.stderr
+    assert "Error: routesae report runs in one process; under torchrun only train, evaluate, contexts run" in result.stderr
+
+
+def evaluated(run, *options, ranks, home):
+    """``routesae evaluate RUN --json`` on ``ranks`` processes: its records by SAE name."""
+    result = routesae("evaluate", str(run), "--device", "cpu", "--json", *options, ranks=ranks, home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {Path(d).name: record for d, record in json.loads(result.stdout).items()}
+
+
+def extracted_contexts(run, *options, ranks, home):
+    """``routesae contexts RUN`` on ``ranks`` processes: the contexts.json it wrote, by SAE name."""
+    result = routesae("contexts", str(run), "--device", "cpu", *options, ranks=ranks, home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {d.name: json.loads((d / "contexts.json").read_text()) for d in sorted(run.iterdir()) if (d / "contexts.json").exists()}
+
+
+def assert_same_evaluation(single, ddp):
+    """The same SAEs, tokens and settings; every metric within 1e-5 relative (sums are added in another order)."""
+    assert single.keys() == ddp.keys() and single
+    for name, one in single.items():
+        two = ddp[name]
+        assert (two["tokens"], two["settings"]) == (one["tokens"], one["settings"]), name
+        assert (one["pass"]["world_size"], two["pass"]["world_size"]) == (1, 2)
+        assert one["metrics"].keys() == two["metrics"].keys() and len(one["metrics"]) >= 8
+        for metric, value in one["metrics"].items():
+            assert two["metrics"][metric] == pytest.approx(value, rel=1e-5, abs=1e-9, nan_ok=True), (name, metric)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, text_corpus_dir, tmp_path_factory, home):
+    """A TopK and a RouteSAE trained in one process on the tiny model."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(text_corpus_dir), *TINY, "--arch", "topk",
+            "--arch", "routesae", "--tokens", "2048", "--out", str(out)]
+    result = routesae(*args, home=home)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_two_ranks_evaluate_what_one_process_evaluates(tiny_run, home):
+    """The eval split in batches of 2 sequences: an odd number of batches, so the ranks read unequal shares."""
+    single = evaluated(tiny_run, "--batch-size", "2", ranks=1, home=home)
+    ddp = evaluated(tiny_run, "--batch-size", "2", ranks=2, home=home)
+    assert_same_evaluation(single, ddp)
+    written = json.loads((tiny_run / next(iter(ddp)) / "eval.json").read_text())
+    assert written["pass"]["world_size"] == 2, "rank 0 writes eval.json"
+    reference = evaluated(tiny_run, "--batch-size", "2", "--reference-metrics", "--metric", "kldiv", ranks=2, home=home)
+    assert all(r["settings"]["reference_metrics"] for r in reference.values())
+
+
+def test_two_ranks_extract_the_contexts_one_process_extracts(tiny_run, home):
+    options = ["--threshold", "0.5", "--window", "12", "--max-classes", "8", "--min-contexts", "2", "--held-out", "3",
+               "--pool", "20", "--batch-size", "2"]
+    single = extracted_contexts(tiny_run, *options, ranks=1, home=home)
+    ddp = extracted_contexts(tiny_run, *options, ranks=2, home=home)
+    assert single.keys() == ddp.keys() and len(single) == 2
+    for name, record in single.items():
+        assert record["interpretable_latents"] > 0 and record["hits"] > 0, f"{name}: the comparison is not empty"
+        assert any(latent["held_out"] for latent in record["latents"].values())
+        assert ddp[name] == record, name
+
+
+def test_too_few_batches_for_the_ranks_is_a_clear_error(tiny_run, home):
+    result = routesae("evaluate", str(tiny_run), "--device", "cpu", "--tokens", "20", ranks=2, home=home)
+    assert result.returncode != 0
+    assert "Error: 2 ranks cannot split 1 batch(es) of the eval split: each needs one" in result.stderr, result.stderr[-2000:]
 
 
 def test_the_readme_gives_the_torchrun_commands():

@@ -21,7 +21,9 @@ from routesae import SAESpec, TrainConfig, extract_contexts, hookspecs, load_sae
 from routesae.architectures.routesae import RouteSAE
 from routesae.architectures.topk import TopKSAE
 from routesae.cli import make_cli
-from routesae.errors import RouteSAEError
+from routesae.distributed import Ranks
+from routesae.errors import ConfigError, RouteSAEError
+from routesae.evaluate import metric_classes
 from routesae.hookspecs import hookimpl
 from routesae.interpreters import Completion, Interpreter
 from routesae.metrics import Metric
@@ -181,6 +183,8 @@ def test_hook_register_metrics(tiny_run):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)[str(tiny_run)]["metrics"]
     assert set(metrics) == {"max_error", "normmse"} and metrics["max_error"] > 0
+    with activated(pm), pytest.raises(ConfigError, match=r"metric\(s\) max_error cannot combine the sums of several ranks"):
+        metric_classes(["max_error", "normmse"], Ranks(rank=0, world_size=2))  # what torchrun evaluation checks first
 
 
 def test_hook_register_interpreters(tiny_run):

@@ -27,7 +27,7 @@ from routesae.plugins import PluginManager, activated, get_plugin_manager
 __all__ = ["main", "make_cli"]
 
 
-UNDER_TORCHRUN = ("train",)  # the commands that run data-parallel under torchrun
+UNDER_TORCHRUN = ("train", "evaluate", "contexts")  # the commands that run data-parallel under torchrun
 
 
 class RouteSAEGroup(click.Group):

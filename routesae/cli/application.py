@@ -17,6 +17,7 @@ from routesae.cli.options import (
     json_option,
     print_json,
 )
+from routesae.distributed import writes_here
 from routesae.plugins import PluginManager
 from routesae.rundir import CONTEXTS_FILE
 
@@ -27,7 +28,7 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
     def callback(paths: tuple[str, ...], device: str | None, as_json: bool, **values: Any) -> None:
         cfg = ContextsConfig.from_dict(config_values(ContextsConfig, values))
         results = extract_contexts(list(paths), cfg, device=device)
-        if as_json:
+        if as_json and writes_here():  # under torchrun, rank 0 speaks for the job
             keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
             print_json({d: {"file": str(Path(d) / CONTEXTS_FILE), **{k: r[k] for k in keys}} for d, r in results.items()})
 

@@ -15,6 +15,7 @@ from routesae.cli.options import (
     report_option,
     reporter_names,
 )
+from routesae.distributed import writes_here
 from routesae.plugins import PluginManager
 
 
@@ -26,7 +27,7 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
     ) -> None:
         cfg = EvaluateConfig.from_dict(config_values(EvaluateConfig, values))
         results = evaluate(list(paths), list(metric) or None, cfg, device=device, reporters=reporter_names(report))
-        if as_json:
+        if as_json and writes_here():  # under torchrun, rank 0 speaks for the job
             print_json(results)
 
     params: list[click.Parameter] = [

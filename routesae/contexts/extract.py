@@ -20,6 +20,11 @@ trained with ``keep_bos`` (:func:`routesae.activations.training_positions`), and
 token (BOS, EOS between documents), which has no text to explain. See
 :mod:`routesae.contexts.windows` for the window rules and how they differ from the reference.
 
+Under ``torchrun`` (``torchrun --nproc-per-node N -m routesae contexts ...``) each rank reads every
+N-th batch; the ranks' counts and maxima are combined and their top-N candidates merged in the
+order one process would have met them (by row and position), so ``contexts.json`` is exactly what
+one process writes. Rank 0 writes it.
+
 Thresholds: the reference uses 15 for Llama-3.2-1B (d_model 2048). Inputs are standardised per
 token, so ‖x‖ ≈ √d and latent activations scale roughly with √d: 15·√(576/2048) ≈ 8 for SmolLM2.
 Briefly trained SAEs spread their activations thinly, so a threshold near the 90th percentile of
@@ -51,10 +56,11 @@ from routesae.contexts.schema import FORMAT, FORMAT_VERSION
 from routesae.contexts.topn import TopN
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
 from routesae.data import TokenBlocks, leading_blocks
+from routesae.distributed import Ranks, join, leave
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import write_json
 from routesae.lm import LanguageModel
-from routesae.loading import corpus_for, model_for
+from routesae.loading import corpus_for, default_device, model_for
 from routesae.rundir import CONTEXTS_FILE, expand_dirs
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
@@ -147,6 +153,26 @@ class Extraction:
         self.overflow = torch.zeros(self.F, dtype=torch.bool, device=device)
         self.pool_max = torch.full((n_pool, self.F), -math.inf, device=device)
 
+    def reduce(self, ranks: Ranks, T: int) -> None:
+        """Combine every rank's tables into this one's (under ``torchrun``): what one process reading all batches holds."""
+        ranks.sum_([self.hits])
+        for maxima in (self.max_activation, self.overflow, self.pool_max):
+            ranks.max_(maxima)
+        for table in (self.top, self.sample):
+            rows = {name: ranks.gather_rows(column) for name, column in table.rows.items()}
+            group, score = ranks.gather_rows(table.group), ranks.gather_rows(table.score)
+            met = torch.sort(rows["row"] * T + rows["position"], stable=True).indices  # one process's order of hits
+            table.clear()
+            table.update(group[met], score[met], **{name: column[met] for name, column in rows.items()})
+        self.drop_overflowing()
+
+    def drop_overflowing(self) -> None:
+        """Latents shown for more than ``max_classes`` token classes are dropped (and their later hits skipped)."""
+        if self.cfg.max_classes:
+            classes = torch.bincount(torch.unique_consecutive(self.top.group) // self.n_classes, minlength=self.F)
+            self.overflow |= classes > self.cfg.max_classes
+            self.top.keep(~self.overflow[self.top.group // self.n_classes])
+
     def hit_layers(self, out: SAEOutput, n: int) -> Tensor:
         """The block each token was read at (:meth:`~routesae.SAE.routed_blocks`), or ``NO_LAYER`` for every token."""
         blocks = self.sae.routed_blocks(out)
@@ -167,10 +193,7 @@ class Extraction:
         fresh = ~self.overflow[f]  # a latent past max_classes is dropped anyway: skip its hits
         self.top.update(f[fresh] * self.n_classes + tables.class_id[ids_BT.reshape(-1)[n[fresh]]], activation[fresh],
                         **{k: v[fresh] for k, v in payload.items()})
-        if self.cfg.max_classes:
-            classes = torch.bincount(torch.unique_consecutive(self.top.group) // self.n_classes, minlength=self.F)
-            self.overflow |= classes > self.cfg.max_classes
-            self.top.keep(~self.overflow[self.top.group // self.n_classes])
+        self.drop_overflowing()
         self.sample.update(f, random_key(self.cfg.seed, payload["row"], payload["position"], f), **payload)
         counted_BT = counted_N.view(B, T)
         for p, row, lo, hi in pool_windows:
@@ -233,6 +256,19 @@ def extract_contexts(
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
     dirs = expand_dirs(sae_dirs)
+    ranks, device = join(torch.device(lm.device if lm is not None else device or default_device()))
+    finished = False
+    try:
+        results = _extract(dirs, cfg, lm, device, ranks)
+        finished = True
+        return results
+    finally:
+        leave(ranks, finished)
+
+
+def _extract(
+    dirs: list[Path], cfg: ContextsConfig, lm: LanguageModel | None, device: torch.device, ranks: Ranks
+) -> dict[str, dict[str, Any]]:
     configs = [read_sae_config(d) for d in dirs]
     lm = model_for(dirs, configs, lm, device)
     corpus = corpus_for(configs[0], lm)
@@ -251,7 +287,10 @@ def extract_contexts(
             sae = load_sae(directory, lm.device)[0]
             overrides.enter_context(sae.inference(Inference(k=cfg.infer_k, theta=cfg.theta)))
             extractions.append(Extraction(directory, config, sae, cfg, len(vocab.class_names), len(pool_windows)))
-        _pass(lm, extractions, ids_BT, mask_BT, tables, pool_windows, cfg.batch_size)
+        _pass(lm, extractions, ids_BT, mask_BT, tables, pool_windows, cfg.batch_size, ranks)
+    if ranks.distributed:
+        for e in extractions:
+            e.reduce(ranks, ids_BT.shape[1])
 
     data = {"source": corpus.source, "split": SPLIT, "fingerprint": corpus.fingerprint}
     recorded = {**cfg.request(), "tokens": n_tokens, "data": data}
@@ -259,14 +298,15 @@ def extract_contexts(
     console = Console(stderr=True)
     for e in extractions:
         record = _record(e, recorded, ids_BT, start_BT, end_BT, pool_windows, lm.tokenizer, vocab)
-        write_json(e.directory / CONTEXTS_FILE, record)
         results[str(e.directory)] = record
-        _summarise(console, e, record, n_tokens)
+        if ranks.writes:
+            write_json(e.directory / CONTEXTS_FILE, record)
+            _summarise(console, e, record, n_tokens)
     return results
 
 
 def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask_BT: Tensor, tables: Tables,
-          pool_windows: Tensor, batch_size: int) -> None:
+          pool_windows: Tensor, batch_size: int, ranks: Ranks) -> None:
     layers = sorted({block for e in extractions for block in e.sae.layers})
     slots = [[layers.index(block) for block in e.sae.layers] for e in extractions]
     pool_by_row: dict[int, list[tuple[int, int, int, int]]] = {}
@@ -275,8 +315,9 @@ def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask
     console = Console(stderr=True)
     columns = (TextColumn("[bold]contexts"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
-        task = progress.add_task("contexts", total=math.ceil(len(ids_BT) / batch_size))
-        for first in range(0, len(ids_BT), batch_size):
+        batches = ranks.batches(math.ceil(len(ids_BT) / batch_size), SPLIT)
+        task = progress.add_task("contexts", total=len(batches))
+        for first in (batch * batch_size for batch in batches):
             ids, mask = ids_BT[first : first + batch_size].to(lm.device), mask_BT[first : first + batch_size].to(lm.device)
             acts = lm.capture(ids, mask, layers)
             in_batch = [w for row in range(first, first + len(ids)) for w in pool_by_row.get(row, [])]

@@ -44,6 +44,10 @@ class TopN:
         self.score = torch.zeros(0, device=device)
         self.rows = {name: torch.zeros(0, dtype=dtype, device=device) for name, dtype in payload.items()}
 
+    def clear(self) -> None:
+        """Forget every retained row (the table starts over)."""
+        self.keep(torch.zeros_like(self.group, dtype=torch.bool))
+
     def update(self, group: Tensor, score: Tensor, **payload: Tensor) -> None:
         if self.n <= 0 or len(group) == 0:
             return

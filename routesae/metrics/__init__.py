@@ -1,5 +1,5 @@
 """Evaluation metrics: the contract (:mod:`.base`) and the built-ins (registered by :mod:`.builtin`)."""
 
-from routesae.metrics.base import EvalBatch, Metric
+from routesae.metrics.base import EvalBatch, Metric, RunningMean
 
-__all__ = ["EvalBatch", "Metric"]
+__all__ = ["EvalBatch", "Metric", "RunningMean"]

@@ -4,17 +4,25 @@ A metric accumulates sums and counts over batches (:meth:`Metric.update`) and tu
 numbers at the end (:meth:`Metric.result`), so the result does not depend on how the data was
 batched. It declares in :attr:`Metric.needs` which spliced forwards it reads, and the evaluator
 runs each of those forwards once per SAE and batch, shared by every metric that asks for it.
+
+Under ``torchrun`` each rank evaluates every N-th batch; before :meth:`Metric.result` the evaluator
+calls :meth:`Metric.reduce` on every rank, which combines the ranks' accumulators with collectives
+(``ranks.sum_numbers``, ``ranks.sum_``, ``ranks.max_``), as torchmetrics' ``dist_reduce_fx`` does.
+A metric without it still evaluates in one process and is refused under ``torchrun``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from routesae.architectures.base import SAEOutput
+
+if TYPE_CHECKING:
+    from routesae.distributed import Ranks
 
 Better = Literal["lower", "higher"]
 """Which way a metric improves; tables mark the best SAE of a column by it."""
@@ -55,6 +63,33 @@ class Metric:
     def result(self) -> dict[str, float]:
         """``{name: value}``; a metric may report companions (``recovered_mean_ablation``)."""
         raise NotImplementedError
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Combine every rank's accumulators into this instance's, in place; called on every rank alike.
+
+        Each rank has seen its own batches (at least one each); afterwards :meth:`result` must give
+        what one process that saw all of them gives.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def reduces(cls) -> bool:
+        """Whether the metric can be evaluated under ``torchrun`` (it defines :meth:`reduce`)."""
+        return cls.reduce is not Metric.reduce
+
+
+class RunningMean(Metric):
+    """A metric that is a mean: a running ``total`` and ``count`` that ``update`` adds to."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def reduce(self, ranks: Ranks) -> None:
+        self.total, self.count = ranks.sum_numbers(self.total, self.count)
+
+    def result(self) -> dict[str, float]:
+        return {self.name: ratio(self.total, self.count)}
 
 
 def ratio(total: float, count: float) -> float:

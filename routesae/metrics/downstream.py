@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from routesae.metrics.base import Better, EvalBatch, Forward, Metric, cross_entropy_BT, kl_BT, ratio
+from routesae.distributed import Ranks
+from routesae.metrics.base import Better, EvalBatch, Forward, Metric, RunningMean, cross_entropy_BT, kl_BT, ratio
 
 RECOVERED_EPS = 1e-8  # the reference's epsilon in the Recovered denominator
 
@@ -25,8 +26,11 @@ class CrossEntropy:
     def mean(self) -> float:
         return ratio(self.total, self.count)
 
+    def reduce(self, ranks: Ranks) -> None:
+        self.total, self.count = ranks.sum_numbers(self.total, self.count)
 
-class KLDiv(Metric):
+
+class KLDiv(RunningMean):
     """KL(clean || spliced) of the next-token distributions.
 
     Default: mean per counted position. Reference: summed over every position and divided by the
@@ -37,17 +41,10 @@ class KLDiv(Metric):
     better: ClassVar[Better | None] = "lower"
     needs: ClassVar[frozenset[Forward]] = frozenset({"spliced"})
 
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
-
     def update(self, batch: EvalBatch) -> None:
         kl_BT_ = kl_BT(batch.logits["clean"], batch.logits["spliced"])
         self.total += float(kl_BT_[batch.counted_BT].sum())
         self.count += batch.input_ids_BT.shape[0] if batch.reference else int(batch.counted_BT.sum())
-
-    def result(self) -> dict[str, float]:
-        return {self.name: ratio(self.total, self.count)}
 
 
 class DeltaCE(Metric):
@@ -63,6 +60,10 @@ class DeltaCE(Metric):
     def update(self, batch: EvalBatch) -> None:
         self.clean.add(batch, "clean")
         self.spliced.add(batch, "spliced")
+
+    def reduce(self, ranks: Ranks) -> None:
+        self.clean.reduce(ranks)
+        self.spliced.reduce(ranks)
 
     def result(self) -> dict[str, float]:
         return {self.name: self.spliced.mean - self.clean.mean}
@@ -86,6 +87,10 @@ class Recovered(Metric):
     def update(self, batch: EvalBatch) -> None:
         for forward, ce in self.ce.items():
             ce.add(batch, forward)
+
+    def reduce(self, ranks: Ranks) -> None:
+        for ce in self.ce.values():
+            ce.reduce(ranks)
 
     def result(self) -> dict[str, float]:
         clean, spliced = self.ce["clean"].mean, self.ce["spliced"].mean

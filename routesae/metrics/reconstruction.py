@@ -7,18 +7,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from routesae.metrics.base import Better, EvalBatch, Metric, ratio
+from routesae.distributed import Ranks
+from routesae.metrics.base import Better, EvalBatch, Metric, RunningMean, ratio
 
 
-class NormMSE(Metric):
+class NormMSE(RunningMean):
     """‖x̂ − x‖² / ‖x‖² per vector, averaged, in the SAE's input space (RouteSAE: the routed vector)."""
 
     name: ClassVar[str] = "normmse"
     better: ClassVar[Better | None] = "lower"
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
 
     def update(self, batch: EvalBatch) -> None:
         target, x_hat = batch.out.target[batch.counted_N], batch.out.x_hat[batch.counted_N]
@@ -26,9 +23,6 @@ class NormMSE(Metric):
         nmse = err / target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)
         self.total += float(nmse.sum())
         self.count += nmse.numel()
-
-    def result(self) -> dict[str, float]:
-        return {self.name: ratio(self.total, self.count)}
 
 
 def spliced_pairs(batch: EvalBatch) -> list[tuple[int, Tensor, Tensor]]:
@@ -61,51 +55,47 @@ class FVU(Metric):
         self.sums: dict[int, tuple[Tensor, float, int]] = {}  # block -> (Σx, Σ‖x‖², n)
 
     def update(self, batch: EvalBatch) -> None:
+        for block, (x_hat_ND, _) in batch.reconstruction.items():  # every block, so all ranks hold the same keys
+            self.sums.setdefault(block, (x_hat_ND.new_zeros(x_hat_ND.shape[-1], dtype=torch.float32), 0.0, 0))
         for block, x_MD, x_hat_MD in spliced_pairs(batch):
             self.error += float((x_MD - x_hat_MD).pow(2).sum())
-            sum_D, sq, n = self.sums.get(block, (torch.zeros_like(x_MD[0]), 0.0, 0))
+            sum_D, sq, n = self.sums[block]
             self.sums[block] = (sum_D + x_MD.sum(0), sq + float(x_MD.pow(2).sum()), n + x_MD.shape[0])
+
+    def reduce(self, ranks: Ranks) -> None:
+        blocks = sorted(self.sums)
+        ranks.sum_([self.sums[b][0] for b in blocks])
+        error, *scalars = ranks.sum_numbers(self.error, *(v for b in blocks for v in self.sums[b][1:]))
+        self.error = error
+        for i, b in enumerate(blocks):
+            self.sums[b] = (self.sums[b][0], scalars[2 * i], int(scalars[2 * i + 1]))
 
     def result(self) -> dict[str, float]:
         variance = sum(sq - float(sum_D.pow(2).sum()) / n for sum_D, sq, n in self.sums.values() if n)
         return {self.name: ratio(self.error, variance)}
 
 
-class Cosine(Metric):
+class Cosine(RunningMean):
     """Mean cosine similarity between x and x̂ in the raw residual stream, over the replaced vectors."""
 
     name: ClassVar[str] = "cosine"
     better: ClassVar[Better | None] = "higher"
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
 
     def update(self, batch: EvalBatch) -> None:
         for _, x_MD, x_hat_MD in spliced_pairs(batch):
             self.total += float(torch.nn.functional.cosine_similarity(x_MD, x_hat_MD, dim=-1).sum())
             self.count += x_MD.shape[0]
 
-    def result(self) -> dict[str, float]:
-        return {self.name: ratio(self.total, self.count)}
 
-
-class L0(Metric):
+class L0(RunningMean):
     """Mean number of non-zero latents per counted token."""
 
     name: ClassVar[str] = "l0"
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
 
     def update(self, batch: EvalBatch) -> None:
         latents = batch.out.latents[batch.counted_N]
         self.total += float((latents != 0).sum())
         self.count += latents.shape[0]
-
-    def result(self) -> dict[str, float]:
-        return {self.name: ratio(self.total, self.count)}
 
 
 class Dead(Metric):
@@ -120,6 +110,10 @@ class Dead(Metric):
     def update(self, batch: EvalBatch) -> None:
         fired_F = (batch.out.latents[batch.counted_N] != 0).any(0)
         self.fired_F = fired_F if self.fired_F is None else self.fired_F | fired_F
+
+    def reduce(self, ranks: Ranks) -> None:
+        if self.fired_F is not None:  # every rank has seen a batch (the evaluator checks)
+            ranks.max_(self.fired_F)
 
     def result(self) -> dict[str, float]:
         if self.fired_F is None:
