@@ -3,7 +3,7 @@
 Everything a script needs is importable from here: each stage is a function (``train``,
 ``evaluate``, ``extract_contexts``, ``steer``, ``interpret``, ``write_report``, ``pipeline``,
 ``cache_activations``) with a config class of its settings (``TrainConfig``, ``EvaluateConfig``, ...);
-the rest of those modules imports as usual (``from routesae.train import Trainer``).
+the rest of those modules imports as usual (``from routesae.trainer import Trainer``).
 """
 
 from routesae.architectures.base import (

@@ -44,7 +44,7 @@ def routesae(*args, ranks=1, env=None, home):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "routesae"]
     command = launcher if ranks > 1 else [sys.executable, "-m", "routesae"]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", "ROUTESAE_HOME": str(home), **(env or {})}
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=environ, timeout=600)
+    return subprocess.run([*command, *args], check=False, capture_output=True, text=True, env=environ, timeout=600)
 
 
 def weights(run):

@@ -1,0 +1,276 @@
+"""The training loop: one activation stream feeds every SAE of a run.
+
+The language-model forward dominates the cost of training an SAE, so a run trains all of its
+SAEs (architecture comparisons, sweeps) from the same shuffled batches. The :class:`Trainer`
+receives everything it needs from :func:`routesae.train.train` — the run directory, the SAEs and
+the stream, live or cached — and runs the loop: steps, progress reports, checkpoints, Ctrl-C and
+the NaN guard. An interrupted run continues with ``resume=True`` and ends with the same weights as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from routesae.distributed import SINGLE, Ranks
+from routesae.errors import RouteSAEError
+from routesae.files import write_safetensors
+from routesae.interrupt import Interrupt
+from routesae.reporters import Reporter, StepReport
+from routesae.rundir import Generation, RunDirectory
+from routesae.train_config import CHECKPOINT_SECONDS, TrainConfig, lr_factor
+from routesae.trained_sae import TrainedSAE
+from routesae.training_data import TrainingData
+from routesae.version import __version__
+
+START = {"step": 0, "tokens": 0, "group": 0, "batch": 0}
+"""Where a fresh run's stream and counters begin."""
+
+
+class Trainer:
+    """Train ``saes`` on ``data.stream`` to ``cfg.tokens`` tokens, checkpointing into ``run_dir``.
+
+    A resumed run continues bit-identically: a checkpoint generation holds weights, optimiser
+    state, dead-latent counters, the RNG and the stream position (``progress``), and the stream
+    re-derives everything else from the data.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        saes: list[TrainedSAE],
+        layers: list[int],
+        data: TrainingData,
+        run_dir: RunDirectory,
+        *,
+        request: dict[str, Any],
+        progress: dict[str, int],
+        reporters: list[Reporter],
+        ranks: Ranks = SINGLE,
+    ) -> None:
+        self.cfg, self.saes, self.layers, self.data, self.run_dir = cfg, saes, layers, data, run_dir
+        self.request, self.progress, self.reporters, self.ranks = request, dict(progress), reporters, ranks
+        self.device = saes[0].layer_index.device
+
+    # -- records --------------------------------------------------------------------------------
+    def _manifest(self, status: str) -> dict[str, Any]:
+        """The training sections of ``run.json``."""
+        return {
+            "routesae_version": __version__,
+            "request": self.request,
+            "status": status,
+            "progress": self.progress,
+            "model": self.data.model.describe(),
+            "data": {k: v for k, v in self.data.description.items() if k not in ("split", "keep_bos")},
+            "layers": self.layers,
+            "saes": [
+                {"name": t.name, "architecture": t.sae.name, "config": t.sae.cfg.to_dict(), "path": t.name} for t in self.saes
+            ],
+            "train": self.cfg.to_dict(),
+            "world_size": self.ranks.world_size,
+        }
+
+    def _sae_meta(self, t: TrainedSAE, finished: bool) -> dict[str, Any]:
+        """What an SAE's ``config.json`` records beyond its architecture: model, hooks, data, training."""
+        model = self.data.model
+        return {
+            "name": t.name,
+            "model": model.describe(),
+            "hooks": [model.hook_name(layer) for layer in t.sae.layers],
+            "hf_hidden_states_index": [layer + 1 for layer in t.sae.layers],
+            "data": self.data.description,
+            "training": {
+                **self.cfg.to_dict(),
+                "finished": finished,
+                "steps_done": self.progress["step"],
+                "tokens_done": self.progress["tokens"],
+                "final": t.final_terms(),
+                "dead_fraction": t.dead_fraction(),
+                "statistics": t.sae.statistics(),
+            },
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint(self, finished: bool = False) -> None:
+        """Write a new generation (every SAE, the RNG), then switch ``run.json`` to it in one atomic step.
+
+        Every rank checks the losses and sums its statistics first (collectives); rank 0 alone writes.
+        """
+        self._check_finite()
+        for t in self.saes:
+            t.sync_sums()
+        metas = {t.name: self._sae_meta(t, finished) for t in self.saes}
+        if self.ranks.writes:
+            generation = self.run_dir.begin_generation(self.progress["step"])
+            for t in self.saes:
+                t.save(generation, metas[t.name], self.progress["step"])
+            write_safetensors(generation.rng, {"cpu": torch.get_rng_state()})
+            self.run_dir.commit(generation, self._manifest("finished" if finished else "running"))
+        self.ranks.barrier()
+
+    def _check_finite(self) -> None:
+        """The NaN/inf guard, read back from the device at log steps and before every checkpoint."""
+        for t in self.saes:
+            try:
+                t.check_finite()
+            except FloatingPointError as e:
+                raise RouteSAEError(
+                    f"training diverged: SAE {t.name} {e}; the last checkpoint in {self.run_dir.path} is intact. "
+                    "Lower --lr, then --resume (or --overwrite)"
+                ) from None
+
+    def _restore(self, generation: Generation) -> None:
+        """Weights, optimiser state, counters and RNG of the current generation, for ``resume``."""
+        for t in self.saes:
+            saved_step = t.restore(generation)
+            if saved_step != self.progress["step"]:
+                raise RouteSAEError(
+                    f"cannot resume: {generation.sae_dir(t.name)} is at step {saved_step} but the run's manifest says "
+                    f"{self.progress['step']}; the checkpoint is inconsistent, use --overwrite to start over"
+                )
+        torch.set_rng_state(load_file(generation.rng)["cpu"])
+        if self.ranks.writes:
+            self.run_dir.publish(generation)  # repairs a publication a crash may have cut short
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to ``cfg.tokens`` tokens; returns the summary (also given to the reporters)."""
+        total_steps = self._total_steps()
+        generation = self.run_dir.current_generation() if self.progress["step"] else None
+        if generation is not None:
+            self._restore(generation)
+            if self.ranks.writes:
+                self.run_dir.update_manifest(self._manifest("running"))
+        elif self.ranks.writes:
+            self.run_dir.start(self._manifest("running"))  # a fresh (or overwritten) run: fresh manifest and log
+        try:
+            for r in self.reporters:
+                r.start(self._manifest("running"))
+            summary = self._loop(total_steps)
+            for r in self.reporters:
+                r.finish(summary)
+            return summary
+        finally:
+            for r in self.reporters:
+                r.close()
+
+    def _total_steps(self) -> int:
+        """Steps until ``cfg.tokens`` tokens, from the stream's batch plan (no LM needed)."""
+        seen = 0
+        for steps, size in enumerate(self.data.stream.batch_sizes(), start=1):
+            seen += size
+            if seen >= self.cfg.tokens:
+                return steps
+        raise RouteSAEError(
+            f"asked for {self.cfg.tokens:,} training tokens but the train split of {self.cfg.dataset!r} holds "
+            f"{seen:,} usable tokens (context {self.cfg.context_length}); lower --tokens or use a larger --dataset"
+        )
+
+    def _decisions(self, step: int, last_checkpoint: float, interrupt: Interrupt, logging: bool) -> tuple[bool, bool]:
+        """(stop for Ctrl-C, checkpoint now) after ``step`` steps.
+
+        One process decides after every step. Under ``torchrun`` the ranks must decide alike, so
+        what depends on the clock or on a signal (Ctrl-C, a timed checkpoint) is agreed at log steps.
+        """
+        every = self.cfg.checkpoint_every
+        stepped = bool(every) and step % every == 0
+        if self.ranks.distributed and not logging:
+            return False, stepped
+        timed = every is None and time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
+        stop, timed = self.ranks.agree(interrupt.requested, timed)
+        return stop, stepped or timed
+
+    def _loop(self, total_steps: int) -> dict[str, Any]:
+        cfg, stream = self.cfg, self.data.stream
+        start_tokens = self.progress["tokens"]
+        started = last_checkpoint = time.monotonic()
+        interrupt = Interrupt()
+        try:
+            with interrupt.installed():
+                for acts in stream:  # this rank's share of each batch; the stream stops at cfg.tokens
+                    acts = acts.to(self.device, non_blocking=True)
+                    step = self.progress["step"]
+                    lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, cfg.schedule)
+                    for t in self.saes:
+                        t.step(acts, lr, step, stream.batch_tokens)
+                    del acts  # before the stream allocates the next batch: one multi-layer batch alive, not two
+                    group, batch = stream.position
+                    tokens = self.progress["tokens"] + stream.batch_tokens
+                    self.progress = {"step": step + 1, "tokens": tokens, "group": group, "batch": batch}
+                    logging = (step + 1) % cfg.log_every == 0
+                    if logging:
+                        self._report(lr, time.monotonic() - started, start_tokens, total_steps)
+                    if tokens >= cfg.tokens:
+                        break
+                    stop, due = self._decisions(step + 1, last_checkpoint, interrupt, logging)
+                    if stop:
+                        raise KeyboardInterrupt
+                    if due:
+                        self.checkpoint()
+                        last_checkpoint = time.monotonic()
+        except KeyboardInterrupt:
+            where = self.run_dir.path
+            if interrupt.forced:
+                raise RouteSAEError(f"interrupted mid-step; the last checkpoint in {where} is intact, continue with --resume") from None
+            self.checkpoint()
+            raise RouteSAEError(f"interrupted at step {self.progress['step']}; checkpoint saved in {where}, continue with --resume") from None
+        seconds = time.monotonic() - started
+        for t in self.saes:
+            t.sae.normalize_decoder()
+        self.checkpoint(finished=True)
+        return self._summary(seconds, self.progress["tokens"] - start_tokens)
+
+    def _report(self, lr: float, seconds: float, start_tokens: int, total_steps: int) -> None:
+        self._check_finite()
+        logged = {t.name: t.logged() for t in self.saes}
+        report = StepReport(
+            step=self.progress["step"],
+            total_steps=total_steps,
+            tokens=self.progress["tokens"],
+            total_tokens=self.cfg.tokens,
+            seconds=seconds,
+            tokens_per_s=(self.progress["tokens"] - start_tokens) / seconds if seconds > 0 else 0.0,
+            lr=lr,
+            saes=logged,
+        )
+        for r in self.reporters:
+            r.step(report)
+
+    def _summary(self, seconds: float, session_tokens: int) -> dict[str, Any]:
+        """The run's outcome and timings.
+
+        ``seconds`` is the training loop's wall time in this session (model loading and tokenisation
+        excluded); ``tokens_per_s`` is ``session_tokens / seconds``, which equals ``tokens / seconds``
+        unless the run was resumed. ``harvest_seconds`` is the part spent obtaining and shuffling
+        activations (LM forwards, or cache reads), ``sae_step_seconds`` each SAE's own steps.
+        """
+        rate = session_tokens / seconds if seconds > 0 else 0.0
+        timing = {"tokens": self.progress["tokens"], "session_tokens": session_tokens, "seconds": seconds, "tokens_per_s": rate}
+        return {
+            "run": str(self.run_dir.path),
+            "model": self.cfg.model,
+            "source": self.data.source,
+            "layers": self.layers,
+            **timing,
+            "steps": self.progress["step"],
+            "harvest_seconds": self.data.stream.harvest_seconds,
+            "sae_step_seconds": sum(t.step_seconds for t in self.saes),
+            "saes": [
+                {
+                    "name": t.name,
+                    "architecture": t.sae.name,
+                    "layers": list(t.sae.layers),
+                    **timing,
+                    "sae_step_seconds": t.step_seconds,
+                    "final": t.final_terms(),
+                    "dead_fraction": t.dead_fraction(),
+                    "statistics": t.sae.statistics(),
+                    "path": str(self.run_dir.sae_dir(t.name)),
+                }
+                for t in self.saes
+            ],
+        }
