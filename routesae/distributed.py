@@ -21,7 +21,8 @@ one process would have had.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,18 @@ def join(device: torch.device) -> tuple[Ranks, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, joined), device
+
+
+@contextmanager
+def joined(device: torch.device) -> Iterator[tuple[Ranks, torch.device]]:
+    """:func:`join` for the block's duration, then :func:`leave` (waiting for the other ranks if it ended well)."""
+    ranks, device = join(device)
+    finished = False
+    try:
+        yield ranks, device
+        finished = True
+    finally:
+        leave(ranks, finished)
 
 
 def leave(ranks: Ranks, finished: bool) -> None:

@@ -50,14 +50,13 @@ from routesae.architectures.base import SAE, Inference
 from routesae.checkpoint import load_sae, read_sae_config
 from routesae.config import setting
 from routesae.data import leading_blocks
-from routesae.distributed import SINGLE, Ranks, join, leave
+from routesae.distributed import SINGLE, Ranks, joined
 from routesae.errors import ConfigError
 from routesae.files import write_json
 from routesae.lm import Edit, LanguageModel
-from routesae.loading import corpus_for, default_device, model_for, training_seed
+from routesae.loading import corpus_for, model_for, stage_device, training_seed
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
-from routesae.reporters import Reporter
 from routesae.reporters.build import build_reporters
 from routesae.rundir import EVAL_FILE, expand_dirs, run_dir_of
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
@@ -246,23 +245,20 @@ def evaluate(
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
     dirs = expand_dirs(sae_dirs)
-    ranks, device = join(torch.device(lm.device if lm is not None else device or default_device()))
-    finished = False
-    runs: dict[Path, list[Reporter]] = {}
-    try:  # rank 0 reports; the reporters are built first, so a bad one fails before any work
+    with joined(stage_device(lm, device)) as (ranks, rank_device):
+        # rank 0 reports; its reporters are built first, so a bad one fails before any work
         runs = {run: build_reporters(reporters, run) if ranks.writes else [] for run in dict.fromkeys(map(run_dir_of, dirs))}
-        results = _evaluate(dirs, metrics, cfg, lm, device, ranks)
-        for run, run_reporters in runs.items():
-            records = [results[str(d)] for d in dirs if run_dir_of(d) == run]
-            for reporter in run_reporters:
-                reporter.evaluation(records)
-        finished = True
-        return results
-    finally:
-        for run_reporters in runs.values():
-            for reporter in run_reporters:
-                reporter.close()
-        leave(ranks, finished)
+        try:
+            results = _evaluate(dirs, metrics, cfg, lm, rank_device, ranks)
+            for run, run_reporters in runs.items():
+                records = [results[str(d)] for d in dirs if run_dir_of(d) == run]
+                for reporter in run_reporters:
+                    reporter.evaluation(records)
+            return results
+        finally:
+            for run_reporters in runs.values():
+                for reporter in run_reporters:
+                    reporter.close()
 
 
 def _evaluate(

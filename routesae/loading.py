@@ -25,6 +25,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def stage_device(lm: LanguageModel | None, device: str | torch.device | None) -> torch.device:
+    """Where a stage runs: the given model's device, else ``device``, else CUDA when available."""
+    return torch.device(lm.device if lm is not None else device or default_device())
+
+
 def _identity(model: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(model.get(key) for key in MODEL_IDENTITY)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from routesae.cache import ActivationCache
-from routesae.distributed import Ranks, join, leave
+from routesae.distributed import Ranks, joined
 from routesae.errors import RouteSAEError
 from routesae.lm import LanguageModel
 from routesae.plugins import PluginManager, activated
@@ -50,15 +50,8 @@ def train(
     """
     cfg = cfg or TrainConfig()
     run_dir = RunDirectory(out)
-    ranks, device = join(cfg.resolved_device())
-    finished = False
-    try:
-        with activated(plugins):
-            summary = _train(specs, run_dir, cfg, ranks, device, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
-        finished = True
-        return summary
-    finally:
-        leave(ranks, finished)
+    with joined(cfg.resolved_device()) as (ranks, device), activated(plugins):
+        return _train(specs, run_dir, cfg, ranks, device, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
 
 
 def _train(

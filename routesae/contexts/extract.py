@@ -56,11 +56,11 @@ from routesae.contexts.schema import FORMAT, FORMAT_VERSION
 from routesae.contexts.topn import TopN
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
 from routesae.data import TokenBlocks, leading_blocks
-from routesae.distributed import Ranks, join, leave
+from routesae.distributed import Ranks, joined
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import write_json
 from routesae.lm import LanguageModel
-from routesae.loading import corpus_for, default_device, model_for
+from routesae.loading import corpus_for, model_for, stage_device
 from routesae.rundir import CONTEXTS_FILE, expand_dirs
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
@@ -256,14 +256,8 @@ def extract_contexts(
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
     dirs = expand_dirs(sae_dirs)
-    ranks, device = join(torch.device(lm.device if lm is not None else device or default_device()))
-    finished = False
-    try:
-        results = _extract(dirs, cfg, lm, device, ranks)
-        finished = True
-        return results
-    finally:
-        leave(ranks, finished)
+    with joined(stage_device(lm, device)) as (ranks, rank_device):
+        return _extract(dirs, cfg, lm, rank_device, ranks)
 
 
 def _extract(
