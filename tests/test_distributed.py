@@ -13,9 +13,13 @@ to 3e-5 after two steps, every other weight by under 3e-7.
 
 Hard routing is discontinuous: a token whose two most probable blocks are within float noise of each
 other can go to either. On SmolLM2 over 16 blocks, 1 to 3 tokens of 4,096-8,192 did within a few
-steps; the RouteSAE trained on them then stays within two Adam steps (``ROUTED_ATOL``, 2 x lr) of the
-one-process weights. So the routed comparison allows that many near-tie tokens and that tolerance;
-routing-count totals (every token is routed once) are always identical.
+steps, and which ones depends on the CPU's float kernels (the same command passed a 2 x lr bound on one
+machine and came to 3.1 x lr on another). From the step a token goes elsewhere, the two runs' router
+gradients differ and Adam, whose step is about lr whatever the gradient's size, can move them apart by
+up to 2 x lr a step: that is the elementwise bound for a routed SAE with such tokens (``adam_bound``).
+The bulk must still agree: each of its tensors differs by at most ``ROUTED_RELATIVE`` of its norm
+(measured: under 1% for the router, 0.5% for the inner SAE). Routing-count totals (every token is
+routed once) are always identical.
 """
 
 import json
@@ -33,7 +37,8 @@ from safetensors.torch import load_file
 from routesae.rundir import CHECKPOINTS_DIR, MANIFEST_FILE, WEIGHTS_FILE
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
-ROUTED_ATOL = 1e-3
+LR = 5e-4  # TrainConfig's default, which these runs use
+ROUTED_RELATIVE = 0.02
 NEAR_TIES = 8  # tokens routed to another block than in one process, at most
 TINY = ["--batch-size", "4", "--context-length", "32", "--sae-batch-tokens", "64", "--buffer-tokens", "256",
         "--k", "4", "--latent-size", "64", "--device", "cpu", "--report", "jsonl"]
@@ -57,9 +62,15 @@ def routing_counts(run, name):
     return {block: int(count) for block, count in counts.items()}
 
 
+def adam_bound(steps):
+    """How far apart two Adam runs can move a weight in ``steps`` steps of about ``LR`` each."""
+    return 2 * LR * steps
+
+
 def assert_same_training(single, ddp, near_ties=0):
     """Same steps, tokens and routing-count totals; weights within TOLERANCE; with ``near_ties``, a routed SAE may
-    send up to that many tokens elsewhere and its weights stay within ROUTED_ATOL (see the module docstring)."""
+    send up to that many tokens elsewhere and its weights stay within the Adam bound elementwise and within
+    ROUTED_RELATIVE of their norm (see the module docstring)."""
     one, two = (json.loads((run / MANIFEST_FILE).read_text()) for run in (single, ddp))
     assert one["progress"] == two["progress"] and two["world_size"] == 2 and one["world_size"] == 1
     for name, expected in weights(single).items():
@@ -69,9 +80,11 @@ def assert_same_training(single, ddp, near_ties=0):
         assert sum(counts[0].values()) == sum(counts[1].values()), name
         moved = sum(abs(counts[0][b] - counts[1][b]) for b in counts[0]) // 2
         assert moved <= near_ties, (name, counts)
-        tolerance = {**TOLERANCE, "atol": ROUTED_ATOL} if moved else TOLERANCE
+        tolerance = {**TOLERANCE, "atol": adam_bound(one["progress"]["step"])} if moved else TOLERANCE
         for key in expected.keys() - {"routing_counts"}:  # compared as counts above
-            torch.testing.assert_close(got[key], expected[key], **tolerance, msg=f"{name} {key}")
+            torch.testing.assert_close(got[key], expected[key], **tolerance, msg=lambda m: f"{name} {key}: {m}")
+            relative = ((got[key] - expected[key]).norm() / expected[key].norm()).item()
+            assert not moved or relative <= ROUTED_RELATIVE, (name, key, relative)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +193,7 @@ def test_a_killed_run_resumes_to_the_weights_of_the_uninterrupted_one(tiny, tmp_
     for name, expected in weights(tmp_path / "whole").items():
         got = weights(out)[name]
         for key in expected:
-            torch.testing.assert_close(got[key], expected[key], **TOLERANCE, msg=f"{name} {key}")
+            torch.testing.assert_close(got[key], expected[key], **TOLERANCE, msg=lambda m: f"{name} {key}: {m}")
 
 
 def test_a_world_size_that_cannot_split_the_work_is_a_clear_error(tiny, tmp_path, home):
