@@ -21,6 +21,7 @@ pad == EOS, and real EOS tokens would be masked.
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -68,29 +69,33 @@ class NativeForward:
         supports_sdpa = bool(getattr(bridge.original_model, "_supports_sdpa", False))
         self.components = components if supports_sdpa and hasattr(self.config, "_attn_implementation") else []
         self.enabled = bool(self.components)
-        self.depth = 0  # active() nests: only the outermost swaps and restores
+        self.lock = threading.Lock()
+        self.users = 0  # forwards inside active(), over all threads: the first swaps, the last restores
+        self.previous: str | None = None
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        if not self.enabled or self.depth:
-            self.depth += 1
-            try:
-                yield
-            finally:
-                self.depth -= 1
+        """The native path for the block; nests, and is shared by threads (``--overlap-harvest`` captures in one
+        while another evaluates): the first to enter swaps the components, the last to leave restores them."""
+        if not self.enabled:
+            yield
             return
-        self.depth = 1
-        previous = self.config._attn_implementation
-        for component in self.components:  # object.__setattr__: components forward attribute writes to the HF module
-            object.__setattr__(component, "forward", component.original_component)
-        self.config._attn_implementation = "sdpa"
+        with self.lock:
+            if self.users == 0:
+                self.previous = self.config._attn_implementation
+                for component in self.components:  # object.__setattr__: components forward attribute writes to HF
+                    object.__setattr__(component, "forward", component.original_component)
+                self.config._attn_implementation = "sdpa"
+            self.users += 1
         try:
             yield
         finally:
-            self.depth = 0
-            self.config._attn_implementation = previous
-            for component in self.components:
-                object.__delattr__(component, "forward")
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    self.config._attn_implementation = self.previous
+                    for component in self.components:
+                        object.__delattr__(component, "forward")
 
     def check(self, forward: Callable[[], Tensor]) -> None:
         """Keep the native path only if ``forward()`` gives, within float tolerance, what the bridge's own path gives."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,34 @@ def test_the_bridge_used_directly_keeps_its_attention_hooks(lm):
     lm.bridge.run_with_hooks(ids, attention_mask=mask, return_type=None,
                              fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: patterns.append(t.shape))])
     assert patterns == [(1, 4, ids.shape[1], ids.shape[1])], "the eager re-implementation is back outside our forwards"
+
+
+def test_forwards_in_two_threads_share_the_native_path(lm):
+    """--overlap-harvest captures in a thread while another thread's forward may end first: the native path stays in
+    place until the last of them leaves (the first to leave used to restore it under the other, then crash)."""
+    ids, mask = encode(lm, TEXTS)
+    expected = lm.capture(ids, mask, [1])
+    entered, release = threading.Event(), threading.Event()
+    results: list[torch.Tensor] = []
+
+    def capture_in_a_thread():
+        with lm.native.active():
+            entered.set()
+            release.wait(timeout=60)
+            results.append(lm.capture(ids, mask, [1]))
+
+    component = lm.native.components[0]
+    with lm.native.active():
+        worker = threading.Thread(target=capture_in_a_thread)
+        worker.start()
+        assert entered.wait(timeout=60)
+    assert "forward" in vars(component), "the worker is still inside: the native path must stay"
+    release.set()
+    worker.join(timeout=60)
+    assert results and torch.equal(results[0], expected)
+    assert lm.native.users == 0 and "forward" not in vars(component)
+    test_the_bridge_used_directly_keeps_its_attention_hooks(lm)
+    assert torch.equal(lm.capture(ids, mask, [1]), expected)
 
 
 def test_capture_stops_after_deepest_layer(lm):
