@@ -22,6 +22,7 @@ from torch import Tensor
 
 from routesae.config import Config, setting
 from routesae.data import TokenBlocks
+from routesae.devices import resolve_device
 from routesae.errors import ConfigError
 from routesae.lm import LanguageModel
 
@@ -49,11 +50,10 @@ class HarvestConfig(Config):
         for name in ("context_length", "batch_size", "tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        resolve_device(self.device)  # a wrong --device fails here, before the model loads
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 def training_positions(attention_mask_BT: Tensor, keep_bos: bool) -> Tensor:

@@ -44,6 +44,7 @@ from routesae.data import load_corpus
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import file_sha256, read_json, write_json, write_safetensors
 from routesae.lm import HOOK_TEMPLATE, LanguageModel
+from routesae.locks import is_lock, writing
 from routesae.version import __version__
 
 if TYPE_CHECKING:
@@ -130,15 +131,16 @@ def cache_activations(
     if resume and overwrite:
         raise RouteSAEError("--overwrite and --resume contradict each other; pick one")
     _check_target(out)
-    lm = lm or LanguageModel.load(cfg.model, device=cfg.resolved_device())
-    wanted = _blocks(lm.n_layers, layers, saes)
-    request = {"cache": {k: v for k, v in cfg.to_dict().items() if k != "device"}, "layers": wanted}
-    existing = _existing(out, request, resume, overwrite)
-    console = Console(stderr=True, quiet=not progress)
-    if existing is not None and existing["status"] == "complete":
-        console.print(f"{out} already holds this cache ({existing['tokens']:,} tokens); nothing to do")
-        return out
-    return _CacheWriter(out, cfg, lm, wanted, request, existing, console, on_shard).run()
+    with writing(out, "cache"):
+        lm = lm or LanguageModel.load(cfg.model, device=cfg.resolved_device())
+        wanted = _blocks(lm.n_layers, layers, saes)
+        request = {"cache": {k: v for k, v in cfg.to_dict().items() if k != "device"}, "layers": wanted}
+        existing = _existing(out, request, resume, overwrite)
+        console = Console(stderr=True, quiet=not progress)
+        if existing is not None and existing["status"] == "complete":
+            console.print(f"{out} already holds this cache ({existing['tokens']:,} tokens); nothing to do")
+            return out
+        return _CacheWriter(out, cfg, lm, wanted, request, existing, console, on_shard).run()
 
 
 def _blocks(n_layers: int, layers: Sequence[int], saes: Sequence[SAESpec]) -> list[int]:
@@ -155,7 +157,7 @@ def _check_target(out: Path) -> None:
     """Refuse a file, or a non-empty directory that is not a cache: nothing of the user's is ever overwritten."""
     if out.exists() and not out.is_dir():
         raise RouteSAEError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
+    if out.is_dir() and not (out / MANIFEST_FILE).exists() and any(not is_lock(p) for p in out.iterdir()):
         raise RouteSAEError(f"{out} is not empty and holds no activation cache ({MANIFEST_FILE}); choose a new or empty --out")
 
 

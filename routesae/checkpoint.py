@@ -12,12 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 from safetensors import safe_open
 
 from routesae.architectures.base import SAE
-from routesae.errors import RouteSAEError
+from routesae.errors import RouteSAEError, reading
 from routesae.files import read_json, write_json, write_safetensors
 from routesae.plugins import PluginManager, activated
 from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
@@ -25,6 +24,7 @@ from routesae.version import __version__
 
 FORMAT_VERSION = 1
 CHECKPOINT_ID = "checkpoint_id"
+REQUIRED_KEYS = ("architecture", "config", "d_model")  # what rebuilding an SAE needs from config.json
 
 
 def save_sae(sae: SAE, directory: Path, meta: dict[str, Any]) -> None:
@@ -55,6 +55,12 @@ def read_sae_config(directory: Path) -> dict[str, Any]:
             f"{directory} holds no SAE checkpoint (no {CONFIG_FILE}); pass a directory written by `routesae train`"
         )
     config = read_json(directory / CONFIG_FILE)
+    missing = [key for key in REQUIRED_KEYS if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise RouteSAEError(
+            f"{directory / CONFIG_FILE} is not a routesae checkpoint config (no {', '.join(missing)}); pass a "
+            "directory written by `routesae train`, or restore the file"
+        )
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise RouteSAEError(
             f"{directory} was written by a newer routesae ({config.get('routesae_version')}); upgrade routesae"
@@ -87,12 +93,10 @@ def read_weights(directory: Path, config: dict[str, Any], device: str | torch.de
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise RouteSAEError(f"{directory} has a config but no {WEIGHTS_FILE}; the checkpoint is incomplete")
-    try:
-        with safe_open(path, "pt", device=str(device)) as f:
-            written_with = (f.metadata() or {}).get(CHECKPOINT_ID)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, safetensors.SafetensorError) as e:
-        raise RouteSAEError(f"{path} cannot be read ({e}); the file is damaged or truncated") from None
+    damaged = "the file is damaged or truncated; train the SAE again (or resume its run)"
+    with reading(str(path), damaged), safe_open(path, "pt", device=str(device)) as f:
+        written_with = (f.metadata() or {}).get(CHECKPOINT_ID)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     expected = config.get(CHECKPOINT_ID)
     if expected is not None and written_with is not None and expected != written_with:
         raise RouteSAEError(
@@ -115,7 +119,8 @@ def save_optimizer(
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> tuple[int, dict[str, torch.Tensor]]:
     """Restore what :func:`save_optimizer` wrote; returns (the step it was saved at, the extra tensors)."""
-    with safe_open(path, "pt") as f:
+    damaged = "the checkpoint is damaged; resume from an intact run or train again with --overwrite"
+    with reading(str(path), damaged), safe_open(path, "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     state: dict[int, dict[str, torch.Tensor]] = {}

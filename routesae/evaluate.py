@@ -55,6 +55,7 @@ from routesae.errors import ConfigError
 from routesae.files import write_json
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import corpus_for, model_for, stage_device, training_seed
+from routesae.locks import writing_files
 from routesae.metrics.base import FORWARDS, EvalBatch, Forward, Metric
 from routesae.plugins import get_plugin_manager
 from routesae.reporters.build import build_reporters
@@ -245,7 +246,10 @@ def evaluate(
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
     dirs = expand_dirs(sae_dirs)
-    with joined(stage_device(lm, device)) as (ranks, rank_device):
+    with (
+        joined(stage_device(lm, device)) as (ranks, rank_device),
+        writing_files(dirs, "evaluate", [EVAL_FILE], enabled=ranks.writes),
+    ):
         # rank 0 reports; its reporters are built first, so a bad one fails before any work
         runs = {run: build_reporters(reporters, run) if ranks.writes else [] for run in dict.fromkeys(map(run_dir_of, dirs))}
         try:

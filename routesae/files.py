@@ -1,17 +1,22 @@
 """Atomic file writes and checked reads: readers see the old file or the whole new one, never half of one.
 
 Every file routesae writes that a later command reads (checkpoints, manifests, records, cache shards,
-the tokenised-corpus cache) goes through :func:`atomic_write`: a temp file beside the target, renamed
-over it. Nothing is ever unpickled; tensors are safetensors.
+the tokenised-corpus cache) goes through :func:`atomic_write`: a temp file beside the target, flushed
+to disk, renamed over it, and the directory flushed too, so a power cut leaves the old file or the
+new one. A writer killed mid-write leaves its temp file behind; the next writer of that file removes
+it (:func:`remove_orphans`, under the writer's lock). JSON is strict: NaN and infinity are refused
+rather than written as the non-JSON ``NaN``. Nothing is ever unpickled; tensors are safetensors.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +33,38 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; these are ordinary files
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private, a writer may recreate it: ordinary files
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename is durable only once its directory is)."""
+    _fsync_file(directory)
+
+
+def remove_orphans(directory: Path, names: Iterable[str]) -> None:
+    """Remove the temp files a killed writer of ``names`` in ``directory`` left (call it holding their lock)."""
+    for name in names:
+        for orphan in [*directory.glob(f".{glob.escape(name)}.*{TEMP_SUFFIX}"), directory / f".{name}{TEMP_SUFFIX}"]:
+            if orphan.is_dir():
+                shutil.rmtree(orphan, ignore_errors=True)
+            else:
+                orphan.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -49,7 +79,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -31,6 +31,7 @@ from routesae.files import read_json, write_json
 from routesae.interpreters.answers import CATEGORIES, parse_detection, parse_explanation
 from routesae.interpreters.base import Completion, Interpreter, InterpreterError, InterpreterUnavailable, Message
 from routesae.interpreters.templates import PromptTemplate, load_template, render_classes, render_numbered
+from routesae.locks import writing_files
 from routesae.rundir import CONTEXTS_FILE, INTERPRETATIONS_FILE
 from routesae.stage_config import StageConfig
 from routesae.version import __version__
@@ -363,28 +364,29 @@ def interpret(
         raise RouteSAEError(f"{contexts_path} keeps no latents (none passed its filters), so there is nothing to interpret")
     templates = (load_template("explain", cfg.prompt_template), load_template("detect", cfg.detection_template))
 
-    backend, owned = _build_backend(interpreter, options)
-    try:
-        workers = cfg.concurrency or backend.concurrency
-        if backend.max_concurrency is not None and workers > backend.max_concurrency:
-            raise ConfigError(f"the {backend.name} interpreter runs at most {backend.max_concurrency} request(s) at once, not {workers}")
-        if cfg.max_cost is not None and backend.cost(1, 1) is None:
-            raise ConfigError(
-                f"--max-cost needs prices, and the price of {backend.describe().get('model', backend.name)!r} is unknown: "
-                "pass --price-input and --price-output (USD per million tokens)"
-            )
-        path = sae_dir / INTERPRETATIONS_FILE
-        doc = _start_document(path, contexts, fingerprint, templates, backend, cfg, overwrite)
-        base = _Usage.from_dict(doc["usage"])
-        req = _Requester(backend, cfg.max_tokens, cfg.temperature, cfg.max_cost)
-        jobs = _pending_jobs(doc, contexts, cfg.detection, retry_unparsable)
-        _write(doc, path, base, req)
-        write = partial(_write, doc, path, base, req)
-        _run(jobs, req, doc, write, contexts, templates, cfg.detection, cfg.seed, workers, progress)
-    finally:
-        if owned:
-            backend.close()
-    return _finish(doc, path, req, cfg.max_cost)
+    with writing_files([sae_dir], "interpret", [INTERPRETATIONS_FILE]):
+        backend, owned = _build_backend(interpreter, options)
+        try:
+            workers = cfg.concurrency or backend.concurrency
+            if backend.max_concurrency is not None and workers > backend.max_concurrency:
+                raise ConfigError(f"the {backend.name} interpreter runs at most {backend.max_concurrency} request(s) at once, not {workers}")
+            if cfg.max_cost is not None and backend.cost(1, 1) is None:
+                raise ConfigError(
+                    f"--max-cost needs prices, and the price of {backend.describe().get('model', backend.name)!r} is unknown: "
+                    "pass --price-input and --price-output (USD per million tokens)"
+                )
+            path = sae_dir / INTERPRETATIONS_FILE
+            doc = _start_document(path, contexts, fingerprint, templates, backend, cfg, overwrite)
+            base = _Usage.from_dict(doc["usage"])
+            req = _Requester(backend, cfg.max_tokens, cfg.temperature, cfg.max_cost)
+            jobs = _pending_jobs(doc, contexts, cfg.detection, retry_unparsable)
+            _write(doc, path, base, req)
+            write = partial(_write, doc, path, base, req)
+            _run(jobs, req, doc, write, contexts, templates, cfg.detection, cfg.seed, workers, progress)
+        finally:
+            if owned:
+                backend.close()
+        return _finish(doc, path, req, cfg.max_cost)
 
 
 def _start_document(path: Path, contexts: dict[str, Any], fingerprint: str, templates: tuple[PromptTemplate, PromptTemplate],

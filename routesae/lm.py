@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from routesae.embedded import ModelSource, resolve_model
-from routesae.errors import RouteSAEError
+from routesae.errors import RouteSAEError, reading
 
 Edit = Callable[[Tensor], Tensor]
 """Maps a block's output ``[B, T, D]`` to the tensor the rest of the forward uses instead."""
@@ -137,21 +137,20 @@ class LanguageModel:
         ours) and then wrap the model; booting mutates the HF model, so it is not kept apart.
         """
         from transformer_lens.model_bridge import TransformerBridge
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = resolve_model(spec)
-        # A local directory must never trigger a hub request, with or without HF_HUB_OFFLINE.
-        local = {"local_files_only": True} if source.path is not None else {}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **local)
-            hf = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, **local)
-        except OSError as e:
-            if source.path is not None:
-                raise RouteSAEError(f"could not load the model in {source.path}: {e}") from e
-            raise RouteSAEError(
-                f"could not load {spec!r} from the Hugging Face hub (unreachable, or no such model, "
-                f"and no local directory of that name): pass a local model directory or 'smollm2'"
-            ) from e
+        if source.path is not None:
+            fix = "pass a Hugging Face model directory (config.json, weights and tokenizer files), a hub name, or 'smollm2'"
+            with reading(f"the model in {source.path}", fix):
+                tokenizer, hf = _from_pretrained(source, dtype)
+        else:
+            try:
+                tokenizer, hf = _from_pretrained(source, dtype)
+            except OSError as e:
+                raise RouteSAEError(
+                    f"could not load {spec!r} from the Hugging Face hub (unreachable, or no such model, "
+                    f"and no local directory of that name): pass a local model directory or 'smollm2'"
+                ) from e
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Right padding keeps every real token at its unpadded position, so activations of a
@@ -304,3 +303,12 @@ def _as_hook(edit: Edit) -> Callable[..., Tensor]:
         return edit(resid_BTD)
 
     return hook
+
+
+def _from_pretrained(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The Hugging Face tokenizer and model of ``source`` (a local directory never triggers a hub request)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = {"local_files_only": True} if source.path is not None else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **local)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, **local)

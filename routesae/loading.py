@@ -15,19 +15,17 @@ from typing import Any
 import torch
 
 from routesae.data import Corpus, load_corpus
+from routesae.devices import resolve_device
 from routesae.errors import RouteSAEError
 from routesae.lm import LanguageModel
+from routesae.rundir import CONFIG_FILE
 
 MODEL_IDENTITY = ("path", "hub_name", "embedded", "architecture", "n_layers", "d_model")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def stage_device(lm: LanguageModel | None, device: str | torch.device | None) -> torch.device:
-    """Where a stage runs: the given model's device, else ``device``, else CUDA when available."""
-    return torch.device(lm.device if lm is not None else device or default_device())
+    """Where a stage runs: the given model's device, else ``device`` (checked), else CUDA when available."""
+    return torch.device(lm.device) if lm is not None else resolve_device(device)
 
 
 def _identity(model: dict[str, Any]) -> tuple[Any, ...]:
@@ -36,13 +34,23 @@ def _identity(model: dict[str, Any]) -> tuple[Any, ...]:
 
 def check_same_model(dirs: Sequence[Path], configs: Sequence[dict[str, Any]], lm: LanguageModel | None) -> None:
     """Every SAE must read the same model (the one given, if any) at its width."""
-    reference = _identity(lm.describe()) if lm is not None else _identity(configs[0]["model"])
-    where = f"the given model {lm.spec!r}" if lm is not None else f"{dirs[0]} ({configs[0]['model']['spec']})"
+    if lm is not None:
+        reference, where = _identity(lm.describe()), f"given ({lm.spec!r}, d_model {lm.d_model})"
+    else:
+        first = configs[0]["model"]
+        reference, where = _identity(first), f"of {dirs[0]} ({first['spec']!r}, d_model {first.get('d_model')})"
     for directory, config in zip(dirs, configs):
-        if _identity(config["model"]) != reference or config["d_model"] != reference[-1]:
+        model = config["model"]
+        if config["d_model"] != model.get("d_model"):
             raise RouteSAEError(
-                f"{directory} was trained on {config['model']['spec']!r} (d_model {config['d_model']}), which is not "
-                f"the model of {where}; use SAEs of one model at a time"
+                f"{directory}/{CONFIG_FILE} contradicts itself: the SAE reads d_model {config['d_model']} but its model "
+                f"{model['spec']!r} has d_model {model.get('d_model')}; the checkpoint is damaged, train it again"
+            )
+        if _identity(model) != reference:
+            raise RouteSAEError(
+                f"{directory} was trained on {model['spec']!r} (d_model {config['d_model']}), which is not the model "
+                f"{where}; "
+                "use SAEs of one model at a time"
             )
 
 
@@ -53,7 +61,7 @@ def model_for(
     check_same_model(dirs, configs, lm)
     if lm is not None:
         return lm
-    return LanguageModel.load(configs[0]["model"]["spec"], device=device or default_device())
+    return LanguageModel.load(configs[0]["model"]["spec"], device=resolve_device(device))
 
 
 def corpus_for(config: dict[str, Any], lm: LanguageModel) -> Corpus:

@@ -26,10 +26,12 @@ from routesae.errors import ConfigError, RouteSAEError
 from routesae.evaluate import EvaluateConfig, evaluate
 from routesae.files import read_json, write_json
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
+from routesae.interpreters.base import recorded_options
+from routesae.locks import writing
 from routesae.rundir import INTERPRETATIONS_FILE, MANIFEST_FILE, expand_dirs
 from routesae.specs import SAESpec
 from routesae.train import train
-from routesae.train_config import TrainConfig, run_request, upgrade_request
+from routesae.train_config import TrainConfig, compare_requests, run_request
 
 STAGES = ("train", "evaluate", "contexts", "interpret", "report")
 VERSIONED = ("routesae", "torch", "transformers", "transformer-lens", "datasets", "safetensors", "openai")
@@ -118,7 +120,7 @@ class Pipeline:
             "train": run_request(self.specs, self.train_cfg),
             "evaluate": c.evaluate.request(),
             "contexts": c.contexts.request(),
-            "interpret": {"interpreter": c.interpreter, **c.interpret.request(), "options": self.interpreter_options},
+            "interpret": {"interpreter": c.interpreter, **c.interpret.request(), "options": recorded_options(self.interpreter_options)},
             "report": {},
         }
 
@@ -175,10 +177,10 @@ class Pipeline:
         """Reuse a finished identical run, resume an unfinished one, else train (``train`` refuses to replace another run)."""
         manifest = self.out / MANIFEST_FILE
         existing = None if self.overwrite or not manifest.is_file() else read_json(manifest)
-        same = existing is not None and upgrade_request(existing.get("request", {})) == self.requests()["train"]
-        if same and existing.get("status") == "finished":
+        changes = compare_requests(existing.get("request", {}), self.requests()["train"]) if existing else None
+        if changes is not None and changes.same and existing.get("status") == "finished":
             return {"tokens": existing["progress"]["tokens"], "reused": True}
-        resume = same and existing.get("status") == "running"
+        resume = changes is not None and changes.resumable and existing.get("status") == "running"
         summary = train(
             self.specs, self.out, self.train_cfg, overwrite=self.overwrite, resume=resume, reporters=self.reporters
         )
@@ -243,4 +245,5 @@ def pipeline(
     """
     if not specs:
         raise RouteSAEError("the pipeline needs at least one SAE to train")
-    return Pipeline(specs, out, train_cfg or TrainConfig(), cfg or PipelineConfig(), **kwargs).run()
+    with writing(out, "train"):  # the whole pipeline writes the run; its stages take their own locks inside
+        return Pipeline(specs, out, train_cfg or TrainConfig(), cfg or PipelineConfig(), **kwargs).run()

@@ -30,6 +30,7 @@ from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_text
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
+from routesae.locks import writing_files
 from routesae.metrics.base import Better
 from routesae.plugins import get_plugin_manager
 from routesae.rundir import (
@@ -426,5 +427,6 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, *, max_card
     target = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
     if target.is_dir():
         raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
-    write_text(target, render_report(run_dir, max_cards=max_cards))
+    with writing_files([target.parent], "report", [target.name]):
+        write_text(target, render_report(run_dir, max_cards=max_cards))
     return target

@@ -25,15 +25,20 @@ are leftovers and are removed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routesae.errors import RouteSAEError
-from routesae.files import TEMP_SUFFIX, read_json, write_json
+from routesae.files import TEMP_SUFFIX, fsync_directory, read_json, remove_orphans, write_json, write_text
+
+if TYPE_CHECKING:
+    from routesae.train_config import RequestChanges
 
 MANIFEST_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -78,14 +83,32 @@ def run_dir_of(sae_dir: Path) -> Path:
     return sae_dir.parent if (sae_dir.parent / MANIFEST_FILE).is_file() else sae_dir
 
 
+SAE_NAME_MAX_BYTES = 255  # a file name's limit on common file systems
+
+
 def check_sae_name(name: str) -> str:
-    """An SAE's name is one directory inside the run: no separators, no ``..``, nothing hidden."""
-    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or name == CHECKPOINTS_DIR:
+    """An SAE's name is one directory inside the run: one plain path component, nothing hidden, nothing invisible."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..", CHECKPOINTS_DIR)
+        or name.startswith(".")  # hidden, and the prefix of routesae's own temp and lock files
+        or any(c in "/\\" or unicodedata.category(c) == "Cc" for c in name)
+        or len(name.encode("utf-8")) > SAE_NAME_MAX_BYTES
+    ):
         raise RouteSAEError(
-            f"{name!r} cannot name an SAE: the name becomes a directory inside the run, so it must be one plain "
-            f"path component (no '/', '\\\\' or leading '.', not {CHECKPOINTS_DIR!r})"
+            f"{name!r} cannot name an SAE: the name becomes a directory inside the run, so it must be one plain path "
+            f"component (no '/' or '\\', no leading '.', no control characters, at most {SAE_NAME_MAX_BYTES} bytes, "
+            f"not {CHECKPOINTS_DIR!r})"
         )
     return name
+
+
+def inside(root: Path, name: str) -> Path:
+    """``root/name`` for an SAE ``name``, checked once resolved (symbolic links followed) to lie directly in ``root``."""
+    path = root / check_sae_name(name)
+    if path.resolve().parent != root.resolve():
+        raise RouteSAEError(f"{path} leads outside {root} (a symbolic link?); routesae writes only inside the run")
+    return path
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,7 @@ class Generation:
     path: Path
 
     def sae_dir(self, name: str) -> Path:
-        return self.path / check_sae_name(name)
+        return inside(self.path, name)
 
     def trainer_state(self, name: str) -> Path:
         return self.sae_dir(name) / TRAINER_STATE_FILE
@@ -129,11 +152,11 @@ class RunDirectory:
         return self.path / CHECKPOINTS_DIR
 
     def sae_dir(self, name: str) -> Path:
-        return self.path / check_sae_name(name)
+        return inside(self.path, name)
 
     def sae_dirs(self) -> list[Path]:
-        """The SAE directories the manifest lists."""
-        return [self.path / sae["path"] for sae in self.read_manifest()["saes"]]
+        """The SAE directories the manifest lists (each checked to be a plain name inside the run)."""
+        return [self.sae_dir(sae["path"]) for sae in self.read_manifest()["saes"]]
 
     # -- the manifest -----------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -158,42 +181,81 @@ class RunDirectory:
         self.metrics_path.unlink(missing_ok=True)
         shutil.rmtree(self.checkpoints_path, ignore_errors=True)
 
+    def rewind_metrics(self, step: int) -> None:
+        """Cut ``metrics.jsonl`` back to the checkpoint at ``step``: a resumed run logs the later steps again, once.
+
+        Keeps every record before the first step after ``step`` (and drops a line a kill cut short).
+        """
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith("\n") or (record.get("event") == "step" and record.get("step", 0) > step):
+                break
+            kept.append(line)
+        write_text(self.metrics_path, "".join(kept))
+
+    def remove_orphans(self) -> None:
+        """Remove what writers killed mid-write left: temp files of the run's files and unfinished generations.
+
+        Call it holding the run's lock (:func:`routesae.locks.writing`), so no live writer owns them.
+        """
+        remove_orphans(self.path, [MANIFEST_FILE, METRICS_FILE])
+        if self.exists():
+            for sae_dir in self.sae_dirs():
+                if sae_dir.is_dir():
+                    remove_orphans(sae_dir, [*PUBLISHED, TRAINER_STATE_FILE])
+        if self.checkpoints_path.is_dir():
+            for staging in self.checkpoints_path.glob(f".*{TEMP_SUFFIX}"):
+                shutil.rmtree(staging, ignore_errors=True)
+
     def prepare(
         self,
         request: dict[str, Any],
         *,
         overwrite: bool,
         resume: bool,
-        upgrade: Callable[[dict[str, Any]], dict[str, Any]] = lambda saved: saved,
-    ) -> dict[str, Any] | None:
-        """Refuse to mix runs in one directory; return the manifest to resume from, or None to start afresh.
+        compare: Callable[[dict[str, Any], dict[str, Any]], RequestChanges],
+    ) -> tuple[dict[str, Any] | None, RequestChanges | None]:
+        """Refuse to mix runs in one directory; return (the manifest to resume from, how ``request`` changes its
+        request), or (None, None) to start afresh.
 
-        ``upgrade`` brings the request an earlier version recorded into this version's form before comparing.
+        ``compare(recorded, request)`` says what differs; ``--resume`` accepts the changes it calls resumable.
         """
         if self.path.exists() and not self.path.is_dir():
             raise RouteSAEError(f"--out {self.path} is a file; give a directory")
         if not self.exists():
             if resume:
                 raise RouteSAEError(f"nothing to resume: {self.path} holds no run ({MANIFEST_FILE} is missing)")
-            return None
+            return None, None
         existing = self.read_manifest()
-        same = upgrade(existing.get("request", {})) == request
+        changes = compare(existing.get("request", {}), request)
+        finished = existing.get("status") == "finished"
         if resume:
-            if not same:
+            if not changes.resumable:
                 raise RouteSAEError(
-                    f"cannot resume: {self.path} holds a run with different settings; resume with the same options, "
-                    "or use --overwrite to start over"
+                    f"cannot resume: {self.path} holds a run with other settings ({changes.describe(changes.fixed())}); resume "
+                    "with the run's own settings, or use --overwrite to start over"
                 )
-            if existing.get("status") == "finished":
+            if finished:
                 raise RouteSAEError(f"{self.path} holds a finished run; nothing to resume (use --overwrite to retrain)")
-            return existing
+            return existing, changes
         if overwrite:
-            return None
-        if same and existing.get("status") == "finished":
+            return None, None
+        if changes.same and finished:
             raise RouteSAEError(f"{self.path} already holds this finished run; use --overwrite to train it again")
-        if same:
-            raise RouteSAEError(f"{self.path} holds an unfinished run of these settings; continue it with --resume (or --overwrite)")
-        raise RouteSAEError(f"{self.path} already holds a different run; choose another --out, or --overwrite to replace it")
+        if changes.resumable and not finished:
+            also = f" with {changes.describe()} from its last checkpoint on" if not changes.same else ""
+            raise RouteSAEError(f"{self.path} holds an unfinished run of these settings; continue it{also} with --resume "
+                                "(or --overwrite)")
+        raise RouteSAEError(
+            f"{self.path} already holds a different run ({changes.describe()}); choose another --out, or --overwrite "
+            "to replace it"
+        )
 
     # -- checkpoint generations ---------------------------------------------------------------------
     def current_generation(self) -> Generation | None:
@@ -223,6 +285,7 @@ class RunDirectory:
         final = staged.path.with_name(staged.path.name.removeprefix(".").removesuffix(TEMP_SUFFIX))
         shutil.rmtree(final, ignore_errors=True)  # a generation of this step that run.json never pointed at
         staged.path.rename(final)
+        fsync_directory(final.parent)
         generation = Generation(final)
         self._publish_files(generation, manifest["saes"])
         self.update_manifest({**manifest, "checkpoint": final.relative_to(self.path).as_posix()})
@@ -268,3 +331,4 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, staging)
     os.replace(staging, target)
+    fsync_directory(target.parent)

@@ -84,16 +84,23 @@ def load_run_file(path: Path | str, *, plugins: PluginManager | None = None) -> 
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise RouteSAEError(f"run file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise RouteSAEError(f"run file {path} is not UTF-8 text; save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise RouteSAEError(f"run file {path} is not valid TOML: {e}") from None
     unknown = sorted(set(data) - {"train", "sae"})
     if unknown:
         raise ConfigError(f"run file {path}: unknown table(s) {', '.join(unknown)}; expected [train] and [sae.NAME]")
+    for section in ("train", "sae"):
+        if not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f"run file {path}: {section} must be a table ([{section}]), not a value")
     tables = data.get("sae", {})
     if not tables:
         raise ConfigError(f"run file {path} lists no SAE; add a table such as [sae.topk] with arch = \"topk\"")
     specs = []
     for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"run file {path}: sae.{name} must be a table ([sae.{name}] with arch = \"...\"), not a value")
         table = {k.replace("-", "_"): v for k, v in table.items()}
         if "arch" not in table:
             raise ConfigError(f"run file {path}: [sae.{name}] needs an arch = \"...\" entry")
@@ -103,7 +110,7 @@ def load_run_file(path: Path | str, *, plugins: PluginManager | None = None) -> 
             raise ConfigError(f"run file {path}: [sae.{name}] sweeps {', '.join(swept)}; give one value per SAE table")
         try:
             (spec,) = expand_specs([arch], table, plugins=plugins)
-        except ConfigError as e:
+        except RouteSAEError as e:  # a bad setting, or an architecture that is not installed
             raise ConfigError(f"run file {path}: [sae.{name}]: {e}") from None
         spec.name = check_sae_name(name)
         specs.append(spec)

@@ -60,7 +60,8 @@ from routesae.version import __version__
 Op = Literal["set", "add", "mul"]
 Positions = Literal["all", "generation"]
 POSITIONS: tuple[str, ...] = get_args(Positions)
-_CLAMP = re.compile(r"^\s*(\d+)\s*=\s*([+\-*]?)\s*([^\s+\-*].*?)\s*$")
+# LATENT = [op] VALUE; after "*" the value may carry its own sign ("*-2" flips a latent), after "+"/"-" it may not
+_CLAMP = re.compile(r"^\s*(\d+)\s*=\s*(?:([+\-]?)\s*([^\s+\-*].*?)|(\*)\s*(-?[^\s+\-*].*?))\s*$")
 _SYMBOL: dict[Op, str] = {"set": "", "add": "+", "mul": "*"}
 
 
@@ -92,14 +93,14 @@ class Clamp:
     @classmethod
     def parse(cls, text: str) -> Clamp:
         match = _CLAMP.match(text)
-        value = _number(match.group(3)) if match else None
+        value = _number(match.group(3) or match.group(5)) if match else None
         if match is None or value is None:
             raise RouteSAEError(
                 f"cannot read the clamp {text!r}: write LATENT=VALUE (set), LATENT=+VALUE (add), LATENT=-VALUE "
-                "(subtract) or LATENT=*VALUE (multiply), e.g. 123=20"
+                "(subtract) or LATENT=*VALUE (multiply, also by a negative number: LATENT=*-2), e.g. 123=20"
             )
         latent, sign = int(match.group(1)), match.group(2)
-        if sign == "*":
+        if match.group(4):
             return cls(latent, "mul", value)
         return cls(latent, "add", -value if sign == "-" else value) if sign else cls(latent, "set", value)
 

@@ -1,9 +1,9 @@
 """Set up a training run and hand it to the :class:`~routesae.trainer.Trainer`.
 
-:func:`train` checks the run directory against the request (:mod:`routesae.rundir`), joins the
-``torchrun`` job if there is one (:mod:`routesae.distributed`), builds the SAEs
-(:mod:`routesae.trained_sae`) and chooses the activation stream, live or cached
-(:mod:`routesae.training_data`); the trainer only runs the loop.
+:func:`train` joins the ``torchrun`` job if there is one (:mod:`routesae.distributed`), takes the
+run's writer lock (:mod:`routesae.locks`), checks the run directory against the request
+(:mod:`routesae.rundir`), builds the SAEs (:mod:`routesae.trained_sae`) and chooses the activation
+stream, live or cached (:mod:`routesae.training_data`); the trainer only runs the loop.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from routesae.cache import ActivationCache
 from routesae.distributed import Ranks, joined
 from routesae.errors import RouteSAEError
 from routesae.lm import LanguageModel
+from routesae.locks import writing
 from routesae.plugins import PluginManager, activated
 from routesae.reporters.build import build_reporters
 from routesae.rundir import RunDirectory
 from routesae.specs import SAESpec
-from routesae.train_config import TrainConfig, run_request, upgrade_request
+from routesae.train_config import TrainConfig, compare_requests, run_request
 from routesae.trained_sae import build_trained_saes
 from routesae.trainer import START, Trainer
 from routesae.training_data import cached_data, live_data
@@ -50,7 +51,11 @@ def train(
     """
     cfg = cfg or TrainConfig()
     run_dir = RunDirectory(out)
-    with joined(cfg.resolved_device()) as (ranks, device), activated(plugins):
+    with (
+        joined(cfg.resolved_device()) as (ranks, device),
+        activated(plugins),
+        writing(run_dir.path, "train", enabled=ranks.writes),
+    ):
         return _train(specs, run_dir, cfg, ranks, device, overwrite=overwrite, resume=resume, reporters=reporters, lm=lm)
 
 
@@ -67,7 +72,9 @@ def _train(
     lm: LanguageModel | None,
 ) -> dict[str, Any]:
     request = run_request(specs, cfg)
-    resumed = run_dir.prepare(request, overwrite=overwrite, resume=resume, upgrade=upgrade_request)
+    resumed, changes = run_dir.prepare(request, overwrite=overwrite, resume=resume, compare=compare_requests)
+    if ranks.writes:
+        run_dir.remove_orphans()  # under the lock: whatever a killed writer left
     ranks.barrier()  # every rank has read run.json before rank 0 writes a fresh one
     if resumed and resumed.get("world_size", 1) != ranks.world_size:
         raise RouteSAEError(
@@ -87,5 +94,8 @@ def _train(
         lm = lm or LanguageModel.load(cfg.model, device=device)
         layers, saes = build_trained_saes(specs, lm, cfg, device, ranks)
         data = live_data(lm, cfg, layers, position, ranks.shard)
-    trainer = Trainer(cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters, ranks=ranks)
+    trainer = Trainer(
+        cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters, ranks=ranks,
+        changes=changes.record() if changes else {},
+    )
     return trainer.run()

@@ -19,8 +19,12 @@ CHECKPOINT_SECONDS = 120.0
 Schedule = Literal["wsd", "reference-2025"]
 # Settings added after runs existed, left out of run.json's request while at these defaults.
 OPTIONAL_SETTINGS: dict[str, Any] = {"from_cache": None, "compile": False, "autocast": False}
-# Settings that change how fast a run goes, not what it trains: never part of the request, so a run may resume without them.
-EXECUTION_SETTINGS = ("overlap_harvest",)
+# Settings that change how a run is carried out, not what it trains: never part of the request, so a run resumes (or
+# is reused) whatever their values.
+EXECUTION_SETTINGS = ("overlap_harvest", "checkpoint_every", "log_every", "device")
+# Settings that shape only the steps still to come (the learning rate and its schedule): --resume may change them,
+# and run.json records the change with the step it took effect at.
+RESUMABLE_SETTINGS = ("lr", "schedule", "warmup", "decay")
 
 
 @dataclass
@@ -102,14 +106,69 @@ def run_request(specs: Sequence[SAESpec], cfg: TrainConfig) -> dict[str, Any]:
 def upgrade_request(saved: dict[str, Any]) -> dict[str, Any]:
     """A request ``run.json`` recorded, in this version's form: each SAE's settings through its architecture's
     :meth:`~routesae.SAE.upgrade`, so a run written by an earlier routesae still resumes, or is reused, under
-    the same command. Architectures that are not installed are left as they are (the request then differs)."""
+    the same command; execution settings that earlier versions recorded are dropped. Architectures that are not
+    installed are left as they are (the request then differs)."""
     pm = get_plugin_manager()
     saes = []
     for sae in saved.get("saes", []):
         if sae.get("architecture") in pm.names("architecture"):
             sae = {**sae, "config": pm.get("architecture", sae["architecture"]).upgrade(sae["config"], {})[0]}
         saes.append(sae)
-    return {**saved, "saes": saes}
+    train = {k: v for k, v in saved.get("train", {}).items() if k not in EXECUTION_SETTINGS}
+    return {**saved, "train": train, "saes": saes}
+
+
+@dataclass(frozen=True)
+class RequestChanges:
+    """How a request differs from the one a run recorded: ``{setting: (recorded, asked for)}``."""
+
+    changes: dict[str, tuple[Any, Any]]
+
+    @property
+    def same(self) -> bool:
+        return not self.changes
+
+    @property
+    def resumable(self) -> bool:
+        """Whether ``--resume`` may continue the recorded run under the new request (schedule changes only)."""
+        return not self.fixed()
+
+    def fixed(self) -> list[str]:
+        """The changed settings that ``--resume`` cannot take."""
+        return [name for name in self.changes if name not in RESUMABLE_SETTINGS]
+
+    def describe(self, names: Sequence[str] | None = None) -> str:
+        """``lr 0.0005 -> 0.0001; k of SAE 1 (topk) 32 -> 64`` for ``names`` (default: every change)."""
+        shown = self.changes.items() if names is None else [(n, c) for n, c in self.changes.items() if n in names]
+        return "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in shown)
+
+    def record(self) -> dict[str, dict[str, Any]]:
+        """The changes as ``run.json`` keeps them."""
+        return {name: {"from": old, "to": new} for name, (old, new) in self.changes.items()}
+
+
+def compare_requests(saved: dict[str, Any], request: dict[str, Any]) -> RequestChanges:
+    """What differs between the request a run recorded (upgraded to this version's form) and ``request``."""
+    saved = upgrade_request(saved)
+    changes: dict[str, tuple[Any, Any]] = {}
+    old_train, new_train = saved.get("train", {}), request["train"]
+    for name in sorted(old_train.keys() | new_train.keys()):
+        if old_train.get(name) != new_train.get(name):
+            changes[name] = (old_train.get(name), new_train.get(name))
+    old_saes, new_saes = saved.get("saes", []), request["saes"]
+    if [s.get("architecture") for s in old_saes] != [s["architecture"] for s in new_saes]:
+        listed = [", ".join(str(s.get("name") or s.get("architecture")) for s in saes) for saes in (old_saes, new_saes)]
+        changes["SAEs"] = (listed[0], listed[1])
+        return RequestChanges(changes)
+    for index, (old, new) in enumerate(zip(old_saes, new_saes), start=1):
+        label = f"of SAE {index} ({new['architecture']})"
+        if old.get("name") != new.get("name"):
+            changes[f"name {label}"] = (old.get("name"), new.get("name"))
+        old_cfg, new_cfg = old.get("config", {}), new["config"]
+        for key in sorted(old_cfg.keys() | new_cfg.keys()):
+            if old_cfg.get(key) != new_cfg.get(key):
+                changes[f"{key} {label}"] = (old_cfg.get(key), new_cfg.get(key))
+    return RequestChanges(changes)
 
 
 def lr_factor(step: int, total_steps: int, warmup: float, decay: float, schedule: Schedule = "wsd") -> float:

@@ -51,9 +51,12 @@ class Trainer:
         progress: dict[str, int],
         reporters: list[Reporter],
         ranks: Ranks = SINGLE,
+        changes: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """``changes``: the settings a resume changes (``{setting: {"from": ..., "to": ...}}``), for ``run.json``."""
         self.cfg, self.saes, self.layers, self.data, self.run_dir = cfg, saes, layers, data, run_dir
         self.request, self.progress, self.reporters, self.ranks = request, dict(progress), reporters, ranks
+        self.changes = changes or {}
         self.device = saes[0].layer_index.device
 
     # -- records --------------------------------------------------------------------------------
@@ -144,7 +147,10 @@ class Trainer:
         if generation is not None:
             self._restore(generation)
             if self.ranks.writes:
-                self.run_dir.update_manifest(self._manifest("running"))
+                self.run_dir.rewind_metrics(self.progress["step"])
+                resumes = self.run_dir.read_manifest().get("resumes", [])
+                resume = {"step": self.progress["step"], "changes": self.changes}
+                self.run_dir.update_manifest({**self._manifest("running"), "resumes": [*resumes, resume]})
         elif self.ranks.writes:
             self.run_dir.start(self._manifest("running"))  # a fresh (or overwritten) run: fresh manifest and log
         try:

@@ -9,7 +9,9 @@ commands; plugins add theirs through the ``register_commands`` hook.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +29,13 @@ from routesae.plugins import PluginManager, activated, get_plugin_manager
 __all__ = ["main", "make_cli"]
 
 
-UNDER_TORCHRUN = ("train", "evaluate", "contexts")  # the commands that run data-parallel under torchrun
+UNDER_TORCHRUN = ("train", "evaluate", "contexts")
+DEBUG_VARIABLE = "ROUTESAE_DEBUG"  # the commands that run data-parallel under torchrun
 
 
 class RouteSAEGroup(click.Group):
     """Runs every command with the group's plugin manager in use, and turns :class:`RouteSAEError` into a short
-    message and exit code 2 instead of a traceback."""
+    message and exit code 2 instead of a traceback (printed too under ``--debug``)."""
 
     def __init__(self, plugins: PluginManager, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -52,6 +55,8 @@ class RouteSAEGroup(click.Group):
             with activated(self.plugins):  # what --help showed is what runs
                 return super().invoke(ctx)
         except RouteSAEError as e:
+            if ctx.params.get("debug") or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+                traceback.print_exception(e)  # with the error it was raised from (a library's, for bad input)
             click.echo(f"Error: {e}", err=True)
             ctx.exit(2)
 
@@ -70,7 +75,10 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
     """Build the CLI for the given (default: the process-wide) plugin manager, which its commands then run with."""
     pm = pm or get_plugin_manager()
     _quiet_dependencies()
-    cli = RouteSAEGroup(pm, help="routesae: train, evaluate and interpret sparse autoencoders on language models.")
+    debug = click.Option(["--debug"], is_flag=True, help=f"On an error, print its traceback too (or set {DEBUG_VARIABLE}=1).")
+    cli = RouteSAEGroup(
+        pm, params=[debug], help="routesae: train, evaluate and interpret sparse autoencoders on language models."
+    )
     cli = click.version_option(package_name="routesae")(cli)
     builders: list[Callable[[PluginManager], click.Command]] = [
         make_train_command,

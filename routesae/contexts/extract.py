@@ -61,6 +61,7 @@ from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import write_json
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for, model_for, stage_device
+from routesae.locks import writing_files
 from routesae.rundir import CONTEXTS_FILE, expand_dirs
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
@@ -256,7 +257,10 @@ def extract_contexts(
     if isinstance(sae_dirs, (str, Path)):
         sae_dirs = [sae_dirs]
     dirs = expand_dirs(sae_dirs)
-    with joined(stage_device(lm, device)) as (ranks, rank_device):
+    with (
+        joined(stage_device(lm, device)) as (ranks, rank_device),
+        writing_files(dirs, "contexts", [CONTEXTS_FILE], enabled=ranks.writes),
+    ):
         return _extract(dirs, cfg, lm, rank_device, ranks)
 
 

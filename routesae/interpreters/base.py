@@ -11,6 +11,7 @@ keeps what it finished.
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypedDict
 
@@ -84,7 +85,22 @@ class Interpreter:
 
     def describe(self) -> dict[str, Any]:
         """The non-secret settings recorded in ``interpretations.json``."""
-        return {"name": self.name, **self.cfg.to_dict()}
+        return {"name": self.name, **recorded_options(self.cfg.to_dict())}
 
     def close(self) -> None:
         """Release connections or models."""
+
+
+def public_url(url: str) -> str:
+    """``url`` without what may carry a secret (``user:password@``, query, fragment): what files and messages show."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Backend options as files record them: every URL through :func:`public_url`."""
+    return {k: public_url(v) if isinstance(v, str) and "://" in v else v for k, v in options.items()}

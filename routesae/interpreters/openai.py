@@ -26,6 +26,7 @@ from routesae.interpreters.base import (
     InterpreterError,
     InterpreterUnavailable,
     Message,
+    public_url,
 )
 
 API_KEY_VARIABLE = "OPENAI_API_KEY"
@@ -91,6 +92,7 @@ class OpenAIInterpreter(Interpreter):
             )
         self.cfg: OpenAIConfig
         self.client = OpenAI(base_url=self.cfg.base_url, api_key=key, max_retries=0, timeout=self.cfg.timeout)
+        self.endpoint = public_url(str(self.client.base_url))
         self.jitter = random.Random()
 
     # -- prices ----------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class OpenAIInterpreter(Interpreter):
         return {
             "name": self.name,
             "model": self.cfg.model,
-            "base_url": str(self.client.base_url),
+            "base_url": self.endpoint,
             "timeout": self.cfg.timeout,
             "max_retries": self.cfg.max_retries,
             "price_input": prices[0] if prices else None,
@@ -139,7 +141,7 @@ class OpenAIInterpreter(Interpreter):
                 status = e.status_code
                 if status in _FATAL_STATUS:
                     raise InterpreterUnavailable(
-                        f"{self.client.base_url} refused the request with HTTP {status} ({_short(e)}); check "
+                        f"{self.endpoint} refused the request with HTTP {status} ({_short(e)}); check "
                         f"{API_KEY_VARIABLE}, the model name {self.cfg.model!r} and --base-url"
                     ) from None
                 if status not in _RETRY_STATUS and status < 500:
@@ -155,7 +157,7 @@ class OpenAIInterpreter(Interpreter):
             if attempt < self.cfg.max_retries:
                 time.sleep(delay if delay is not None else self._backoff(attempt))
         raise InterpreterUnavailable(
-            f"{self.client.base_url} gave no answer after {self.cfg.max_retries + 1} attempts (last: {last}); "
+            f"{self.endpoint} gave no answer after {self.cfg.max_retries + 1} attempts (last: {last}); "
             "check that the endpoint is up, or raise --max-retries/--timeout"
         )
 

@@ -1,4 +1,8 @@
-"""One JSON object per line in ``<run>/metrics.jsonl``: the run's record, always on, append-only across resumes."""
+"""One JSON object per line in ``<run>/metrics.jsonl``: the run's record, always on.
+
+A resumed run first cuts the file back to its checkpoint (``RunDirectory.rewind_metrics``) and logs a
+``resume`` event, so every step appears once.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ class JsonlReporter(Reporter):
 
     def _write(self, event: str, data: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"event": event, **data}) + "\n")
+            f.write(json.dumps({"event": event, **data}, allow_nan=False) + "\n")
 
     def start(self, run: dict[str, Any]) -> None:
-        self._write("start", {"train": run["train"], "saes": run["saes"]})
+        step = run["progress"]["step"]
+        where = {"from_step": step} if step else {}
+        self._write("resume" if step else "start", {**where, "train": run["train"], "saes": run["saes"]})
 
     def step(self, report: StepReport) -> None:
         self._write("step", dataclasses.asdict(report))
