@@ -240,6 +240,14 @@ def test_cli_runs_reports_and_never_leaks_the_key(sae_dir, server):
     assert SECRET not in result.output + result.stderr
 
 
+def test_credentials_in_the_endpoint_url_are_never_written(sae_dir, server):
+    url = server.base_url.replace("http://", "http://alice:pa55word@") + "#token=abc"
+    run(sae_dir, server, base_url=url, sample=1)
+    written = (sae_dir / "interpretations.json").read_text()
+    assert read(sae_dir)["interpreter"]["base_url"] == server.base_url + "/"
+    assert "pa55word" not in written and "alice" not in written and "token=abc" not in written
+
+
 def test_cli_budget_exit_and_errors(sae_dir, server, monkeypatch):
     base = ["interpret", str(sae_dir), "--interpreter", "openai", "--base-url", server.base_url]
     budget = CliRunner().invoke(make_cli(), [*base, "--max-cost", "2", "--price-input", "1000", "--price-output", "1000"])

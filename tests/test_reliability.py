@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,6 +275,14 @@ def test_resume_may_change_the_schedule_and_cadence_and_records_it(train_args, t
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["status"] == "finished" and manifest["train"]["lr"] == 0.0001
     assert manifest["resumes"] == [{"step": step, "changes": {"lr": {"from": 0.0005, "to": 0.0001}}}]
+
+
+def test_a_file_is_on_disk_before_its_name_and_its_name_before_the_write_returns(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    write_json(tmp_path / "run.json", {"status": "running"})
+    assert len(synced) == 2 and Path(synced[0]).name.startswith(".run.json.") and synced[1] == str(tmp_path)
 
 
 def test_files_keep_the_umask_mode(trained):
