@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -44,6 +45,7 @@ class Kind:
     base: type
     where: str  # how a plugin author imports ``base``
     instance: bool  # registered as an instance of ``base`` (stateless strategies), or as a subclass (built per use)
+    required: tuple[str, ...] = ()  # methods of ``base`` that a registration must define itself
 
     def check(self, name: str, obj: Any) -> None:
         """Refuse at registration what the kernel could not use later, with the fix in the message."""
@@ -55,8 +57,13 @@ class Kind:
                 raise PluginError(f"{self.name} {name!r} must be an instance of {what}, got {obj!r}")
         elif not (isinstance(obj, type) and issubclass(obj, self.base)):
             raise PluginError(f"{self.name} {name!r} must be a subclass of {what}, got {obj!r}")
-        if self.base is SAE:
-            obj.check_contract()
+        cls = obj if isinstance(obj, type) else type(obj)
+        missing = [m for m in self.required if getattr(cls, m, None) is getattr(self.base, m)]
+        if missing:
+            raise PluginError(f"{self.name} {name!r} does not define {', '.join(missing)}, which every {what} must")
+        check_contract = getattr(cls, "check_contract", None)
+        if check_contract is not None:
+            check_contract()
 
 
 #: Every kind of plugin. The host files what a hook registers under its kind and checks it against the base.
@@ -64,10 +71,10 @@ KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
         Kind("architecture", "register_architectures", SAE, "routesae", instance=False),
-        Kind("router", "register_routers", Router, "routesae.routers", instance=True),
-        Kind("aggregation", "register_aggregations", Aggregation, "routesae.routers", instance=True),
-        Kind("metric", "register_metrics", Metric, "routesae.metrics", instance=False),
-        Kind("interpreter", "register_interpreters", Interpreter, "routesae", instance=False),
+        Kind("router", "register_routers", Router, "routesae.routers", instance=True, required=("route",)),
+        Kind("aggregation", "register_aggregations", Aggregation, "routesae.routers", instance=True, required=("__call__",)),
+        Kind("metric", "register_metrics", Metric, "routesae.metrics", instance=False, required=("update", "result")),
+        Kind("interpreter", "register_interpreters", Interpreter, "routesae", instance=False, required=("complete",)),
         Kind("reporter", "register_reporters", Reporter, "routesae.reporters", instance=False),
     )
 }
@@ -81,7 +88,8 @@ class PluginInfo:
     distribution: str
     version: str
     registered: dict[str, list[str]] = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # why the whole plugin is disabled
+    warnings: list[str] = field(default_factory=list)  # registrations refused while the rest of it works (duplicates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,7 +98,16 @@ class PluginInfo:
             "version": self.version,
             "registered": self.registered,
             "error": self.error,
+            "warnings": self.warnings,
         }
+
+    @property
+    def builtin(self) -> bool:
+        return _canonical(self.distribution) == BUILTIN_DISTRIBUTION
+
+    def describe(self) -> str:
+        """``plugin 'name' (distribution version)``: how messages name a plugin."""
+        return f"plugin {self.name!r} ({' '.join(filter(None, (self.distribution, self.version)))})"
 
 
 def _canonical(dist_name: str) -> str:
@@ -185,9 +202,14 @@ class PluginManager:
 
     # -- registries ----------------------------------------------------------------------------
     def _collect(self) -> dict[str, dict[str, tuple[Any, str]]]:
-        """Call every plugin's register hooks; a plugin whose hook raises is disabled whole."""
+        """Call every plugin's register hooks, built-ins first.
+
+        A plugin whose hook raises (or registers something its kind refuses) is disabled whole. A name
+        that an earlier plugin registered already is refused for the later one alone, with a warning
+        naming both: the CLI and every other registration keep working (strict mode: an error).
+        """
         registries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KINDS}
-        for plugin_name, info in self.infos.items():
+        for plugin_name, info in sorted(self.infos.items(), key=lambda item: not item[1].builtin):
             plugin = self.pm.get_plugin(plugin_name)
             if plugin is None or info.error:
                 continue
@@ -200,18 +222,28 @@ class PluginManager:
             except Exception as e:
                 self._fail(info, e)
                 continue
+            info.warnings = []
             for kind, items in found.items():
-                for name, obj in items.items():
+                for name, obj in list(items.items()):
                     if name in registries[kind]:
-                        owner = self.infos[registries[kind][name][1]]
-                        raise PluginError(
-                            f"two plugins register the {kind} {name!r}: {owner.distribution} "
-                            f"(plugin {owner.name!r}) and {info.distribution} (plugin {info.name!r}); "
-                            "uninstall one, or choose plugins with ROUTESAE_LOAD_PLUGINS"
-                        )
-                    registries[kind][name] = (obj, plugin_name)
+                        del items[name]
+                        self._refuse_duplicate(info, self.infos[registries[kind][name][1]], kind, name)
+                    else:
+                        registries[kind][name] = (obj, plugin_name)
             info.registered = {kind: sorted(items) for kind, items in found.items() if items}
         return registries
+
+    def _refuse_duplicate(self, info: PluginInfo, owner: PluginInfo, kind: str, name: str) -> None:
+        message = (
+            f"the {kind} {name!r} of {info.describe()} is ignored: {owner.describe()} registered it first; "
+            "uninstall one, or choose plugins with ROUTESAE_LOAD_PLUGINS"
+        )
+        if _strict():
+            raise PluginError(f"two plugins register the {kind} {name!r}: {owner.distribution} (plugin {owner.name!r}) "
+                              f"and {info.distribution} (plugin {info.name!r}); uninstall one, or choose plugins with "
+                              "ROUTESAE_LOAD_PLUGINS")
+        info.warnings.append(message)
+        print(f"routesae: warning: {message}", file=sys.stderr)
 
     @property
     def registries(self) -> dict[str, dict[str, tuple[Any, str]]]:
@@ -223,15 +255,51 @@ class PluginManager:
         return sorted(self.registries[kind])
 
     def get(self, kind: str, name: str) -> Any:
-        """The registered object, or an error that lists what is installed."""
+        """The registered object, or an error that lists what is installed (and which plugins failed to load)."""
         try:
             return self.registries[kind][name][0]
         except KeyError:
-            available = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"unknown {kind} {name!r}; installed: {available}") from None
+            installed = ", ".join(self.names(kind)) or "none"
+            raise PluginError(f"unknown {kind} {name!r}; installed: {installed}{self.load_failures()}") from None
+
+    def load_failures(self) -> str:
+        """``; plugin 'x' (dist 1.0) failed to load and may provide it (ImportError: ...)`` for each disabled plugin:
+        what a message about a missing name adds, since the missing one may be a broken plugin's."""
+        return "".join(
+            f"; {info.describe()} failed to load and may provide it ({info.error.strip().splitlines()[0]})"
+            for info in self.infos.values()
+            if info.error
+        )
 
     def provider(self, kind: str, name: str) -> PluginInfo:
         return self.infos[self.registries[kind][name][1]]
+
+    def provenance(self, kind: str, name: str) -> dict[str, Any]:
+        """Which distribution (and version) registered ``name``: what checkpoints and ``run.json`` record."""
+        record: dict[str, Any] = {"kind": kind, "name": name, "distribution": None, "version": None}
+        if name in self.registries.get(kind, {}):
+            info = self.provider(kind, name)
+            record.update(distribution=info.distribution, version=info.version or None)
+        return record
+
+    def owner_of_module(self, module: str) -> PluginInfo | None:
+        """The third-party plugin whose code lives in ``module`` (by top-level package), or None.
+
+        A plugin's package is its entry point's module and the modules of everything it registered,
+        so a plugin registered in code is found through the classes it registered.
+        """
+        owners: dict[str, str] = {}
+        for plugin_name, info in self.infos.items():
+            plugin = self.pm.get_plugin(plugin_name)
+            if plugin is not None and not info.builtin:
+                owners[_top_package(plugin)] = plugin_name
+        for registry in self.registries.values():
+            for obj, plugin_name in registry.values():
+                if not self.infos[plugin_name].builtin:
+                    owners[_top_package(obj)] = plugin_name
+        owners.pop(BUILTIN_DISTRIBUTION, None)  # routesae's own classes, registered again by a plugin, stay routesae's
+        plugin_name = owners.get(module.split(".")[0])
+        return None if plugin_name is None else self.infos[plugin_name]
 
     def plugin_infos(self) -> list[PluginInfo]:
         self.registries  # noqa: B018 - fills in what each plugin registered
@@ -244,6 +312,12 @@ class PluginManager:
                 impl.function(cli)
             except Exception as e:
                 self._fail(self.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, "?", "?"), e)
+
+
+def _top_package(obj: Any) -> str:
+    """The top-level package that defines ``obj`` (a module, a class or an instance)."""
+    module = obj.__name__ if isinstance(obj, types.ModuleType) else (obj if isinstance(obj, type) else type(obj)).__module__
+    return module.split(".")[0]
 
 
 def _registrar(kind: Kind, into: dict[str, Any]) -> Callable[..., None]:

@@ -67,15 +67,27 @@ def test_plugin_registered_in_code_is_usable_and_listed():
     assert "widetopk" not in pm.names("architecture")
 
 
-def test_two_plugins_registering_one_name_is_an_error_naming_both():
+def test_a_name_registered_twice_keeps_the_first_and_disables_only_the_later_registration(capsys, monkeypatch):
     pm = PluginManager()
     pm.register(DuplicateTopK(), name="dupe", distribution="routesae-dupe")
+    pm.register(ExtraArchitecture(), name="extra")
     try:
+        assert pm.get("architecture", "topk") is TopKSAE, "the built-in, registered first, keeps the name"
+        assert pm.get("architecture", "widetopk") is WideTopKSAE, "other plugins are untouched"
+        warning = capsys.readouterr().err
+        assert "the architecture 'topk' of plugin 'dupe' (routesae-dupe) is ignored" in warning
+        assert "plugin 'architectures' (routesae" in warning and len(warning.splitlines()) == 1
+        assert pm.infos["dupe"].error is None and pm.infos["dupe"].registered == {}
+        assert pm.infos["dupe"].warnings == [warning.strip().removeprefix("routesae: warning: ")]
+        monkeypatch.setenv("ROUTESAE_STRICT_PLUGINS", "1")
+        pm.register(ExtraArchitecture(), name="extra-again")  # re-collects, now strictly
         with pytest.raises(PluginError) as err:
             pm.names("architecture")
         assert "routesae-dupe" in str(err.value) and "routesae" in str(err.value).replace("routesae-dupe", "")
     finally:
-        pm.unregister("dupe")
+        for name in ("dupe", "extra", "extra-again"):
+            if name in pm.infos:
+                pm.unregister(name)
 
 
 def test_registering_a_non_architecture_is_refused():
@@ -213,13 +225,25 @@ def test_load_plugins_selects_distributions(broken_plugins_site):
 class CoinFlip(Router):
     name = "coin-flip"
 
+    def route(self, layers, probs_NL):
+        raise NotImplementedError("registered, never run")
+
 
 class Length(Metric):
     name = "length"
 
+    def update(self, batch):
+        pass
+
+    def result(self):
+        return {}
+
 
 class Echo(Interpreter):
     name = "echo"
+
+    def complete(self, messages, *, max_tokens, temperature):
+        raise NotImplementedError("registered, never run")
 
 
 class ManyKinds:
