@@ -19,12 +19,52 @@ C = TypeVar("C", bound="Config")
 
 
 def setting(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text."""
+    """A dataclass field with a default and a one-line help text.
+
+    A list-valued setting is annotated ``tuple[X, ...]`` (``X`` one of int, float, str, bool) with a
+    tuple default: JSON and TOML give it as an array, the command line as ``[a,b,c]``.
+    """
     return field(default=default, metadata={"help": help})
 
 
 def field_help(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
+
+
+SCALARS = (bool, int, float, str)
+
+
+def list_item_type(tp: Any) -> Any | None:
+    """``X`` for a list-valued setting's annotation ``tuple[X, ...]``, else None."""
+    if get_origin(tp) is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and (args[0] in SCALARS or get_origin(args[0]) is Literal):
+            return args[0]
+    return None
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting as the command line and the docs show it: name, type (``int | None`` as int), default, help."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+    @classmethod
+    def of(cls, f: dataclasses.Field, tp: Any, name: str | None = None, help: str | None = None) -> SettingInfo:
+        """The setting of a config field, optionally renamed or with other help (a composite's view of a part's field)."""
+        default = f.default if f.default is not dataclasses.MISSING else None
+        return cls(name or f.name, tp, default, field_help(f) if help is None else help)
+
+
+def config_settings(config_cls: type, prefix: str = "", lead: str = "") -> list[SettingInfo]:
+    """Every field of ``config_cls`` as a :class:`SettingInfo`, named ``prefix + field`` with ``lead`` before its help."""
+    types_ = field_types(config_cls)
+    return [
+        SettingInfo.of(f, types_[f.name][0], prefix + f.name, lead + field_help(f)) for f in dataclasses.fields(config_cls)
+    ]
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -58,6 +98,11 @@ def _check_value(owner: str, name: str, value: Any, tp: Any, optional: bool) -> 
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{owner}: {name} must be {tp.__name__}, got {value!r}")
+    item = list_item_type(tp)
+    if item is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{owner}: {name} must be a list, got {value!r}")
+        return tuple(_check_value(owner, f"{name}[{i}]", v, item, False) for i, v in enumerate(value))
     if get_origin(tp) is tuple and isinstance(value, list):
         return tuple(value)
     return value

@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from routesae.config import Config, setting
+from routesae.architectures.codes import SparseCodes
+from routesae.config import Config, SettingInfo, config_settings, setting
 from routesae.errors import ConfigError, PluginError
 
 STANDARDIZE_EPS = 1e-6  # the reference's epsilon in (h - mu) / (sigma + eps)
@@ -218,6 +219,10 @@ class SAEOutput:
     pre: Tensor | None = None  # [N, F], see above
     norm: Standardization | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    # The latents as K (values, indices) per token where the architecture keeps a fixed number per token (TopK and
+    # what derives from it; RouteSAE passes its inner's on): loss terms decode subsets of them sparsely. None otherwise,
+    # and whenever an inference override or a latent edit is set (then the latents are what counts).
+    codes: SparseCodes | None = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +400,21 @@ class SAE(nn.Module):
         return {f.name for f in dataclasses.fields(cls.Config)}
 
     @classmethod
+    def accepts(cls, settings: dict[str, Any]) -> set[str]:
+        """The settings this architecture takes when it is given ``settings``; a composite's depend on its parts
+        (RouteSAE takes ``l1`` with ``inner="vanilla"``, not with TopK). Default: :meth:`setting_names`."""
+        return cls.setting_names()
+
+    @classmethod
+    def settings(cls) -> list[SettingInfo]:
+        """Each setting with its type, default and help, as the command line offers them; composites add their parts'."""
+        return config_settings(cls.Config)
+
+    def plugins_used(self) -> list[tuple[str, str]]:
+        """The registered plugins this SAE is built from, as (kind, name): checkpoints record who provides each."""
+        return [("architecture", self.name)]
+
+    @classmethod
     def build_config(cls, settings: dict[str, Any]) -> SAEConfig:
         """The config for ``settings`` (a subset of :meth:`setting_names`); composites route keys to parts."""
         return cls.Config.from_dict(settings)
@@ -502,7 +522,9 @@ class SingleLayerSAE(SAE):
     NMSE plus the loss terms. A subclass defines :meth:`activation` and, where it differs from the
     default, :meth:`preactivations`, :meth:`decode`, :meth:`~SAE.loss_terms` and
     :meth:`~SAE.diagnostics`. A faster path overrides :meth:`activate_decode` (a sparse decode)
-    or :meth:`encode_decode` (an encoder that never builds the dense pre-activations).
+    or :meth:`encode_decode` (an encoder that never builds the dense pre-activations); one that keeps
+    a fixed number of latents per token overrides :meth:`encode_decode_codes` to give them as
+    :class:`SparseCodes` too (TopK does, so an architecture derived from it inherits all three).
     """
 
     Config: ClassVar[type[SAEConfig]] = SingleLayerConfig
@@ -532,6 +554,11 @@ class SingleLayerSAE(SAE):
         pre_NF = self.preactivations(x_ND)
         return (pre_NF, *self.sparsify_decode(pre_NF))
 
+    def encode_decode_codes(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor, SparseCodes | None]:
+        """:meth:`encode_decode` and the latents as :class:`SparseCodes` (``SAEOutput.codes``), where the
+        architecture keeps a fixed number per token (TopK overrides this); None here."""
+        return (*self.encode_decode(x_ND), None)
+
     def sparsify_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) from pre-activations: with an override or an edit set, :meth:`sparsify` densely
         decoded, else :meth:`activate_decode` (which may decode sparsely)."""
@@ -548,8 +575,8 @@ class SingleLayerSAE(SAE):
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         x_ND = x_NLD[:, 0]
-        pre_NF, z_NF, x_hat_ND = self.encode_decode(x_ND)
-        return SAEOutput(latents=z_NF, x_hat=x_hat_ND, target=x_ND, pre=pre_NF, norm=norm)
+        pre_NF, z_NF, x_hat_ND, codes = self.encode_decode_codes(x_ND)
+        return SAEOutput(latents=z_NF, x_hat=x_hat_ND, target=x_ND, pre=pre_NF, norm=norm, codes=codes)
 
     def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
         x_hat = out.x_hat[:, None]

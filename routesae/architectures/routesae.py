@@ -19,7 +19,9 @@ therefore not the trained one: training encodes p_{i*}·x_{i*} (docs/reference.m
 
 Settings. RouteSAE's own settings are its config fields; every other setting (``k``, ``relu``,
 ``l1``, ...) belongs to the inner architecture and lives in ``inner_settings``, validated by the
-inner's own config and stored with its defaults filled in. ``latent_size`` is RouteSAE's and is
+inner's own config and stored with its defaults filled in. The router's and the aggregation's
+settings (their ``Config`` fields) are offered as ``route_NAME`` and ``aggregate_NAME`` (``--route-k``)
+and live in ``router_settings`` and ``aggregate_settings``, likewise validated and filled in. ``latent_size`` is RouteSAE's and is
 mirrored into the inner config, so the dictionary size has one source of truth, the one the
 kernel reads (``cfg.latent_size``). The inner's ``normalize`` is fixed to ``"none"``: RouteSAE
 standardises each layer before routing, and the inner sees the routed vector as is.
@@ -34,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -53,13 +55,29 @@ from routesae.architectures.base import (
     StandardizedLayers,
     TrainingState,
 )
-from routesae.config import setting
+from routesae.config import Config, SettingInfo, config_settings, setting
 from routesae.errors import ConfigError
 from routesae.plugins import get_plugin_manager
 from routesae.routers.base import Routing
 
 #: inner settings that RouteSAE owns or fixes: never given to the inner directly.
 DERIVED_INNER_SETTINGS = frozenset({"layer", "latent_size", "normalize"})
+
+
+class Part(NamedTuple):
+    """A configurable plugin in front of the inner SAE: the field naming it, the one holding its settings, and the
+    prefix its settings take among RouteSAE's (``route_k`` is the router's ``k``)."""
+
+    choice: str
+    settings: str
+    prefix: str
+
+
+PARTS = {
+    "router": Part("router", "router_settings", "route_"),
+    "aggregation": Part("aggregate", "aggregate_settings", "aggregate_"),
+}
+PART_FIELDS = frozenset({"inner_settings", *(part.settings for part in PARTS.values())})
 
 
 def single_layer_architectures() -> dict[str, type[SingleLayerSAE]]:
@@ -85,7 +103,36 @@ def inner_setting_names(inner_cls: type[SingleLayerSAE]) -> set[str]:
 def _check_plugin(kind: str, name: str) -> None:
     pm = get_plugin_manager()
     if name not in pm.names(kind):
-        raise ConfigError(f"{kind}={name!r} is not registered; installed {kind}s: {', '.join(pm.names(kind)) or 'none'}")
+        installed = ", ".join(pm.names(kind)) or "none"
+        raise ConfigError(f"{kind}={name!r} is not registered; installed {kind}s: {installed}{pm.load_failures()}")
+
+
+def part_setting_names(kind: str, name: str) -> set[str]:
+    """The settings a registered router or aggregation takes, as RouteSAE offers them (``route_k``); none if unknown."""
+    pm = get_plugin_manager()
+    if name not in pm.names(kind):
+        return set()
+    return {PARTS[kind].prefix + f.name for f in dataclasses.fields(pm.get(kind, name).Config)}
+
+
+def _part_settings(kind: str, name: str, settings: Any) -> dict[str, Any]:
+    """A router's or aggregation's settings, checked by its ``Config`` and stored with its defaults filled in."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{PARTS[kind].settings} must be a mapping, got {settings!r}")
+    try:
+        return get_plugin_manager().get(kind, name).Config.from_dict(settings).to_dict()
+    except ConfigError as e:
+        raise ConfigError(f"{kind} {name!r}: {e}") from None
+
+
+def _tag(name: str, defaults: dict[str, Any], settings: dict[str, Any]) -> str:
+    """A part's name in an SAE's default name, with the settings that differ from its defaults: ``top-layers-k3``."""
+    changed = [f"{key}{_text(value)}" for key, value in settings.items() if defaults.get(key) != value]
+    return "-".join([name, *changed])
+
+
+def _text(value: Any) -> str:
+    return "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 @dataclass
@@ -103,11 +150,21 @@ class RouteSAEConfig(MultiLayerConfig):
         default_factory=dict,
         metadata={"help": "Settings of the inner architecture (k, relu, l1, ...); filled with its defaults."},
     )
+    router_settings: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Settings of the router (route_NAME among RouteSAE's settings); filled with its defaults."},
+    )
+    aggregate_settings: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Settings of the aggregation (aggregate_NAME); filled with its defaults."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_plugin("router", self.router)
         _check_plugin("aggregation", self.aggregate)
+        self.router_settings = _part_settings("router", self.router, self.router_settings)
+        self.aggregate_settings = _part_settings("aggregation", self.aggregate, self.aggregate_settings)
         if not isinstance(self.inner_settings, dict):
             raise ConfigError(f"inner_settings must be a mapping, got {self.inner_settings!r}")
         inner_cls = inner_architecture(self.inner)
@@ -133,12 +190,30 @@ class RouteSAEConfig(MultiLayerConfig):
         mirrored = {"latent_size": self.latent_size, "normalize": "none", "layer": layer}
         return inner_cls.Config.from_dict({**self.inner_settings, **mirrored})
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings, without the settings of a router or aggregation that has none: a run or checkpoint of the
+        built-in parts records what it recorded before parts had settings, so the two compare equal."""
+        settings = super().to_dict()
+        for part in PARTS.values():
+            if not settings[part.settings]:
+                del settings[part.settings]
+        return settings
+
+    def part_config(self, kind: str) -> Config:
+        """The router's (``kind="router"``) or the aggregation's settings as its ``Config``."""
+        part = PARTS[kind]
+        return get_plugin_manager().get(kind, getattr(self, part.choice)).Config.from_dict(getattr(self, part.settings))
+
     def name_parts(self) -> list[str]:
         span, *_ = super().name_parts()
         inner_parts = self.inner_config(layer=0).name_parts()
         inner_parts.remove("L0")  # the inner's layer tag; our span replaces it
         inner_tag = [] if self.inner == "topk" else [self.inner]
-        return [span, self.router, self.aggregate, *inner_tag, *inner_parts]
+        parts = [
+            _tag(getattr(self, part.choice), type(self.part_config(kind))().to_dict(), getattr(self, part.settings))
+            for kind, part in PARTS.items()
+        ]
+        return [span, *parts, *inner_tag, *inner_parts]
 
 
 class RouteSAE(SAE):
@@ -150,8 +225,8 @@ class RouteSAE(SAE):
     def __init__(self, cfg: RouteSAEConfig, d_model: int) -> None:
         super().__init__(cfg, d_model)
         pm = get_plugin_manager()
-        self.routing_rule = pm.get("router", cfg.router)
-        self.aggregation = pm.get("aggregation", cfg.aggregate)
+        self.routing_rule = pm.get("router", cfg.router).configured(cfg.part_config("router"))
+        self.aggregation = pm.get("aggregation", cfg.aggregate).configured(cfg.part_config("aggregation"))
         n_routed = len(cfg.resolved_layers())
         self.router = nn.Linear(d_model, n_routed, bias=False)  # PyTorch default init, as the reference
         self.sae = inner_architecture(cfg.inner)(cfg.inner_config(), d_model)
@@ -160,44 +235,118 @@ class RouteSAE(SAE):
 
     # -- settings --------------------------------------------------------------------------------
     @classmethod
+    def own_setting_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls.Config)} - PART_FIELDS
+
+    @classmethod
     def setting_names(cls) -> set[str]:
-        own = {f.name for f in dataclasses.fields(cls.Config)} - {"inner_settings"}
+        """Own settings, every single-layer architecture's (for the inner) and every router's and aggregation's."""
+        pm = get_plugin_manager()
         inner = set().union(*(inner_setting_names(a) for a in single_layer_architectures().values()))
-        return own | inner
+        parts = {name for kind in PARTS for n in pm.names(kind) for name in part_setting_names(kind, n)}
+        return cls.own_setting_names() | inner | parts
+
+    @classmethod
+    def accepts(cls, settings: dict[str, Any]) -> set[str]:
+        """Own settings and those of the inner, router and aggregation that ``settings`` choose (or the defaults)."""
+        chosen = cls._chosen(settings)
+        archs = single_layer_architectures()
+        inner = inner_setting_names(archs[chosen["inner"]]) if chosen["inner"] in archs else set()
+        parts = set().union(*(part_setting_names(kind, chosen[part.choice]) for kind, part in PARTS.items()))
+        return cls.own_setting_names() | inner | parts
+
+    @classmethod
+    def _chosen(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """The inner, router and aggregation that ``settings`` name, or the defaults."""
+        return {key: settings.get(key, cls.Config.__dataclass_fields__[key].default) for key in ("inner", "router", "aggregate")}
+
+    @classmethod
+    def settings(cls) -> list[SettingInfo]:
+        """Own settings (the choices' help lists what is installed) and each router's and aggregation's, prefixed.
+
+        The inner's settings are its architecture's own options, shown under that architecture.
+        """
+        pm = get_plugin_manager()
+        installed = {
+            "router": pm.names("router"),
+            "aggregate": pm.names("aggregation"),
+            "inner": sorted(single_layer_architectures()),
+        }
+        own = [
+            dataclasses.replace(s, help=f"{s.help} Installed: {', '.join(installed[s.name])}.") if s.name in installed else s
+            for s in config_settings(cls.Config)
+            if s.name not in PART_FIELDS
+        ]
+        parts = [
+            setting_info
+            for kind, part in PARTS.items()
+            for name in pm.names(kind)
+            for setting_info in config_settings(pm.get(kind, name).Config, part.prefix, f"With --{part.choice} {name}: ")
+        ]
+        return own + parts
 
     @classmethod
     def build_config(cls, settings: dict[str, Any]) -> RouteSAEConfig:
-        """Own fields configure RouteSAE; the rest go to the inner architecture and are checked by it."""
+        """Own fields configure RouteSAE; ``route_*``/``aggregate_*`` go to the router and aggregation, the rest to the
+        inner architecture, each checked by its own config."""
         own_names = {f.name for f in dataclasses.fields(cls.Config)}
         own = {k: v for k, v in settings.items() if k in own_names}
-        inner_settings = dict(own.pop("inner_settings", None) or {})
-        inner_name = own.get("inner", cls.Config.__dataclass_fields__["inner"].default)
-        inner_cls = inner_architecture(inner_name)
-        allowed = inner_setting_names(inner_cls)
+        parts = {name: dict(own.pop(name, None) or {}) for name in sorted(PART_FIELDS)}
+        chosen = cls._chosen(own)
+        inner_name = chosen["inner"]
+        allowed = inner_setting_names(inner_architecture(inner_name))
+        routed = {kind: part_setting_names(kind, chosen[part.choice]) for kind, part in PARTS.items()}
         for key, value in settings.items():
             if key in own_names:
                 continue
-            if key not in allowed:
-                hint = " (RouteSAE reads a range: use layers=A:B)" if key == "layer" else ""
-                raise ConfigError(
-                    f"routesae with inner={inner_name!r} does not take the setting {key!r}{hint}; "
-                    f"{inner_name}'s settings are: {', '.join(sorted(allowed)) or 'none'}; "
-                    f"routesae's own: {', '.join(sorted(own_names - {'inner_settings'}))}"
+            kind = next((kind for kind, names in routed.items() if key in names), None)
+            if kind is not None:
+                into, sub = parts[PARTS[kind].settings], key.removeprefix(PARTS[kind].prefix)
+            elif key in allowed:
+                into, sub = parts["inner_settings"], key
+            else:
+                raise ConfigError(cls._refusal(key, chosen, allowed, routed))
+            if sub in into and into[sub] != value:
+                raise ConfigError(f"{key} is given twice with different values ({into[sub]!r} and {value!r})")
+            into[sub] = value
+        return cls.Config.from_dict({**own, **parts})
+
+    @classmethod
+    def _refusal(cls, key: str, chosen: dict[str, Any], allowed: set[str], routed: dict[str, set[str]]) -> str:
+        """Why ``key`` is not a setting of a RouteSAE with these parts, and what its settings are."""
+        inner_name = chosen["inner"]
+        for kind, part in PARTS.items():
+            if key.startswith(part.prefix):
+                name = chosen[part.choice]
+                return (
+                    f"routesae with {kind} {name!r} does not take the setting {key!r}; its settings are: "
+                    f"{', '.join(sorted(routed[kind])) or 'none'} (another {kind} may take it)"
                 )
-            if key in inner_settings and inner_settings[key] != value:
-                raise ConfigError(f"{key} is given twice with different values ({inner_settings[key]!r} and {value!r})")
-            inner_settings[key] = value
-        return cls.Config.from_dict({**own, "inner_settings": inner_settings})
+        hint = " (RouteSAE reads a range: use layers=A:B)" if key == "layer" else ""
+        return (
+            f"routesae with inner={inner_name!r} does not take the setting {key!r}{hint}; "
+            f"{inner_name}'s settings are: {', '.join(sorted(allowed)) or 'none'}; "
+            f"routesae's own: {', '.join(sorted(cls.own_setting_names()))}"
+        )
 
     @classmethod
     def upgrade(cls, config: dict[str, Any], state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The inner architecture's upgrade, applied to its settings and to its (``sae.``-prefixed) weights."""
+        """The inner architecture's upgrade, applied to its settings and to its (``sae.``-prefixed) weights.
+
+        Checkpoints from before routers and aggregations had settings record none, as a part without settings
+        still does (:meth:`RouteSAEConfig.to_dict`).
+        """
         inner_cls = inner_architecture(config.get("inner", cls.Config.__dataclass_fields__["inner"].default))
         inner_weights = {k.removeprefix("sae."): v for k, v in state_dict.items() if k.startswith("sae.")}
         inner_settings, inner_weights = inner_cls.upgrade(config.get("inner_settings", {}), inner_weights)
         own_weights = {k: v for k, v in state_dict.items() if not k.startswith("sae.")}
         own_weights.update({f"sae.{k}": v for k, v in inner_weights.items()})
         return {**config, "inner_settings": inner_settings}, own_weights
+
+    def plugins_used(self) -> list[tuple[str, str]]:
+        """RouteSAE, its router, its aggregation and whatever its inner SAE is built from."""
+        used = [("architecture", self.name), ("router", self.cfg.router), ("aggregation", self.cfg.aggregate)]
+        return list(dict.fromkeys([*used, *self.sae.plugins_used()]))
 
     # -- forward ---------------------------------------------------------------------------------
     def route(self, acts_NLD: Tensor) -> tuple[StandardizedLayers, Tensor, Routing]:
@@ -234,11 +383,14 @@ class RouteSAE(SAE):
             pre=inner.pre,
             norm=layers.norm,
             extras={**inner.extras, **ours},
+            codes=inner.codes,
         )
 
     def loss(self, out: SAEOutput, state: TrainingState = NO_TRAINING_STATE) -> tuple[Tensor, dict[str, Tensor]]:
         """The inner's loss on x_route → x̂ (its sparsity terms included), plus router diagnostics."""
-        inner = SAEOutput(latents=out.latents, x_hat=out.x_hat, target=out.target, pre=out.pre, extras=out.extras)
+        inner = SAEOutput(
+            latents=out.latents, x_hat=out.x_hat, target=out.target, pre=out.pre, extras=out.extras, codes=out.codes
+        )
         total, terms = self.sae.loss(inner, state)
         probs_NL = out.extras["router_probs"].detach()
         entropy = -(probs_NL * probs_NL.clamp_min(torch.finfo(probs_NL.dtype).tiny).log()).sum(-1).mean()

@@ -46,6 +46,7 @@ from routesae.architectures.base import (
     TrainingState,
     normalized_mse,
 )
+from routesae.architectures.codes import SparseCodes
 from routesae.config import setting
 from routesae.errors import ConfigError
 
@@ -187,17 +188,26 @@ class TopKSAE(SingleLayerSAE):
         return path_taken(self.encoder_path, sparse_encoder_backward_pays(self.cfg.k, self.cfg.latent_size))
 
     def encode_decode(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(pre-activations, latents, x_hat); the trained activation's encoder backward touches only the kept
-        latents where that pays, and then there are no pre-activations to give (None).
+        """(pre-activations, latents, x_hat): :meth:`encode_decode_codes` without the codes."""
+        pre_NF, z_NF, x_hat_ND, _ = self.encode_decode_codes(x_ND)
+        return pre_NF, z_NF, x_hat_ND
 
-        Overrides and edits keep the dense path of :class:`SingleLayerSAE` (they read all pre-activations),
-        and so does AuxK (its loss reads the pre-activations of dead latents).
+    def encode_decode_codes(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor, SparseCodes | None]:
+        """(pre-activations, latents, x_hat, the kept latents as codes); the trained activation's encoder backward
+        touches only the kept latents where that pays, and then there are no pre-activations to give (None).
+
+        Overrides and edits take the dense path of :class:`SingleLayerSAE` (they read all pre-activations;
+        no codes), and AuxK keeps the dense pre-activations (its loss reads those of dead latents).
         """
-        dense = self.cfg.auxk > 0 or self.inference_override.active or self.latent_edit is not None
-        if dense or not self.uses_sparse_encoder_backward():
-            return super().encode_decode(x_ND)
+        if self.inference_override.active or self.latent_edit is not None:
+            return (*super().encode_decode(x_ND), None)
+        if self.cfg.auxk > 0 or not self.uses_sparse_encoder_backward():
+            pre_NF = self.preactivations(x_ND)
+            codes = SparseCodes(*self.select(pre_NF))
+            return (pre_NF, *self.decode_selected(*codes), codes)
         values, indices = TopKEncode.apply(x_ND - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
-        return (None, *self.decode_selected(self.kept(values), indices))
+        codes = SparseCodes(self.kept(values), indices)
+        return (None, *self.decode_selected(*codes), codes)
 
     def activation(self, pre_NF: Tensor) -> Tensor:
         values, indices = self.select(pre_NF)
@@ -212,12 +222,11 @@ class TopKSAE(SingleLayerSAE):
 
     def decode_selected(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) from the kept (values, indices), [N, k] each."""
-        z_NF = values.new_zeros(values.shape[0], self.cfg.latent_size).scatter(-1, indices, values)
+        codes = SparseCodes(values, indices)
+        z_NF = codes.dense(self.cfg.latent_size)
         if not self.uses_sparse_decode():
             return z_NF, self.decode(z_NF)
-        weights = values.to(self.W_dec.dtype)  # bf16 under autocast; embedding_bag wants the table's dtype
-        x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=weights, mode="sum") + self.b_dec
-        return z_NF, x_hat
+        return z_NF, codes.decode(self.W_dec, self.b_dec)
 
     # -- AuxK ---------------------------------------------------------------------------------------
     def dead_latents(self, state: TrainingState) -> Tensor:

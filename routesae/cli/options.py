@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
 import click
 
-from routesae.config import Config, field_help, field_types
+from routesae.config import Config, SettingInfo, field_types, list_item_type
 from routesae.errors import PluginError
 from routesae.plugins import PluginManager
 
@@ -29,11 +30,50 @@ def click_type(tp: Any) -> Any:
         return click.Choice([str(c) for c in get_args(tp)])
     if tp in (int, float, str):
         return tp
+    item = list_item_type(tp)
+    if item is not None:
+        return ListValue(click.BOOL if item is bool else click_type(item))
     raise PluginError(f"config fields of type {tp!r} cannot be set from the command line")
 
 
+class ListValue(click.ParamType):
+    """``[64,256,1024]`` -> (64, 256, 1024): a list-valued setting, in brackets so that its commas are not a sweep."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = click.types.convert_type(item)
+        self.name = f"[{self.item.name},...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if not (text.startswith("[") and text.endswith("]")):
+            self.fail(
+                f"{text!r} is not a list: write it in brackets, [a,b,c] (quoted in zsh: '[a,b,c]'); "
+                "lists separated by commas are a sweep, [a,b],[c]",
+                param,
+                ctx,
+            )
+        inner = text[1:-1].strip()
+        return tuple(self.item.convert(part.strip(), param, ctx) for part in inner.split(",")) if inner else ()
+
+
+def split_outside_brackets(text: str) -> list[str]:
+    """``"[1,2],[3]"`` -> ``["[1,2]", "[3]"]``: the commas that separate a sweep's values, not those inside a list."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 class CommaList(click.ParamType):
-    """``32,64,128`` -> [32, 64, 128]: every architecture setting can be swept from the command line."""
+    """``32,64,128`` -> [32, 64, 128]: every architecture setting can be swept from the command line.
+
+    The values of a list-valued setting are lists in brackets: ``[64,256],[128,512]`` sweeps two lists.
+    """
 
     def __init__(self, item: Any) -> None:
         self.item = click.types.convert_type(item)
@@ -42,11 +82,16 @@ class CommaList(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[Any]:
         if isinstance(value, list):
             return value
-        return [self.item.convert(part.strip(), param, ctx) for part in str(value).split(",")]
+        return [self.item.convert(part.strip(), param, ctx) for part in split_outside_brackets(str(value))]
 
 
 def field_default(field: dataclasses.Field) -> Any:
     return field.default if field.default is not dataclasses.MISSING else None
+
+
+def shown(value: Any) -> str:
+    """A default as the command line writes it (a list as ``[a,b]``)."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else str(value)
 
 
 def field_option(
@@ -57,26 +102,37 @@ def field_option(
     default_text: str | None = None,
     prefix: str = "",
 ) -> click.Option:
-    """A click option for a config field; its default is None so we know what the user set.
+    """A click option for a config field (see :func:`setting_option`)."""
+    return setting_option(SettingInfo.of(field, tp), extra_help, sweepable, default_text, prefix)
+
+
+def setting_option(
+    setting: SettingInfo,
+    extra_help: str = "",
+    sweepable: bool = False,
+    default_text: str | None = None,
+    prefix: str = "",
+) -> click.Option:
+    """A click option for a setting; its default is None so we know what the user set.
 
     ``prefix`` namespaces it (``interpreter_`` turns ``model`` into ``--interpreter-model``) where a
-    command takes the settings of two configs that share a field name. A field whose default is
+    command takes the settings of two configs that share a field name. A setting whose default is
     None says in its help what None means, so no ``[default: None]`` is shown.
     """
-    name = prefix + field.name
-    default = default_text or field_default(field)
-    help_text = field_help(field) + extra_help + ("" if default is None else f" [default: {default}]")
-    if tp is bool:
+    name = prefix + setting.name
+    default = default_text or (None if setting.default is None else shown(setting.default))
+    help_text = setting.help + extra_help + ("" if default is None else f" [default: {default}]")
+    if setting.type is bool:
         flag = name.replace("_", "-")
         return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_text)
-    item_type = click_type(tp)
+    item_type = click_type(setting.type)
     return click.Option(
         [option_name(name), name], type=CommaList(item_type) if sweepable else item_type, default=None, help=help_text
     )
 
 
 def cli_settable(tp: Any) -> bool:
-    return tp in (bool, int, float, str) or get_origin(tp) is Literal
+    return tp in (bool, int, float, str) or get_origin(tp) is Literal or list_item_type(tp) is not None
 
 
 def _nested(tp: Any) -> bool:
@@ -109,54 +165,76 @@ def config_values(config_cls: type[Config], values: dict[str, Any], prefix: str 
 
 
 def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[click.Option]:
-    """One (sweepable) option per settable config field across all installed architectures.
+    """One (sweepable) option per command-line setting across all installed architectures (:meth:`SAE.settings`).
 
-    A setting several architectures share takes its help text from the first that has it,
-    built-ins before plugins.
+    A setting several architectures share is one option: its help gives each architecture's own text
+    where they differ, its default each one's value where those differ, and a run gives it to the
+    architectures that take it (:func:`routesae.specs.expand_specs`). A plugin setting that clashes
+    with a training option or with another architecture's type is left off the command line, with a
+    warning (the run file can still set it), so that one plugin cannot disable the CLI.
     """
-    owners: dict[str, set[str]] = {}
-    first: dict[str, tuple[dataclasses.Field, Any]] = {}
-    defaults: dict[str, dict[str, Any]] = {}
+    owners: dict[str, list[str]] = {}
+    entries: dict[str, list[tuple[str, SettingInfo]]] = {}
+    types: dict[str, Any] = {}
     builtin_first = sorted(
         pm.names("architecture"), key=lambda n: (pm.provider("architecture", n).distribution != "routesae", n)
     )
     for arch_name in builtin_first:
         arch = pm.get("architecture", arch_name)
-        for name in arch.setting_names():
-            owners.setdefault(name, set()).add(arch_name)
-        for f in dataclasses.fields(arch.Config):
-            tp = field_types(arch.Config)[f.name][0]
-            if not cli_settable(tp):
+        for name in sorted(arch.setting_names()):
+            owners.setdefault(name, []).append(arch_name)
+        for setting in arch.settings():
+            if not cli_settable(setting.type):
                 continue  # e.g. a composite's nested settings, set through its parts' options
-            if f.name in reserved:
-                raise PluginError(
-                    f"architecture {arch_name!r} has a setting {f.name!r} that clashes with a training option"
-                )
-            if f.name in first and first[f.name][1] != tp:
-                raise PluginError(
-                    f"architectures disagree on the type of setting {f.name!r} ({arch_name!r} and others)"
-                )
-            first.setdefault(f.name, (f, tp))
-            defaults.setdefault(f.name, {})[arch_name] = field_default(f)
+            if setting.name in reserved:
+                _skip(pm, arch_name, setting.name, "clashes with a training option")
+            elif types.setdefault(setting.name, setting.type) != setting.type:
+                _skip(pm, arch_name, setting.name, f"has another type than other architectures' ({types[setting.name]})")
+            else:
+                entries.setdefault(setting.name, []).append((arch_name, setting))
     everyone = set(pm.names("architecture"))
+    options = []
+    for name, taken in sorted(entries.items()):
+        first = taken[0][1]
+        merged = dataclasses.replace(first, help=shared_help(taken, owners[name], everyone))
+        options.append(setting_option(merged, sweepable=True, default_text=shared_default(taken)))
+    return options
 
-    def default_text(name: str) -> str:
-        """One default, or each architecture's where they differ (``--l1``: vanilla 10, crosscoder 3)."""
-        values = defaults[name]
-        if len(set(map(repr, values.values()))) == 1:
-            return str(next(iter(values.values())))
-        return ", ".join(f"{arch} {value}" for arch, value in values.items())
 
-    return [
-        field_option(
-            f,
-            tp,
-            "" if owners[name] == everyone else f" ({', '.join(sorted(owners[name]))} only)",
-            sweepable=True,
-            default_text=default_text(name),
-        )
-        for name, (f, tp) in sorted(first.items())
-    ]
+def _skip(pm: PluginManager, arch_name: str, setting: str, why: str) -> None:
+    provider = pm.provider("architecture", arch_name).describe()
+    print(
+        f"routesae: warning: the setting {setting!r} of architecture {arch_name!r} ({provider}) {why}; it is not "
+        "offered on the command line (a run file can set it)",
+        file=sys.stderr,
+    )
+
+
+def shared_help(taken: list[tuple[str, SettingInfo]], owners: list[str], everyone: set[str]) -> str:
+    """One text if the architectures agree (``(a, b only)`` when not all take it), else each one's:
+    ``topk: Latents kept per token; batchtopk: Mean latents per token.``"""
+    by_text: dict[str, list[str]] = {}
+    for arch, setting in taken:
+        archs = by_text.setdefault(setting.help, [])
+        if arch not in archs:
+            archs.append(arch)
+    if len(by_text) == 1:
+        (text,) = by_text
+        return text if set(owners) == everyone else f"{text} ({', '.join(sorted(owners))} only)"
+    texts = "; ".join(f"{', '.join(archs)}: {text.rstrip('.')}" for text, archs in by_text.items()) + "."
+    through = sorted(set(owners) - {arch for arch, _ in taken})
+    return texts + (f" Also {', '.join(through)}, for a part." if through else "")
+
+
+def shared_default(taken: list[tuple[str, SettingInfo]]) -> str | None:
+    """One default, or each architecture's where they differ (``--l1``: vanilla 10, crosscoder 3); None if all are None
+    (the help says what None means)."""
+    if all(setting.default is None for _, setting in taken):
+        return None
+    values = {arch: shown(setting.default) for arch, setting in taken}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{arch} {value}" for arch, value in values.items())
 
 
 def report_option(pm: PluginManager) -> click.Option:
