@@ -2,7 +2,9 @@
 
 ``config.json`` holds everything needed to rebuild the SAE without repeating hyper-parameters
 on the command line (architecture, its config, the model and layers it reads, the data it was
-trained on). Nothing is ever unpickled: weights are safetensors, optimizer state too.
+trained on) and which plugin distributions (and versions) provided its architecture, router,
+aggregation and inner SAE, so that loading it where one is missing says what to install.
+Nothing is ever unpickled: weights are safetensors, optimizer state too.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from routesae.architectures.base import SAE
-from routesae.errors import RouteSAEError, reading
+from routesae.errors import PluginError, RouteSAEError, reading
 from routesae.files import read_json, write_json, write_safetensors
-from routesae.plugins import PluginManager, activated
+from routesae.plugins import PluginManager, activated, get_plugin_manager
 from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
 from routesae.version import __version__
 
@@ -43,9 +45,38 @@ def save_sae(sae: SAE, directory: Path, meta: dict[str, Any]) -> None:
         "config": sae.cfg.to_dict(),
         "d_model": sae.d_model,
         "layers": list(sae.layers),
+        "plugins": plugin_provenance(sae),
         **meta,
     }
     write_json(directory / CONFIG_FILE, config)
+
+
+def plugin_provenance(sae: SAE) -> list[dict[str, Any]]:
+    """``[{kind, name, distribution, version}]`` for each plugin ``sae`` is built from, as the manager in use has them."""
+    pm = get_plugin_manager()
+    return [pm.provenance(kind, name) for kind, name in sae.plugins_used()]
+
+
+def require_plugins(directory: Path, config: dict[str, Any], pm: PluginManager) -> None:
+    """Refuse to rebuild an SAE whose plugins are not installed, naming the package (and version) that provided each."""
+    needed = config.get("plugins") or [{"kind": "architecture", "name": config["architecture"]}]
+    for record in needed:
+        kind, name = record.get("kind"), record.get("name")
+        if kind not in pm.registries or name in pm.names(kind):
+            continue
+        distribution, version = record.get("distribution"), record.get("version")
+        if distribution is None:
+            where = "its provider was not recorded"
+        elif distribution.startswith("("):  # "(registered in code)": a plugin object, not a package
+            where = "it was registered in code, not installed from a package: register that plugin again"
+        else:
+            pinned = f"{distribution}=={version}" if version else distribution
+            where = f"it came from {distribution} {version or ''}".rstrip() + f", which is not installed here: pip install '{pinned}'"
+        installed = ", ".join(pm.names(kind)) or "none"
+        raise PluginError(
+            f"unknown {kind} {name!r}: {directory} was built with it; {where} (installed {kind}s: {installed})"
+            f"{pm.load_failures()}"
+        )
 
 
 def read_sae_config(directory: Path) -> dict[str, Any]:
@@ -78,6 +109,7 @@ def load_sae(
     directory = Path(directory)
     config = read_sae_config(directory)
     with activated(plugins) as pm:
+        require_plugins(directory, config, pm)
         arch = pm.get("architecture", config["architecture"])
         settings, state = arch.upgrade(config["config"], read_weights(directory, config))
         sae = arch(arch.Config.from_dict(settings), config["d_model"])

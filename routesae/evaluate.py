@@ -52,6 +52,7 @@ from routesae.config import setting
 from routesae.data import leading_blocks
 from routesae.distributed import SINGLE, Ranks, joined
 from routesae.errors import ConfigError
+from routesae.faults import contained
 from routesae.files import write_json
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import corpus_for, model_for, stage_device, training_seed
@@ -253,7 +254,8 @@ def evaluate(
         # rank 0 reports; its reporters are built first, so a bad one fails before any work
         runs = {run: build_reporters(reporters, run) if ranks.writes else [] for run in dict.fromkeys(map(run_dir_of, dirs))}
         try:
-            results = _evaluate(dirs, metrics, cfg, lm, rank_device, ranks)
+            with contained("while evaluating", "the SAEs are untouched: evaluate again once it is fixed"):
+                results = _evaluate(dirs, metrics, cfg, lm, rank_device, ranks)
             for run, run_reporters in runs.items():
                 records = [results[str(d)] for d in dirs if run_dir_of(d) == run]
                 for reporter in run_reporters:

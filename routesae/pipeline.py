@@ -180,7 +180,7 @@ class Pipeline:
         changes = compare_requests(existing.get("request", {}), self.requests()["train"]) if existing else None
         if changes is not None and changes.same and existing.get("status") == "finished":
             return {"tokens": existing["progress"]["tokens"], "reused": True}
-        resume = changes is not None and changes.resumable and existing.get("status") == "running"
+        resume = changes is not None and changes.resumable and existing.get("status") in ("running", "failed")
         summary = train(
             self.specs, self.out, self.train_cfg, overwrite=self.overwrite, resume=resume, reporters=self.reporters
         )

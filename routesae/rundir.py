@@ -224,7 +224,8 @@ class RunDirectory:
         """Refuse to mix runs in one directory; return (the manifest to resume from, how ``request`` changes its
         request), or (None, None) to start afresh.
 
-        ``compare(recorded, request)`` says what differs; ``--resume`` accepts the changes it calls resumable.
+        ``compare(recorded, request)`` says what differs; ``--resume`` accepts the changes it calls resumable. A run
+        recorded ``failed`` before its first checkpoint (a plugin raised) holds nothing to keep and starts afresh.
         """
         if self.path.exists() and not self.path.is_dir():
             raise RouteSAEError(f"--out {self.path} is a file; give a directory")
@@ -233,6 +234,8 @@ class RunDirectory:
                 raise RouteSAEError(f"nothing to resume: {self.path} holds no run ({MANIFEST_FILE} is missing)")
             return None, None
         existing = self.read_manifest()
+        if existing.get("status") == "failed" and not existing.get("progress", {}).get("step"):
+            return None, None  # it failed before its first checkpoint: there is nothing to keep, start afresh
         changes = compare(existing.get("request", {}), request)
         finished = existing.get("status") == "finished"
         if resume:

@@ -17,6 +17,7 @@ import torch
 from routesae.cache import ActivationCache
 from routesae.distributed import Ranks, joined
 from routesae.errors import RouteSAEError
+from routesae.faults import contained
 from routesae.lm import LanguageModel
 from routesae.locks import writing
 from routesae.plugins import PluginManager, activated
@@ -85,14 +86,17 @@ def _train(
     wanted = reporters if reporters is not None else ["console"]
     built_reporters = build_reporters(wanted, run_dir.path) if ranks.writes else []
     position = (progress["group"], progress["batch"])
+    building = contained("while building the SAEs", "nothing was written to the run")
     if cfg.from_cache:
         cache = ActivationCache(cfg.from_cache)
         cache.check_train_config(cfg)
-        layers, saes = build_trained_saes(specs, cache.model, cfg, device, ranks)
+        with building:
+            layers, saes = build_trained_saes(specs, cache.model, cfg, device, ranks)
         data = cached_data(cache, cfg, layers, {t.name: t.sae.layers for t in saes}, position, ranks.shard)
     else:
         lm = lm or LanguageModel.load(cfg.model, device=device)
-        layers, saes = build_trained_saes(specs, lm, cfg, device, ranks)
+        with building:
+            layers, saes = build_trained_saes(specs, lm, cfg, device, ranks)
         data = live_data(lm, cfg, layers, position, ranks.shard)
     trainer = Trainer(
         cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters, ranks=ranks,

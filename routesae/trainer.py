@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from routesae.checkpoint import plugin_provenance
 from routesae.distributed import SINGLE, Ranks
 from routesae.errors import RouteSAEError
+from routesae.faults import PluginFault, as_fault
 from routesae.files import write_safetensors
 from routesae.interrupt import Interrupt
 from routesae.reporters import Reporter, StepReport
@@ -58,6 +60,7 @@ class Trainer:
         self.request, self.progress, self.reporters, self.ranks = request, dict(progress), reporters, ranks
         self.changes = changes or {}
         self.device = saes[0].layer_index.device
+        self.stepping: str | None = None  # the SAE taking its step, for a fault's message
 
     # -- records --------------------------------------------------------------------------------
     def _manifest(self, status: str) -> dict[str, Any]:
@@ -71,7 +74,14 @@ class Trainer:
             "data": {k: v for k, v in self.data.description.items() if k not in ("split", "keep_bos")},
             "layers": self.layers,
             "saes": [
-                {"name": t.name, "architecture": t.sae.name, "config": t.sae.cfg.to_dict(), "path": t.name} for t in self.saes
+                {
+                    "name": t.name,
+                    "architecture": t.sae.name,
+                    "config": t.sae.cfg.to_dict(),
+                    "path": t.name,
+                    "plugins": plugin_provenance(t.sae),
+                }
+                for t in self.saes
             ],
             "train": self.cfg.to_dict(),
             "world_size": self.ranks.world_size,
@@ -160,9 +170,45 @@ class Trainer:
             for r in self.reporters:
                 r.finish(summary)
             return summary
+        except RouteSAEError:
+            raise  # interruptions and divergence: the run stays resumable and the message says how
+        except Exception as e:
+            fault = as_fault(e, self._where(), self._failure_advice())
+            self._record_failure(fault)
+            if fault is e:
+                raise
+            raise fault from e
         finally:
             for r in self.reporters:
                 r.close()
+
+    def _where(self) -> str:
+        sae = f" SAE {self.stepping!r}" if self.stepping else ""
+        return f"while training{sae} at step {self.progress['step']}"
+
+    def _checkpointed_step(self) -> int | None:
+        """The step of the run's last complete checkpoint, or None before the first."""
+        manifest = self.run_dir.read_manifest() if self.run_dir.exists() else {}
+        step = manifest.get("progress", {}).get("step", 0)
+        return step if "checkpoint" in manifest and step else None
+
+    def _failure_advice(self) -> str:
+        step = self._checkpointed_step()
+        if step is None:
+            return "nothing was checkpointed yet: once it is fixed, the same command starts the run afresh"
+        return f"the run is intact at its checkpoint of step {step}: once it is fixed, continue it with --resume"
+
+    def _record_failure(self, error: BaseException) -> None:
+        """Mark the run failed in ``run.json`` (its progress and checkpoint stay the last complete generation's), so a
+        run that failed before its first checkpoint starts afresh without --overwrite (:meth:`RunDirectory.prepare`)."""
+        if not self.ranks.writes or not self.run_dir.exists():
+            return
+        failure = {"step": self.progress["step"], "error": f"{type(error).__name__}: {error}"}
+        if isinstance(error, PluginFault):
+            failure["plugin"] = {"name": error.plugin.name, "distribution": error.plugin.distribution,
+                                 "version": error.plugin.version}
+        failures = self.run_dir.read_manifest().get("failures", [])
+        self.run_dir.update_manifest({"status": "failed", "failures": [*failures, failure]})
 
     def _total_steps(self) -> int:
         """Steps until ``cfg.tokens`` tokens, from the stream's batch plan (no LM needed)."""
@@ -202,7 +248,9 @@ class Trainer:
                     step = self.progress["step"]
                     lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup, cfg.decay, cfg.schedule)
                     for t in self.saes:
+                        self.stepping = t.name
                         t.step(acts, lr, step, stream.batch_tokens)
+                    self.stepping = None
                     del acts  # before the stream allocates the next batch: one multi-layer batch alive, not two
                     group, batch = stream.position
                     tokens = self.progress["tokens"] + stream.batch_tokens

@@ -24,13 +24,15 @@ from routesae.cli.reporting import make_plugins_command, make_report_command
 from routesae.cli.training import make_cache_command, make_pipeline_command, make_train_command
 from routesae.distributed import launched
 from routesae.errors import RouteSAEError
+from routesae.faults import contained
 from routesae.plugins import PluginManager, activated, get_plugin_manager
 
 __all__ = ["main", "make_cli"]
 
 
-UNDER_TORCHRUN = ("train", "evaluate", "contexts")
-DEBUG_VARIABLE = "ROUTESAE_DEBUG"  # the commands that run data-parallel under torchrun
+UNDER_TORCHRUN = ("train", "evaluate", "contexts")  # the commands that run data-parallel under torchrun
+DEBUG_VARIABLE = "ROUTESAE_DEBUG"
+CLICK_EXITS = (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort)  # click's own, not faults
 
 
 class RouteSAEGroup(click.Group):
@@ -52,7 +54,8 @@ class RouteSAEGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with activated(self.plugins):  # what --help showed is what runs
+            # what --help showed is what runs; an exception a plugin raises (its command, its hook) is one line too
+            with activated(self.plugins), contained("while running the command", passing=CLICK_EXITS):
                 return super().invoke(ctx)
         except RouteSAEError as e:
             if ctx.params.get("debug") or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):

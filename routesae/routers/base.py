@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, TypeVar
+from typing import ClassVar, NamedTuple, Self
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,8 +29,6 @@ from torch import Tensor
 from routesae.architectures.base import StandardizedLayers
 from routesae.config import Config
 from routesae.errors import PluginError
-
-P = TypeVar("P", bound="Configurable")
 
 
 class Routing(NamedTuple):
@@ -66,7 +64,7 @@ class Configurable:
     def __init__(self, cfg: Config | None = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config()
 
-    def configured(self: P, cfg: Config) -> P:
+    def configured(self, cfg: Config) -> Self:
         """A copy of this instance that uses ``cfg`` (an instance of ``Config``); the registered one is left as it is."""
         clone = copy.copy(self)
         clone.cfg = cfg
