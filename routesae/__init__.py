@@ -23,6 +23,7 @@ from routesae.architectures.base import (
     Standardization,
     StandardizedLayers,
     TrainingState,
+    normalized_mse,
 )
 from routesae.architectures.codes import SparseCodes
 from routesae.architectures.topk import TopKConfig, TopKSAE
@@ -120,6 +121,7 @@ __all__ = [
     "load",
     "load_corpus",
     "load_sae",
+    "normalized_mse",
     "pipeline",
     "read_contexts",
     "render_context",

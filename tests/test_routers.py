@@ -126,8 +126,10 @@ def test_router_logits_scale_by_the_number_of_layers_between_sum_and_mean():
 
 def test_builtins_register_through_the_routers_entry_point():
     pm = PluginManager()
-    assert pm.names("router") == ["hard", "soft"]
-    assert pm.names("aggregation") == ["mean", "sum"]
+    builtin = {
+        kind: [n for n in pm.names(kind) if pm.provider(kind, n).distribution == "routesae"] for kind in ("router", "aggregation")
+    }
+    assert builtin == {"router": ["hard", "soft"], "aggregation": ["mean", "sum"]}  # installed plugins may add more
     assert isinstance(pm.get("router", "hard"), HardRouter) and isinstance(pm.get("router", "soft"), SoftRouter)
     assert isinstance(pm.get("aggregation", "sum"), SumAggregation)
     assert isinstance(pm.get("aggregation", "mean"), MeanAggregation)

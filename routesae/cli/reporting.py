@@ -57,7 +57,8 @@ def make_plugins_command(pm: PluginManager) -> click.Command:
             table.add_column(column)
         for i in infos:
             registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in i.registered.items())
-            table.add_row(i.name, i.distribution, i.version, registered or "-", f"[red]{i.error}" if i.error else "ok")
+            status = f"[red]{i.error}" if i.error else "\n".join(f"[yellow]{w}" for w in i.warnings) or "ok"
+            table.add_row(i.name, i.distribution, i.version, registered or "-", status)
         Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
     return click.Command(
