@@ -94,8 +94,9 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
         make_pipeline_command,
         make_plugins_command,
     ]
-    for build in builders:
-        cli.add_command(build(pm))
+    with activated(pm):  # composites (RouteSAE) list their parts' settings from the manager in use
+        for build in builders:
+            cli.add_command(build(pm))
     pm.add_commands(cli)
     return cli
 
