@@ -14,6 +14,7 @@ So is everything a plugin needs (docs/plugins.md): the base class of each kind (
 
 from routesae.architectures.base import (
     SAE,
+    Encoded,
     Inference,
     MultiLayerConfig,
     SAEConfig,
@@ -73,6 +74,7 @@ __all__ = [
     "ConfigError",
     "ContextsConfig",
     "Corpus",
+    "Encoded",
     "EvalBatch",
     "EvaluateConfig",
     "Inference",

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -223,6 +223,16 @@ class SAEOutput:
     # what derives from it; RouteSAE passes its inner's on): loss terms decode subsets of them sparsely. None otherwise,
     # and whenever an inference override or a latent edit is set (then the latents are what counts).
     codes: SparseCodes | None = None
+
+
+class Encoded(NamedTuple):
+    """A single-layer SAE's encoding of its standardised input (:meth:`SingleLayerSAE.encode_output`)."""
+
+    pre: Tensor | None  #: ``SAEOutput.pre``
+    latents: Tensor  #: ``SAEOutput.latents``
+    x_hat: Tensor  #: ``SAEOutput.x_hat``
+    codes: SparseCodes | None = None  #: ``SAEOutput.codes``
+    extras: dict[str, Tensor] | None = None  #: ``SAEOutput.extras``: what the loss reads besides (a fast path's by-products)
 
 
 @dataclass(frozen=True)
@@ -523,8 +533,9 @@ class SingleLayerSAE(SAE):
     default, :meth:`preactivations`, :meth:`decode`, :meth:`~SAE.loss_terms` and
     :meth:`~SAE.diagnostics`. A faster path overrides :meth:`activate_decode` (a sparse decode)
     or :meth:`encode_decode` (an encoder that never builds the dense pre-activations); one that keeps
-    a fixed number of latents per token overrides :meth:`encode_decode_codes` to give them as
-    :class:`SparseCodes` too (TopK does, so an architecture derived from it inherits all three).
+    a fixed number of latents per token overrides :meth:`encode_output`, which gives them as
+    :class:`SparseCodes` too, and whatever else the loss will want (``extras``) from the same work.
+    TopK does, so an architecture derived from it inherits all of them.
     """
 
     Config: ClassVar[type[SAEConfig]] = SingleLayerConfig
@@ -554,10 +565,10 @@ class SingleLayerSAE(SAE):
         pre_NF = self.preactivations(x_ND)
         return (pre_NF, *self.sparsify_decode(pre_NF))
 
-    def encode_decode_codes(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor, SparseCodes | None]:
-        """:meth:`encode_decode` and the latents as :class:`SparseCodes` (``SAEOutput.codes``), where the
-        architecture keeps a fixed number per token (TopK overrides this); None here."""
-        return (*self.encode_decode(x_ND), None)
+    def encode_output(self, x_ND: Tensor) -> Encoded:
+        """What :meth:`forward` returns but the target and the standardisation: :meth:`encode_decode`'s, and where an
+        architecture keeps a fixed number of latents per token (TopK overrides this) the codes and extras too."""
+        return Encoded(*self.encode_decode(x_ND))
 
     def sparsify_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) from pre-activations: with an override or an edit set, :meth:`sparsify` densely
@@ -575,8 +586,8 @@ class SingleLayerSAE(SAE):
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)
         x_ND = x_NLD[:, 0]
-        pre_NF, z_NF, x_hat_ND, codes = self.encode_decode_codes(x_ND)
-        return SAEOutput(latents=z_NF, x_hat=x_hat_ND, target=x_ND, pre=pre_NF, norm=norm, codes=codes)
+        pre_NF, z_NF, x_hat_ND, codes, extras = self.encode_output(x_ND)
+        return SAEOutput(latents=z_NF, x_hat=x_hat_ND, target=x_ND, pre=pre_NF, norm=norm, extras=extras or {}, codes=codes)
 
     def reconstruction(self, out: SAEOutput) -> dict[int, tuple[Tensor, Tensor]]:
         x_hat = out.x_hat[:, None]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from routesae.architectures.base import (
+    Encoded,
     SAEConfig,
     SAEOutput,
     SingleLayerConfig,
@@ -188,26 +189,30 @@ class TopKSAE(SingleLayerSAE):
         return path_taken(self.encoder_path, sparse_encoder_backward_pays(self.cfg.k, self.cfg.latent_size))
 
     def encode_decode(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(pre-activations, latents, x_hat): :meth:`encode_decode_codes` without the codes."""
-        pre_NF, z_NF, x_hat_ND, _ = self.encode_decode_codes(x_ND)
+        """(pre-activations, latents, x_hat): :meth:`encode_output`'s."""
+        pre_NF, z_NF, x_hat_ND, _, _ = self.encode_output(x_ND)
         return pre_NF, z_NF, x_hat_ND
 
-    def encode_decode_codes(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor, SparseCodes | None]:
-        """(pre-activations, latents, x_hat, the kept latents as codes); the trained activation's encoder backward
-        touches only the kept latents where that pays, and then there are no pre-activations to give (None).
+    def encode_output(self, x_ND: Tensor) -> Encoded:
+        """The encoding with the kept latents as codes: :meth:`encode_codes`, then the decode of the codes.
 
         Overrides and edits take the dense path of :class:`SingleLayerSAE` (they read all pre-activations;
-        no codes), and AuxK keeps the dense pre-activations (its loss reads those of dead latents).
+        no codes). An architecture built on TopK codes overrides this to decode them its own way.
         """
         if self.inference_override.active or self.latent_edit is not None:
-            return (*super().encode_decode(x_ND), None)
+            return Encoded(*super().encode_decode(x_ND))  # SingleLayerSAE's dense path
+        pre_NF, codes = self.encode_codes(x_ND)
+        return Encoded(pre_NF, *self.decode_selected(*codes), codes)
+
+    def encode_codes(self, x_ND: Tensor) -> tuple[Tensor | None, SparseCodes]:
+        """(pre-activations, the kept latents): the trained activation's encoder, whose backward touches only the
+        kept latents where that pays, and then there are no pre-activations to give (None). AuxK keeps the dense
+        pre-activations (its loss reads those of dead latents)."""
         if self.cfg.auxk > 0 or not self.uses_sparse_encoder_backward():
             pre_NF = self.preactivations(x_ND)
-            codes = SparseCodes(*self.select(pre_NF))
-            return (pre_NF, *self.decode_selected(*codes), codes)
+            return pre_NF, SparseCodes(*self.select(pre_NF))
         values, indices = TopKEncode.apply(x_ND - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
-        codes = SparseCodes(self.kept(values), indices)
-        return (None, *self.decode_selected(*codes), codes)
+        return None, SparseCodes(self.kept(values), indices)
 
     def activation(self, pre_NF: Tensor) -> Tensor:
         values, indices = self.select(pre_NF)

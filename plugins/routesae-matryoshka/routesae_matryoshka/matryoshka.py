@@ -7,11 +7,14 @@ general features and later ones refine them. The loss adds, for each prefix size
 
     loss = NMSE(x̂, x) + Σ_m NMSE(x̂_m, x),   x̂_m = Σ_{i ∈ topk, i < m} z_i W_dec[i] + b_dec
 
-Built on TopK, this inherits its encoder, its sparse encoder backward and its sparse decode, and
-reads the kept latents from ``SAEOutput.codes`` (k values and indices per token): each prefix's
-reconstruction is a sparse decode of the codes with ``keep_NK = indices < m``, whose cost and
-gradient scale with k rather than with the dictionary size. So a training step costs TopK's plus a
-few k-row decodes (``benchmarks/test_plugin_speed.py`` holds it to within 10% of TopK's).
+Built on TopK, this inherits its encoder and its sparse encoder backward (``encode_codes``: the
+kept latents as codes, k values and indices per token) and replaces only the decode
+(``encode_output``): one sparse decode of the codes (``SparseCodes.decode_prefixes``: the codes
+below each size are consecutive bags of one gather) gives every nested reconstruction and the
+whole one, whose cost and gradient scale with k, not with the dictionary size or the number of
+prefixes. The nested reconstructions go to the loss in ``SAEOutput.extras``. So a training step
+costs TopK's plus the prefixes' NMSEs (``benchmarks/test_plugin_speed.py`` holds it to within 10%
+of TopK's).
 
 ``prefixes`` is a list-valued setting: ``--prefixes '[512,2048]'`` on the command line (commas
 between bracketed lists sweep), ``prefixes = [512, 2048]`` in a run file.
@@ -23,17 +26,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from routesae import (
     ConfigError,
+    Encoded,
     SAEConfig,
     SAEOutput,
     SparseCodes,
     TopKConfig,
     TopKSAE,
     TrainingState,
-    normalized_mse,
     setting,
 )
 
@@ -68,15 +72,29 @@ class MatryoshkaSAE(TopKSAE):
     Config: ClassVar[type[SAEConfig]] = MatryoshkaConfig
     cfg: MatryoshkaConfig
 
+    def encode_output(self, x_ND: Tensor) -> Encoded:
+        """TopK's encoder; then one sparse decode gives the nested reconstructions and the whole one together."""
+        if self.inference_override.active or self.latent_edit is not None:
+            return super().encode_output(x_ND)  # the latents are what counts: no codes
+        pre_NF, codes = self.encode_codes(x_ND)
+        sizes = self.cfg.prefix_sizes()
+        *prefixes, x_hat_ND = codes.decode_prefixes(self.W_dec, self.b_dec, (*sizes, self.cfg.latent_size))
+        extras = {f"prefix_{m}": x_hat_m for m, x_hat_m in zip(sizes, prefixes)}
+        return Encoded(pre_NF, codes.dense(self.cfg.latent_size), x_hat_ND, codes, extras)
+
     def prefix_reconstructions(self, out: SAEOutput) -> list[Tensor]:
-        """x̂_m for each prefix size m, ``[N, D]`` each, decoded from the kept latents with index below m."""
-        codes = out.codes
-        if codes is None:  # an inference override or a latent edit made the latents: read them instead
-            values, indices = out.latents.topk(min(self.cfg.k, out.latents.shape[-1]), dim=-1)
-            codes = SparseCodes(values, indices)
-        return [codes.decode(self.W_dec, self.b_dec, keep_NK=codes.indices_NK < m) for m in self.cfg.prefix_sizes()]
+        """x̂_m for each prefix size m, ``[N, D]`` each: the forward's, or decoded from the latents it gave."""
+        sizes = self.cfg.prefix_sizes()
+        if all(f"prefix_{m}" in out.extras for m in sizes):
+            return [out.extras[f"prefix_{m}"] for m in sizes]
+        values, indices = out.latents.topk(min(self.cfg.k, out.latents.shape[-1]), dim=-1)  # an override or edit
+        return SparseCodes(values, indices).decode_prefixes(self.W_dec, self.b_dec, sizes)
 
     def loss_terms(self, out: SAEOutput, state: TrainingState) -> dict[str, Tensor]:
-        """TopK's (AuxK, when on) and ``prefixes``: the sum of the nested dictionaries' NMSEs."""
-        prefixes = torch.stack([normalized_mse(x_hat, out.target) for x_hat in self.prefix_reconstructions(out)])
-        return {**super().loss_terms(out, state), "prefixes": prefixes.sum()}
+        """TopK's (AuxK, when on) and ``prefixes``: the sum of the nested dictionaries' NMSEs (as ``normalized_mse``,
+        with the target's norms computed once for all of them)."""
+        x_ND = out.target
+        norm_N = x_ND.pow(2).mean(-1).clamp_min(torch.finfo(x_ND.dtype).tiny)
+        errors = [(F.mse_loss(x_hat_ND, x_ND, reduction="none").mean(-1) / norm_N).mean()
+                  for x_hat_ND in self.prefix_reconstructions(out)]
+        return {**super().loss_terms(out, state), "prefixes": torch.stack(errors).sum()}
