@@ -16,7 +16,7 @@ from routesae.architectures.base import (
     TrainingState,
 )
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
-from routesae.checkpoint import load_sae
+from routesae.checkpoint import load, load_sae
 from routesae.config import setting
 from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, render_context
 from routesae.data import Corpus, load_corpus
@@ -34,8 +34,6 @@ from routesae.steering import Clamp, SteerConfig, SteeringResult, steer
 from routesae.train import train
 from routesae.train_config import TrainConfig
 from routesae.version import __version__
-
-load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 
 __all__ = [
     "SAE",

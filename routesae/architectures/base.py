@@ -323,6 +323,7 @@ class SAE(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[SAEConfig]] = SAEConfig
     supports_inference: ClassVar[bool] = True
+    checkpoint: dict[str, Any] | None = None  # the config.json it was loaded from (model, hooks, data, training)
 
     def __init__(self, cfg: SAEConfig, d_model: int) -> None:
         super().__init__()
