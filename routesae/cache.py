@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from rich.console import Console
 from rich.filesize import decimal
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from torch import Tensor
 
@@ -45,6 +44,7 @@ from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import file_sha256, read_json, write_json, write_safetensors
 from routesae.lm import HOOK_TEMPLATE, LanguageModel
 from routesae.locks import is_lock, writing
+from routesae.progress import JobProgress
 from routesae.version import __version__
 
 if TYPE_CHECKING:
@@ -272,9 +272,9 @@ class _CacheWriter:
                 orphan.unlink()
         rows_per_shard = max(1, int(self.cfg.shard_mb * 2**20) // self.bytes_per_token)
         start = self.manifest["blocks"]
-        columns = (TextColumn("caching"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task("cache", total=self.total_tokens, completed=self.manifest["tokens"])
+        bar = JobProgress("cache", self.total_tokens, console=self.console, enabled=not self.console.quiet)
+        bar.completed = self.manifest["tokens"]
+        with bar:
             parts: list[Tensor] = []
             first, rows, started = start, 0, time.perf_counter()
             batches = harvest_batches(self.lm, self.blocks, self.layers, self.cfg.keep_bos, self.cfg.batch_size, start, self.n_blocks)
@@ -282,14 +282,15 @@ class _CacheWriter:
                 parts.append(acts.to("cpu", self.dtype))
                 rows += acts.shape[0]
                 end = min(batch_start + self.cfg.batch_size, self.n_blocks)
-                bar.update(task, advance=acts.shape[0])
+                bar.advance(acts.shape[0])
                 if rows >= rows_per_shard or end == self.n_blocks:
                     self._write_shard(torch.cat(parts), first, end, time.perf_counter() - started)
                     parts, first, rows, started = [], end, 0, time.perf_counter()
         self.manifest["status"] = "complete"
         write_json(self.out / MANIFEST_FILE, self.manifest)
         m = self.manifest
-        self.console.print(f"cached {m['tokens']:,} tokens of blocks {self.layers} in {self.out} ({decimal(m['bytes'])})")
+        self.console.print(f"wrote a cache of {m['tokens']:,} tokens of blocks {self.layers} ({decimal(m['bytes'])}) in "
+                           f"{self.out}", highlight=False, soft_wrap=True)
         return self.out
 
     def _write_shard(self, acts_NLD: Tensor, first_block: int, end_block: int, seconds: float) -> None:

@@ -207,6 +207,9 @@ class Trainer:
                     group, batch = stream.position
                     tokens = self.progress["tokens"] + stream.batch_tokens
                     self.progress = {"step": step + 1, "tokens": tokens, "group": group, "batch": batch}
+                    elapsed = time.monotonic() - started
+                    for r in self.reporters:
+                        r.tick(tokens, (tokens - start_tokens) / elapsed if elapsed > 0 else 0.0)
                     logging = (step + 1) % cfg.log_every == 0
                     if logging:
                         self._report(lr, time.monotonic() - started, start_tokens, total_steps)

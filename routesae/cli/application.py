@@ -16,6 +16,7 @@ from routesae.cli.options import (
     device_option,
     json_option,
     print_json,
+    print_written,
 )
 from routesae.distributed import writes_here
 from routesae.plugins import PluginManager
@@ -28,9 +29,11 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
     def callback(paths: tuple[str, ...], device: str | None, as_json: bool, **values: Any) -> None:
         cfg = ContextsConfig.from_dict(config_values(ContextsConfig, values))
         results = extract_contexts(list(paths), cfg, device=device)
-        if as_json and writes_here():  # under torchrun, rank 0 speaks for the job
-            keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
-            print_json({d: {"file": str(Path(d) / CONTEXTS_FILE), **{k: r[k] for k in keys}} for d, r in results.items()})
+        if writes_here():  # under torchrun, rank 0 speaks for the job
+            if as_json:
+                keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
+                print_json({d: {"file": str(Path(d) / CONTEXTS_FILE), **{k: r[k] for k in keys}} for d, r in results.items()})
+            print_written(f"{CONTEXTS_FILE} ({len(results)} SAE(s))", list(results))
 
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),

@@ -20,6 +20,7 @@ from routesae.cli.options import (
     json_option,
     option_name,
     print_json,
+    print_written,
 )
 from routesae.config import field_help, field_types
 from routesae.errors import PluginError, RouteSAEError
@@ -93,6 +94,7 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
             print_json(
                 {"path": str(Path(sae_dir) / INTERPRETATIONS_FILE), "summary": doc["summary"], "usage": doc["usage"]}
             )
+        print_written(INTERPRETATIONS_FILE, [sae_dir])
 
     params: list[click.Parameter] = [
         click.Argument(["sae_dir"], type=click.Path(exists=True, file_okay=False)),
