@@ -433,20 +433,22 @@ def _write(doc: dict[str, Any], path: Path, base: _Usage, req: _Requester) -> No
 def _run(jobs: list[_Job], req: _Requester, doc: dict[str, Any], write: Callable[[], None], contexts: dict[str, Any],
          templates: tuple[PromptTemplate, PromptTemplate], detection: bool, seed: int, workers: int, progress: bool) -> None:
     """Run the jobs on a bounded thread pool; the calling thread alone updates and writes the document."""
-    with JobProgress("interpret", len(jobs), "latents", enabled=progress and bool(jobs)) as bar:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="interpret") as pool:
-            futures = {pool.submit(_run_job, job, req, contexts, templates, detection, seed): job for job in jobs}
-            try:
-                for future in as_completed(futures):
-                    record = future.result()
-                    if record is not None:
-                        doc["latents"][str(futures[future].latent_id)] = record
-                        write()
-                    cost = req.usage.cost_usd
-                    bar.update(bar.completed + 1, status="" if cost is None else f"${cost:.4f}")
-            except BaseException:  # Ctrl-C or a bug: queued jobs must not start while the pool winds down
-                req.stop_reason = req.stop_reason or "interrupted"
-                raise
+    with (
+        JobProgress("interpret", len(jobs), "latents", enabled=progress and bool(jobs)) as bar,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="interpret") as pool,
+    ):
+        futures = {pool.submit(_run_job, job, req, contexts, templates, detection, seed): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                record = future.result()
+                if record is not None:
+                    doc["latents"][str(futures[future].latent_id)] = record
+                    write()
+                cost = req.usage.cost_usd
+                bar.update(bar.completed + 1, status="" if cost is None else f"${cost:.4f}")
+        except BaseException:  # Ctrl-C or a bug: queued jobs must not start while the pool winds down
+            req.stop_reason = req.stop_reason or "interrupted"
+            raise
 
 
 def _finish(doc: dict[str, Any], path: Path, req: _Requester, max_cost: float | None) -> dict[str, Any]:

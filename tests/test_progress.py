@@ -49,7 +49,7 @@ def assert_plain(result, label, unit, wrote):
     assert "\r" not in err and "\x1b[" not in err, "no terminal control sequences in a log"
     progress = [line for line in err.splitlines() if line.startswith(f"{label} ")]
     assert len(progress) >= 2 and any(ETA.search(line) for line in progress), err
-    assert re.search(rf"^{label} ([\d,]+)/\1 {unit} · [\d,]+ {unit}/s · done in \d+:\d\d:\d\d$", err, re.M), err
+    assert re.search(rf"^{label} ([\d,]+)/\1 {unit} · [\d,]+ {unit}/s · done in \d+:\d\d:\d\d$", err, re.MULTILINE), err
     assert err.strip().splitlines()[-1].startswith(f"wrote {wrote}"), err
 
 
