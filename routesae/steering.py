@@ -500,14 +500,7 @@ def _model_for(
 
 
 def steer(
-    sae: SAE | Path | str,
-    prompt: str,
-    clamps: Sequence[str | Clamp],
-    cfg: SteerConfig | None = None,
-    *,
-    lm: LanguageModel | None = None,
-    device: str | torch.device | None = None,
-    **settings: Any,
+    sae: SAE | Path | str, prompt: str, clamps: Sequence[str | Clamp], cfg: SteerConfig | None = None, **options: Any
 ) -> SteeringResult:
     """Continue ``prompt`` twice from the same seed, without and with ``clamps`` on ``sae``'s latents.
 
@@ -519,12 +512,12 @@ def steer(
     clamped reconstruction itself in the residual stream instead of adding the clamp's change (see
     the module docstring, also for ``positions``); ``soft_at_argmax`` accepts steering a
     soft-routed RouteSAE at each token's highest-weight block; ``infer_k`` / ``theta`` read the SAE
-    with an inference-time sparsity override. A clamp listing several values is a sweep:
-    :func:`steer_sweep`.
+    with an inference-time sparsity override. ``options``: ``lm``, ``device`` and settings, as
+    :func:`steer_sweep` takes them. A clamp listing several values is a sweep: :func:`steer_sweep`.
 
     >>> steer("runs/demo/topk-L21-k32-F4096", "Tell me about Paris.", ["1234=20"]).steered
     """
-    (result, *others) = steer_sweep(sae, prompt, clamps, cfg, lm=lm, device=device, **settings)
+    (result, *others) = steer_sweep(sae, prompt, clamps, cfg, **options)
     if others:
         raise RouteSAEError("a clamp lists several values (a sweep): use steer_sweep, which returns one result per value")
     return result
