@@ -26,11 +26,12 @@ from routesae.hookspecs import hookimpl
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
 from routesae.interpreters import Completion, Interpreter, InterpreterConfig
 from routesae.lm import LanguageModel
+from routesae.notebook import TokenLatents, generate, latents, spliced
 from routesae.pipeline import PipelineConfig, pipeline
 from routesae.plugins import get_plugin_manager
 from routesae.report import write_report
 from routesae.specs import SAESpec
-from routesae.steering import Clamp, SteerConfig, SteeringResult, steer
+from routesae.steering import Clamp, SteerConfig, SteeringResult, steer, steer_sweep
 from routesae.train import train
 from routesae.train_config import TrainConfig
 from routesae.version import __version__
@@ -60,14 +61,17 @@ __all__ = [
     "SingleLayerSAE",
     "SteeringResult",
     "TrainConfig",
+    "TokenLatents",
     "TrainingState",
     "__version__",
     "cache_activations",
     "evaluate",
     "extract_contexts",
+    "generate",
     "get_plugin_manager",
     "hookimpl",
     "interpret",
+    "latents",
     "load",
     "load_corpus",
     "load_sae",
@@ -75,7 +79,9 @@ __all__ = [
     "read_contexts",
     "render_context",
     "setting",
+    "spliced",
     "steer",
+    "steer_sweep",
     "train",
     "write_report",
 ]

@@ -477,6 +477,11 @@ def _continue(
     return new, norms
 
 
+def generate_continuation(lm: LanguageModel, prompt_ids: list[int], cfg: SteerConfig) -> list[int]:
+    """New token ids continuing ``prompt_ids`` with ``lm.logits`` as it is (inside ``routesae.spliced``: spliced)."""
+    return _continue(lm, None, prompt_ids, (), cfg)[0]
+
+
 def _open(sae: SAE | Path | str) -> tuple[SAE, Path | None, dict[str, Any] | None]:
     """(the SAE in eval mode, its checkpoint directory and config, or None twice when given loaded)."""
     if isinstance(sae, SAE):
