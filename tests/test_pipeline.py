@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from openai_server import FakeOpenAI
+from openai_server import FakeAzureOpenAI, FakeOpenAI
 
 from routesae import SAESpec, TrainConfig
 from routesae.cli import make_cli
@@ -174,3 +174,34 @@ def test_cli_pipeline_prints_where_the_report_is(tiny_model_dir, text_corpus_dir
     over_budget = [*args, "--interpreter-model", "other-model", "--interpret-max-cost", "1e-9"]
     budget = CliRunner().invoke(make_cli(), over_budget)
     assert budget.exit_code == 3 and "budget reached" in budget.stderr
+
+
+def test_cli_pipeline_takes_the_azure_backend_options_prefixed(tiny_model_dir, text_corpus_dir, tmp_path, monkeypatch):
+    """--interpreter-azure-endpoint/-api-version/-deployment reach the backend; a missing one fails before training."""
+    secret = "azure-pipeline-SECRET"
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", secret)
+    out = tmp_path / "run"
+    args = [
+        "pipeline", "--arch", "topk", "--k", "4", "--latent-size", "64", "--model", str(tiny_model_dir),
+        "--dataset", str(text_corpus_dir), "--tokens", "512", "--batch-size", "4", "--context-length", "32",
+        "--sae-batch-tokens", "64", "--buffer-tokens", "256", "--device", "cpu", "--out", str(out),
+        "--evaluate-tokens", "64", "--contexts-threshold", "0", "--contexts-tokens", "128",
+        "--contexts-max-classes", "0", "--contexts-min-contexts", "1", "--interpreter", "azure",
+        "--interpret-sample", "2", "--report", "jsonl", "--json",
+    ]  # fmt: skip
+    missing = CliRunner().invoke(make_cli(), [*args, "--interpreter-api-version", "2024-10-21"])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "--interpreter-azure-endpoint, --interpreter-deployment" in missing.stderr
+    assert not (out / "run.json").exists(), "refused before training"
+    with FakeAzureOpenAI("explainer", "2024-10-21", secret) as azure:
+        backend = ["--interpreter-azure-endpoint", azure.endpoint, "--interpreter-api-version", "2024-10-21",
+                   "--interpreter-deployment", "explainer", "--interpreter-backoff", "0.01"]
+        result = CliRunner().invoke(make_cli(), [*args, *backend])
+        assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["stages"]["interpret"]["status"] == "done"
+    assert record["stages"]["interpret"]["request"]["options"]["deployment"] == "explainer"
+    interpreted = read_json(out / "topk-L2-k4-F64" / "interpretations.json")
+    assert interpreted["interpreter"]["name"] == "azure" and interpreted["summary"]["features_scored"] == 2
+    assert len(azure.log) == interpreted["usage"]["requests"] >= 2 and all(e["status"] == 200 and e["api_key"] == secret for e in azure.log)
+    assert all(secret not in p.read_text() for p in out.rglob("*.json"))

@@ -10,10 +10,12 @@ from routesae.interpreters.base import (
     InterpreterUnavailable,
     Message,
 )
+from routesae.interpreters.azure import AzureInterpreter
 from routesae.interpreters.local import LocalInterpreter
 from routesae.interpreters.openai import OpenAIInterpreter
 
 __all__ = [
+    "AzureInterpreter",
     "Completion",
     "Interpreter",
     "InterpreterConfig",
