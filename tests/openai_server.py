@@ -141,7 +141,13 @@ class FakeOpenAI:
 class FakeAzureOpenAI(FakeOpenAI):
     """The server as an Azure OpenAI resource holding one chat ``deployment`` at one ``api_version``, keyed ``key``."""
 
-    def __init__(self, deployment: str, api_version: str, key: str, answer: Callable[[str], str] = default_answer) -> None:
+    def __init__(
+        self,
+        deployment: str = "explainer",
+        api_version: str = "2024-10-21",
+        key: str = "azure-test-SECRET-41c8e2",
+        answer: Callable[[str], str] = default_answer,
+    ) -> None:
         super().__init__(answer)
         self.deployment, self.api_version, self.key = deployment, api_version, key
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from openai_server import FakeAzureOpenAI, FakeOpenAI, Reply
+from openai_server import FakeOpenAI, Reply
 
 import routesae
 from routesae.cli import make_cli
@@ -261,20 +261,9 @@ def test_cli_budget_exit_and_errors(sae_dir, server, monkeypatch):
     assert missing.exit_code == 2 and "run `routesae contexts" in missing.stderr
 
 
-AZURE_SECRET = "azure-SECRET-9d27aa"
-DEPLOYMENT, API_VERSION = "explainer", "2024-10-21"
-
-
-@pytest.fixture
-def azure(monkeypatch):
-    monkeypatch.setenv("AZURE_OPENAI_API_KEY", AZURE_SECRET)
-    with FakeAzureOpenAI(DEPLOYMENT, API_VERSION, AZURE_SECRET) as s:
-        yield s
-
-
 def azure_args(sae_dir, azure, *extra):
     return ["interpret", str(sae_dir), "--interpreter", "azure", "--azure-endpoint", azure.endpoint,
-            "--api-version", API_VERSION, "--deployment", DEPLOYMENT, "--backoff", "0.01", "--max-backoff", "0.05",
+            "--api-version", azure.api_version, "--deployment", azure.deployment, "--backoff", "0.01", "--max-backoff", "0.05",
             "--concurrency", "1", *extra]
 
 
@@ -297,20 +286,20 @@ def test_azure_interprets_through_the_cli_with_retries_budget_and_resume(sae_dir
     assert doc["summary"]["features_scored"] == 4 and doc["summary"]["detection_accuracy"] == 1.0
     assert not {str(i) for i in latents_asked(azure, asked)} & finished, "finished latents are not asked again"
     assert doc["usage"]["requests"] == len(azure.log) - 1 == 8, "every answered request counted, the 429 not"
-    assert doc["interpreter"]["name"] == "azure" and doc["interpreter"]["model"] == DEPLOYMENT
-    assert doc["interpreter"]["azure_endpoint"] == azure.endpoint and doc["interpreter"]["api_version"] == API_VERSION
-    assert {e["path"] for e in azure.log} == {f"/openai/deployments/{DEPLOYMENT}/chat/completions?api-version={API_VERSION}"}
-    assert all(e["api_key"] == AZURE_SECRET and e["authorization"] is None for e in azure.log)
+    assert doc["interpreter"]["name"] == "azure" and doc["interpreter"]["model"] == azure.deployment
+    assert doc["interpreter"]["azure_endpoint"] == azure.endpoint and doc["interpreter"]["api_version"] == azure.api_version
+    assert {e["path"] for e in azure.log} == {f"/openai/deployments/{azure.deployment}/chat/completions?api-version={azure.api_version}"}
+    assert all(e["api_key"] == azure.key and e["authorization"] is None for e in azure.log)
     for path in sae_dir.iterdir():
-        assert AZURE_SECRET not in path.read_text()
-    assert AZURE_SECRET not in capped.output + capped.stderr + done.output + done.stderr
+        assert azure.key not in path.read_text()
+    assert azure.key not in capped.output + capped.stderr + done.output + done.stderr
 
 
 def test_azure_a_changed_deployment_is_not_resumed(sae_dir, azure):
     assert CliRunner().invoke(make_cli(), azure_args(sae_dir, azure, "--sample", "1")).exit_code == 0
-    other = [a if a != DEPLOYMENT else "another" for a in azure_args(sae_dir, azure, "--sample", "1")]
+    other = [a if a != azure.deployment else "another" for a in azure_args(sae_dir, azure, "--sample", "1")]
     result = CliRunner().invoke(make_cli(), other)
-    assert result.exit_code == 2 and f"interpreter model: {DEPLOYMENT!r} then, 'another' now" in result.stderr
+    assert result.exit_code == 2 and f"interpreter model: {azure.deployment!r} then, 'another' now" in result.stderr
 
 
 def test_azure_cli_errors_are_one_line_with_exit_code_2(sae_dir, azure, monkeypatch):
@@ -321,7 +310,7 @@ def test_azure_cli_errors_are_one_line_with_exit_code_2(sae_dir, azure, monkeypa
         return result.stderr
 
     assert "needs --azure-endpoint, --api-version, --deployment" in invoke()
-    assert "needs --deployment" in invoke("--azure-endpoint", azure.endpoint, "--api-version", API_VERSION)
+    assert "needs --deployment" in invoke("--azure-endpoint", azure.endpoint, "--api-version", azure.api_version)
     assert "must be an http(s) URL" in invoke("--azure-endpoint", "example.openai.azure.com", "--api-version", "v",
                                                "--deployment", "d")
     assert "--base-url: not an option of the azure interpreter" in invoke("--base-url", "http://x")

@@ -9,11 +9,11 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from openai_server import FakeAzureOpenAI, FakeOpenAI, Reply
+from openai_server import FakeOpenAI, Reply
 
 from routesae.errors import ConfigError, RouteSAEError
-from routesae.interpreters.azure import AzureConfig, AzureInterpreter
 from routesae.interpreters.answers import CATEGORIES, Explanation, parse_detection, parse_explanation
+from routesae.interpreters.azure import AzureConfig, AzureInterpreter
 from routesae.interpreters.base import InterpreterError, InterpreterUnavailable
 from routesae.interpreters.local import LocalConfig, LocalInterpreter, answer_prefix
 from routesae.interpreters.openai import DEFAULT_PRICES, OpenAIConfig, OpenAIInterpreter, _retry_after
@@ -270,21 +270,10 @@ def test_missing_usage_counts_the_upper_bounds(server, key):
     assert (c.prompt_tokens, c.completion_tokens) == (backend.estimate_prompt_tokens(MESSAGES), 16)
 
 
-# -- the azure backend, over real HTTP in Azure's dialect ----------------------------------------------
-
-AZURE_SECRET = "azure-test-SECRET-41c8e2"
-DEPLOYMENT, API_VERSION = "interp-gpt4o", "2024-10-21"
-
-
-@pytest.fixture
-def azure(monkeypatch):
-    monkeypatch.setenv("AZURE_OPENAI_API_KEY", AZURE_SECRET)
-    with FakeAzureOpenAI(DEPLOYMENT, API_VERSION, AZURE_SECRET) as s:
-        yield s
-
+# -- the azure backend, over real HTTP in Azure's dialect (the ``azure`` fixture: tests/conftest.py) -------
 
 def azure_backend(server, **settings):
-    options = {"azure_endpoint": server.endpoint, "api_version": API_VERSION, "deployment": DEPLOYMENT,
+    options = {"azure_endpoint": server.endpoint, "api_version": server.api_version, "deployment": server.deployment,
                "backoff": 0.01, "max_backoff": 0.05, **settings}
     return AzureInterpreter(AzureConfig(**options))
 
@@ -296,16 +285,16 @@ def test_azure_asks_the_deployment_url_with_the_api_key_header(azure, monkeypatc
     assert c.text.startswith("Feature category: Low-level")
     (entry,) = azure.log
     assert entry["status"] == 200
-    assert entry["path"] == f"/openai/deployments/{DEPLOYMENT}/chat/completions?api-version={API_VERSION}"
-    assert entry["api_key"] == AZURE_SECRET and entry["authorization"] is None
-    assert (entry["body"]["model"], entry["body"]["max_tokens"], entry["body"]["temperature"]) == (DEPLOYMENT, 32, 0.1)
+    assert entry["path"] == f"/openai/deployments/{azure.deployment}/chat/completions?api-version={azure.api_version}"
+    assert entry["api_key"] == azure.key and entry["authorization"] is None
+    assert (entry["body"]["model"], entry["body"]["max_tokens"], entry["body"]["temperature"]) == (azure.deployment, 32, 0.1)
     usage = entry["usage"]
     assert c.cost_usd == pytest.approx((usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6)
     described = backend.describe()
-    assert described == {"name": "azure", "model": DEPLOYMENT, "azure_endpoint": azure.endpoint,
-                         "api_version": API_VERSION, "timeout": 60.0, "max_retries": 5, "price_input": 1.0,
+    assert described == {"name": "azure", "model": azure.deployment, "azure_endpoint": azure.endpoint,
+                         "api_version": azure.api_version, "timeout": 60.0, "max_retries": 5, "price_input": 1.0,
                          "price_output": 2.0, "prices": "given"}
-    assert AZURE_SECRET not in repr(described)
+    assert azure.key not in repr(described)
 
 
 def test_azure_retries_a_429_through_the_real_client(azure):
@@ -335,10 +324,10 @@ def test_azure_settings_and_key_are_required(azure, monkeypatch):
     with pytest.raises(ConfigError, match="needs --azure-endpoint, --api-version, --deployment"):
         AzureInterpreter()
     with pytest.raises(ConfigError, match="must be an http\\(s\\) URL"):
-        AzureConfig(azure_endpoint="NAME.openai.azure.com", api_version=API_VERSION, deployment=DEPLOYMENT)
-    pasted = f"{azure.endpoint}/openai/deployments/{DEPLOYMENT}/chat/completions?api-version={API_VERSION}"
+        AzureConfig(azure_endpoint="NAME.openai.azure.com", api_version=azure.api_version, deployment=azure.deployment)
+    pasted = f"{azure.endpoint}/openai/deployments/{azure.deployment}/chat/completions?api-version={azure.api_version}"
     with pytest.raises(ConfigError, match="resource's address alone .*--deployment and --api-version"):
-        AzureConfig(azure_endpoint=pasted, api_version=API_VERSION, deployment=DEPLOYMENT)
+        AzureConfig(azure_endpoint=pasted, api_version=azure.api_version, deployment=azure.deployment)
     monkeypatch.delenv("AZURE_OPENAI_API_KEY")
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # the other backend's key is not taken
     with pytest.raises(ConfigError, match="AZURE_OPENAI_API_KEY environment variable, which is not set"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from routesae.interpreters.azure import AzureInterpreter
 from routesae.interpreters.base import (
     Completion,
     Interpreter,
@@ -10,7 +11,6 @@ from routesae.interpreters.base import (
     InterpreterUnavailable,
     Message,
 )
-from routesae.interpreters.azure import AzureInterpreter
 from routesae.interpreters.local import LocalInterpreter
 from routesae.interpreters.openai import OpenAIInterpreter
 
