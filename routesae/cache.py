@@ -36,7 +36,14 @@ from rich.filesize import decimal
 from safetensors import safe_open
 from torch import Tensor
 
-from routesae.activations import Group, HarvestConfig, ShuffledStream, harvest_batches, training_positions
+from routesae.activations import (
+    Group,
+    HarvestConfig,
+    ShuffledStream,
+    harvest_batches,
+    too_few_tokens_advice,
+    training_positions,
+)
 from routesae.architectures.base import check_layer
 from routesae.config import setting
 from routesae.data import load_corpus
@@ -434,7 +441,8 @@ class ActivationCache:
         return sorted(set(layers) - set(self.layers))
 
     def check_train_config(self, cfg: HarvestConfig) -> None:
-        """Training from this cache must read the same data and positions, and no more tokens than it holds."""
+        """Training from this cache must read the same data and positions, and no more tokens than it holds
+        (times ``--epochs``)."""
         for name in IDENTITY:
             given, cached = getattr(cfg, name), self.request[name]
             same = _same_source(given, cached) if name in ("model", "dataset") else given == cached
@@ -444,10 +452,11 @@ class ActivationCache:
                     f"the activation cache in {self.path} was harvested with {option} {cached!r}, not {given!r}; "
                     f"drop {option} (training from a cache takes it from the cache) or cache again with {option} {given!r}"
                 )
-        if cfg.tokens > self.tokens:
+        passes = getattr(cfg, "epochs", None) or 1  # training's --epochs: that many passes over the cached tokens
+        if cfg.tokens is not None and cfg.tokens > passes * self.tokens:
+            fix = too_few_tokens_advice(cfg.tokens, self.tokens, passes, "cache more (routesae cache --tokens ...)")
             raise RouteSAEError(
-                f"asked for {cfg.tokens:,} training tokens but the activation cache in {self.path} holds {self.tokens:,}; "
-                "lower --tokens or cache more (routesae cache --tokens ...)"
+                f"asked for {cfg.tokens:,} training tokens but the activation cache in {self.path} holds {self.tokens:,}{fix}"
             )
 
 
@@ -471,4 +480,6 @@ class CachedStream(ShuffledStream):
             else:
                 runs.append([first, end])
         parts = [self.cache.rows(self.first_row[first], self.first_row[end], self.layers) for first, end in runs]
+        if not parts:  # under torchrun, a group of fewer LM batches than ranks: this rank's share is empty
+            return torch.empty(0, len(self.layers), self.cache.model.d_model)
         return parts[0] if len(parts) == 1 else torch.cat(parts)

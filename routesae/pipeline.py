@@ -28,6 +28,7 @@ from routesae.files import read_json, write_json
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
 from routesae.interpreters.base import recorded_options
 from routesae.locks import writing
+from routesae.plugins import get_plugin_manager
 from routesae.reporters.console import stderr_console
 from routesae.rundir import INTERPRETATIONS_FILE, MANIFEST_FILE, expand_dirs
 from routesae.specs import SAESpec
@@ -141,6 +142,7 @@ class Pipeline:
     # -- the stages ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage; returns the ``pipeline`` record written to ``run.json``."""
+        self._check_interpreter()
         previous = self._stages_record()
         requests = self.requests()
         upstream_ran = False
@@ -169,6 +171,12 @@ class Pipeline:
             }
             self._save()
         return read_json(self.out / MANIFEST_FILE)["pipeline"]
+
+    def _check_interpreter(self) -> None:
+        """The backend's settings are checked before training, not hours later (its key when it starts)."""
+        if self.cfg.interpreter == "none":
+            return
+        get_plugin_manager().get("interpreter", self.cfg.interpreter).Config.from_dict(self.interpreter_options)
 
     def _runner(self, stage: str) -> Callable[..., dict[str, Any] | None]:
         return {
