@@ -32,6 +32,8 @@ def click_type(tp: Any) -> Any:
     if tp in (int, float, str):
         return tp
     if get_origin(tp) in (typing.Union, types.UnionType):
+        if str in get_args(tp):  # a number or a word the config reads (a threshold rule): text, checked there
+            return str
         numbers = [m for m in get_args(tp) if m in (int, float)]
         literals = [m for m in get_args(tp) if get_origin(m) is Literal]
         if len(numbers) == 1 and len(numbers) + len(literals) == len(get_args(tp)):
