@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +29,8 @@ from routesae.checkpoint import read_sae_config
 from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_text
+from routesae.interop.saelens import SAELENS_CONFIG
+from routesae.interop.saelens_read import is_saelens_dir
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
 from routesae.locks import writing_files
 from routesae.metrics.base import Better
@@ -330,6 +332,7 @@ def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
         "layers": f"{layers[0]}–{layers[-1]}" if len(layers) > 1 else ", ".join(map(str, layers)),
         "latent_size": config.get("config", {}).get("latent_size"),
         "config_json": json.dumps(config.get("config", {}), indent=2, ensure_ascii=False),
+        "imported": _imported(config),
         "training": config.get("training", {}),
         "histograms": histograms(config),
         "contexts": files.contexts,
@@ -339,12 +342,22 @@ def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
     }
 
 
+def _imported(config: dict[str, Any]) -> str | None:
+    """Where an SAE read from another library's format came from (``config["source"]``), or None."""
+    source = config.get("source")
+    if not isinstance(source, dict):
+        return None
+    version = f", sae-lens {source['sae_lens_version']}" if source.get("sae_lens_version") else ""
+    return f"read from {source.get('format')} ({source.get('architecture')}{version})"
+
+
 def _modified(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict[str, Any]:
-    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config."""
+def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None, others: Sequence[Path] = ()) -> dict[str, Any]:
+    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config; ``others``
+    are the further directories reported beside it."""
     if run is not None:
         model, data = run.get("model", {}), run.get("data", {})
         tokens, status = run.get("progress", {}).get("tokens"), run.get("status")
@@ -354,10 +367,11 @@ def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict
         model, data = config.get("model", {}), config.get("data", {})
         tokens = config.get("training", {}).get("tokens_done")
         status = "finished" if config.get("training", {}).get("finished") else "unfinished"
-        version, dated = config.get("routesae_version"), path / CONFIG_FILE
+        version = config.get("routesae_version")
+        dated = path / SAELENS_CONFIG if is_saelens_dir(path) else path / CONFIG_FILE
     return {
-        "name": path.resolve().name,
-        "path": str(path),
+        "name": path.resolve().name + (f" and {len(others)} more" if others else ""),
+        "path": " · ".join(str(p) for p in [path, *others]),
         "model": model.get("spec"),
         "model_shape": f"{model['n_layers']} blocks, d_model {model['d_model']}" if "n_layers" in model and "d_model" in model else "",
         "data": data.get("source"),
@@ -396,37 +410,67 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_report(path: Path | str, *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
-    """The report's HTML for a run directory (all its SAEs) or a single SAE checkpoint directory."""
-    path = Path(path)
-    if max_cards < 0:
-        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+def _paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def _check_reportable(path: Path) -> bool:
+    """Whether ``path`` is a run directory (else an SAE checkpoint, routesae's or SAELens's); refuse anything else."""
     if not path.is_dir():
         raise RouteSAEError(f"{path} is not a directory; pass a run or SAE directory written by `routesae train`")
     is_run = (path / MANIFEST_FILE).is_file() and not (path / CONFIG_FILE).is_file()
-    if not is_run and not (path / CONFIG_FILE).is_file():
+    if not is_run and not (path / CONFIG_FILE).is_file() and not is_saelens_dir(path):
         raise RouteSAEError(
-            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}); "
-            "pass a directory written by `routesae train`"
+            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}, or SAELens's "
+            f"{SAELENS_CONFIG}); pass a directory written by `routesae train`"
         )
-    saes = [SAEFiles.read(d, path) for d in expand_dirs([path])]
+    return is_run
+
+
+def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
+    """The report's HTML for run directories (all their SAEs) and SAE checkpoint directories, side by side.
+
+    The header describes the first one; the SAEs of all of them share the metric table.
+    """
+    paths = _paths(paths)
+    if max_cards < 0:
+        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+    if not paths:
+        raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    runs = [_check_reportable(path) for path in paths]
+    saes: list[SAEFiles] = []
+    seen: set[Path] = set()
+    for path in paths:
+        for directory in expand_dirs([path]):
+            if directory.resolve() not in seen:
+                seen.add(directory.resolve())
+                saes.append(SAEFiles.read(directory, path))
     template = _environment().get_template("report.html.j2")
+    first = paths[0]
     return template.render(
-        header=header(path, saes, read_json(path / MANIFEST_FILE) if is_run else None),
+        header=header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:]),
         metrics=metric_table(saes),
         saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
     )
 
 
-def write_report(run_dir: Path | str, out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS) -> Path:
-    """Write the report (default ``RUN_DIR/report.html``) atomically and return its path.
+def write_report(
+    run_dir: Path | str | Sequence[Path | str], out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS
+) -> Path:
+    """Write the report of one or several run or SAE directories (default file: the first's ``report.html``)
+    atomically and return its path.
 
     >>> write_report("runs/demo")
     PosixPath('runs/demo/report.html')
+    >>> write_report(["runs/demo", "saelens/topk"], "compare.html")   # a routesae run beside a SAELens SAE
+    PosixPath('compare.html')
     """
-    target = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    paths = _paths(run_dir)
+    if not paths:
+        raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    target = Path(out) if out is not None else paths[0] / REPORT_FILE
     if target.is_dir():
         raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
     with writing_files([target.parent], "report", [target.name]):
-        write_text(target, render_report(run_dir, max_cards=max_cards))
+        write_text(target, render_report(paths, max_cards=max_cards))
     return target
