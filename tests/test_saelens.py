@@ -29,7 +29,7 @@ GOLDENS = Path(__file__).parent / "data" / "saelens"
 EXACT = ["standard", "standard-layer-norm", "topk", "jumprelu", "gated"]  # routesae keeps every tensor as is
 FOLDED = ["standard-no-input-bias", "gated-no-input-bias"]  # b_dec W_enc folded into the encoder bias
 ROUTESAE_ARCH = {"standard": "vanilla", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
-# (architecture, settings) that SAELens can hold: every exportable built-in, and the example plugin's
+# (architecture, settings) that SAELens can hold: every exportable built-in (BatchTopK's: tests/test_batchtopk.py)
 EXPORTABLE = [("vanilla", {}), ("topk", {"k": 6, "relu": True}), ("jumprelu", {}), ("gated", {})]
 META = {
     "name": "test-sae",
