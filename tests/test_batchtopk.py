@@ -6,6 +6,7 @@ Needs the plugin installed (``pip install --no-deps -e plugins/routesae-batchtop
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,8 +15,8 @@ from hypothesis import strategies as st
 from routesae import export_sae, load_sae
 from routesae.architectures.base import standardize
 from routesae.architectures.topk import TopKConfig
-from routesae.errors import ConfigError, RouteSAEError
 from routesae.checkpoint import save_sae
+from routesae.errors import ConfigError, RouteSAEError
 from routesae.plugins import PluginManager
 
 try:
@@ -340,8 +341,8 @@ def test_short_training_loop_reduces_loss_and_calibrates_threshold():
 
 
 def test_a_calibrated_batchtopk_is_a_saelens_jumprelu_with_one_threshold_and_comes_back_exact(tmp_path):
-    from safetensors.torch import load_file
     from saelens_formulas import saelens_encode_decode
+    from safetensors.torch import load_file
 
     sae = make_sae(latent_size=48, k=4, normalize="layer_norm")
     with pytest.raises(RouteSAEError, match="no inference threshold"):
