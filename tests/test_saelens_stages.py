@@ -5,15 +5,29 @@ an SAE trained on them would."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from openai_server import FakeOpenAI
+from saelens_formulas import saelens_encode_decode
 
-from routesae import SAESpec, TrainConfig, extract_contexts, interpret, steer, train
+from routesae import (
+    LanguageModel,
+    SAESpec,
+    TrainConfig,
+    export_sae,
+    extract_contexts,
+    interpret,
+    load_sae,
+    steer,
+    train,
+)
 from routesae.cli import make_cli
+from routesae.data import load_corpus
 
-GOLDEN = __import__("pathlib").Path(__file__).parent / "data" / "saelens" / "topk"
+GOLDEN = Path(__file__).parent / "data" / "saelens" / "topk"
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +35,35 @@ def routesae_sae(tmp_path_factory, tiny_model_dir, text_corpus_dir):
     out = tmp_path_factory.mktemp("saelens-stages") / "run"
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=640, batch_size=4,
                       context_length=32, sae_batch_tokens=64, buffer_tokens=256, device="cpu")
-    train([SAESpec.build("topk", k=4, latent_size=64, layer=2, relu=True, normalize="none")], out, cfg, reporters=[])
+    specs = [SAESpec.build("topk", k=4, latent_size=64, layer=2, relu=True, normalize="none"),
+             SAESpec.build("vanilla", latent_size=64, layer=1, normalize="layer_norm")]
+    train(specs, out, cfg, reporters=[])
     return out / "topk-L2-k4-F64"
+
+
+def test_a_trained_sae_exported_computes_in_saelens_what_it_computes_on_the_model(
+    routesae_sae, tiny_model_dir, text_corpus_dir, tmp_path
+):
+    """routesae train --normalize layer_norm, then export: SAELens's formulas on real residual activations."""
+    trained = routesae_sae.parent / "vanilla-L1-F64"
+    result = cli("export", trained, "--format", "saelens", "--out", tmp_path / "saelens")
+    assert result.exit_code == 0, result.output
+    lm = LanguageModel.load(str(tiny_model_dir))
+    ids, mask = next(load_corpus(str(text_corpus_dir), lm.tokenizer, context_length=32, seed=42).split("eval").batches(4))
+    acts = lm.capture(ids, mask, [1])[mask.bool()][:, 0]
+    sae, config = load_sae(trained)
+    with torch.no_grad():
+        out = sae(acts[:, None])
+        ours = sae.reconstruction(out)[1][0]
+    z, theirs = saelens_encode_decode(tmp_path / "saelens", acts)
+    excess = (ours - theirs).abs() - 1e-5 * acts.norm(dim=-1, keepdim=True)
+    assert (excess <= 0).all() and torch.allclose(out.latents, z, atol=1e-5)
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert (cfg["normalize_activations"], cfg["metadata"]["hook_name"]) == ("layer_norm", "blocks.1.hook_resid_post")
+    assert cfg["metadata"]["routesae"]["training"] == config["training"]
+    export_sae(trained, tmp_path / "again")
+    assert (tmp_path / "again" / "sae_weights.safetensors").read_bytes() == (
+        tmp_path / "saelens" / "sae_weights.safetensors").read_bytes(), "the command and the function write the same"
 
 
 def saelens_sae(tmp_path, model, dataset, name="saelens-topk"):
