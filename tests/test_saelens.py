@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_saes import random_sae
 from saelens_formulas import saelens_encode_decode
 from safetensors.torch import load_file, save_file
 
@@ -62,17 +63,6 @@ def assert_equal_reconstructions(ours_ND, theirs_ND, acts_ND):
 def activations(d, n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g) * (0.5 + 3 * torch.rand(n, 1, generator=g)) + torch.rand(n, 1, generator=g)
-
-
-def random_sae(arch, settings, normalize="none", d=64, latent_size=96, seed=0):
-    """An SAE of ``arch`` whose every tensor is non-trivial (biases, thresholds, gate terms)."""
-    torch.manual_seed(seed)
-    cls = get_plugin_manager().get("architecture", arch)
-    sae = cls(cls.build_config({"latent_size": latent_size, "layer": 2, "normalize": normalize, **settings}).resolve(4), d)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return sae.eval()
 
 
 def saved(sae, directory):

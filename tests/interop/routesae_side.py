@@ -25,6 +25,9 @@ from routesae.checkpoint import save_sae
 from routesae.interop.saelens import LOCAL_KEYS
 from routesae.plugins import get_plugin_manager
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for its helpers
+from random_saes import random_sae
+
 D_MODEL, LATENTS, TOKENS = 48, 96, 64
 CASES = {  # name -> (architecture, settings); each with normalize none and layer_norm
     "vanilla": ("vanilla", {}),
@@ -46,17 +49,13 @@ def activations(d: int, seed: int) -> torch.Tensor:
     return torch.randn(TOKENS, d, generator=g) * scale + torch.rand(TOKENS, 1, generator=g)
 
 
-def random_sae(arch: str, settings: dict, normalize: str, seed: int):
-    torch.manual_seed(seed)
-    cls = get_plugin_manager().get("architecture", arch)
-    sae = cls(cls.build_config({"latent_size": LATENTS, "layer": 3, "normalize": normalize, **settings}).resolve(8), D_MODEL)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        if arch == "batchtopk":  # calibrated, as after training
+def calibrated_random_sae(arch: str, settings: dict, normalize: str, seed: int):
+    sae = random_sae(arch, settings, normalize, d=D_MODEL, latent_size=LATENTS, layer=3, n_layers=8, seed=seed)
+    if arch == "batchtopk":  # calibrated, as after training
+        with torch.no_grad():
             sae.threshold.fill_(0.25)
             sae.threshold_count.fill_(3)
-    return sae.eval()
+    return sae
 
 
 def outputs(sae, acts: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,7 +73,7 @@ def export(work: Path) -> None:
             continue
         for normalize in ("none", "layer_norm"):
             name = f"{case}-{normalize}"
-            sae = random_sae(arch, settings, normalize, seed)
+            sae = calibrated_random_sae(arch, settings, normalize, seed)
             save_sae(sae, work / "routesae" / name, {"name": name, **META})
             if name == "topk-none":  # one through the command line, as a user would
                 command = [sys.executable, "-m", "routesae", "export", str(work / "routesae" / name), "--format",
