@@ -57,7 +57,10 @@ class Kind:
         elif not (isinstance(obj, type) and issubclass(obj, self.base)):
             raise PluginError(f"{self.name} {name!r} must be a subclass of {what}, got {obj!r}")
         if self.base in (SAE, Exporter):
-            obj.check_contract()
+            try:
+                obj.check_contract()
+            except PluginError as e:
+                raise PluginError(f"{self.name} {name!r}: {e}") from None
 
 
 #: Every kind of plugin. The host files what a hook registers under its kind and checks it against the base.

@@ -365,8 +365,9 @@ def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None, others:
     else:
         config = saes[0].config
         model, data = config.get("model", {}), config.get("data", {})
-        tokens = config.get("training", {}).get("tokens_done")
-        status = "finished" if config.get("training", {}).get("finished") else "unfinished"
+        training = config.get("training")  # none for an SAE read from another library's format
+        tokens = (training or {}).get("tokens_done")
+        status = None if training is None else "finished" if training.get("finished") else "unfinished"
         version = config.get("routesae_version")
         dated = path / SAELENS_CONFIG if is_saelens_dir(path) else path / CONFIG_FILE
     return {

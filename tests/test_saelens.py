@@ -227,6 +227,7 @@ def test_jumprelu_gets_its_log_threshold_back_only_while_it_gives_the_threshold(
     ("arch", "settings", "normalize", "named"),
     [
         ("topk", {"k": 6}, "none", ["relu=False", "--relu"]),
+        ("topk", {"k": 6}, "token", ["normalize='token'", "; and ", "relu=False"]),  # the defaults: both reasons at once
         ("vanilla", {}, "token", ["normalize='token'", "1e-6", "1e-5", "--normalize layer_norm"]),
         ("routesae", {"layers": "1:3", "k": 6}, "token", ["SAELens cannot host a routed", "routesae-parts"]),
         ("crosscoder", {"layers": "1:3"}, "none", ["SAELens cannot host", "blocks 1..3"]),

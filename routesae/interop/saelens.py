@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from routesae.architectures.base import SAE, SingleLayerSAE
+from routesae.architectures.base import SAE
 from routesae.errors import PluginError, RouteSAEError
 from routesae.files import write_json, write_safetensors
 from routesae.interop.base import Exporter
@@ -101,7 +101,7 @@ class SAELensExporter(Exporter):
 
     @classmethod
     def unsupported(cls, sae: SAE) -> str | None:
-        if isinstance(sae, SingleLayerSAE) and len(sae.layers) == 1:
+        if len(sae.layers) == 1:
             return None
         blocks = f"blocks {sae.layers[0]}..{sae.layers[-1]}" if len(sae.layers) > 1 else f"block {sae.layers[0]}"
         return (
@@ -138,10 +138,14 @@ class SAELensExporter(Exporter):
         return {}
 
     def saelens_config(self, sae: SAE, config: dict[str, Any]) -> dict[str, Any]:
-        """``cfg.json`` for ``sae``, after every check: the checks run before anything is written."""
-        if sae.cfg.normalize not in NORMALIZATIONS:
-            raise RouteSAEError(f"{config.get('name', sae.name)} cannot be written as a SAELens SAE: {TOKEN_NORMALIZE_REFUSAL}")
-        self.check(sae)
+        """``cfg.json`` for ``sae``, after every check (all reasons at once): the checks run before anything is written."""
+        problems = [] if sae.cfg.normalize in NORMALIZATIONS else [TOKEN_NORMALIZE_REFUSAL]
+        try:
+            self.check(sae)
+        except RouteSAEError as e:
+            problems.append(str(e))
+        if problems:
+            raise RouteSAEError(f"{config.get('name', sae.name)} cannot be written as a SAELens SAE: " + "; and ".join(problems))
         dtypes = {t.dtype for t in sae.state_dict().values() if t.is_floating_point()}
         if dtypes != {torch.float32}:
             raise RouteSAEError(f"SAELens export writes float32 SAEs; this one holds {sorted(map(str, dtypes))}")
