@@ -16,7 +16,7 @@ from routesae.architectures.base import (
     TrainingState,
 )
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
-from routesae.checkpoint import load_sae
+from routesae.checkpoint import load, load_sae
 from routesae.config import setting
 from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, render_context
 from routesae.data import Corpus, load_corpus
@@ -27,16 +27,15 @@ from routesae.hookspecs import hookimpl
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
 from routesae.interpreters import Completion, Interpreter, InterpreterConfig
 from routesae.lm import LanguageModel
+from routesae.notebook import TokenLatents, generate, latents, spliced
 from routesae.pipeline import PipelineConfig, pipeline
 from routesae.plugins import get_plugin_manager
 from routesae.report import write_report
 from routesae.specs import SAESpec
-from routesae.steering import Clamp, SteerConfig, SteeringResult, steer
+from routesae.steering import Clamp, SteerConfig, SteeringResult, steer, steer_sweep
 from routesae.train import train
 from routesae.train_config import TrainConfig
 from routesae.version import __version__
-
-load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 
 __all__ = [
     "SAE",
@@ -63,15 +62,18 @@ __all__ = [
     "SingleLayerSAE",
     "SteeringResult",
     "TrainConfig",
+    "TokenLatents",
     "TrainingState",
     "__version__",
     "cache_activations",
     "evaluate",
     "export_sae",
     "extract_contexts",
+    "generate",
     "get_plugin_manager",
     "hookimpl",
     "interpret",
+    "latents",
     "load",
     "load_corpus",
     "load_sae",
@@ -79,7 +81,9 @@ __all__ = [
     "read_contexts",
     "render_context",
     "setting",
+    "spliced",
     "steer",
+    "steer_sweep",
     "train",
     "write_report",
 ]

@@ -94,7 +94,21 @@ def load_sae(
         sae.load_state_dict(state)
     except RuntimeError as e:
         raise RouteSAEError(f"{directory}/{SAELENS_WEIGHTS if saelens else WEIGHTS_FILE} does not match its config: {e}") from None
+    sae.checkpoint = config
     return sae.to(device).eval(), config
+
+
+def load(directory: Path | str, device: str | torch.device = "cpu", *, plugins: PluginManager | None = None) -> SAE:
+    """The SAE in ``directory``, in eval mode, its ``config.json`` on ``sae.checkpoint`` (model, layers, data, training).
+
+    ``routesae.load(path)``, as SAELens 6's ``SAE.from_pretrained`` returns the SAE alone;
+    :func:`load_sae` returns the pair.
+
+    >>> sae = routesae.load("runs/demo/topk-L21-k32-F4096")
+    >>> sae.checkpoint["hooks"]
+    ['blocks.21.hook_resid_post']
+    """
+    return load_sae(Path(directory), device, plugins=plugins)[0]
 
 
 def read_weights(directory: Path, config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ Every stage (``train``, ``evaluate``, ``contexts``, ``interpret``) leaves JSON b
 checkpoints; reading several of those files at once is what comparing SAEs needs, and a page is
 what people share. The page is a single file (inline CSS, inline SVG, no script, no external
 resource) so it can be mailed, archived with the run or opened from disk anywhere; its
-Content-Security-Policy forbids everything else, so even an escaping bug could not run script.
+Content-Security-Policy allows only the one inline script it ships (a filter over the latent cards,
+by its hash), so even an escaping bug could not run script.
 
 Everything taken from the data (SAE names, token texts, explanations, model answers) reaches the
 page only through jinja2 with autoescaping on. A stage that has not run, or whose file cannot be
@@ -14,6 +15,8 @@ still being worked on, so a missing piece must never stop it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import shlex
@@ -35,19 +38,35 @@ from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
 from routesae.locks import writing_files
 from routesae.metrics.base import Better
 from routesae.plugins import get_plugin_manager
+from routesae.report_charts import read_steps, training_curves
 from routesae.rundir import (
     CONFIG_FILE,
     CONTEXTS_FILE,
     EVAL_FILE,
     INTERPRETATIONS_FILE,
     MANIFEST_FILE,
+    METRICS_FILE,
     REPORT_FILE,
+    STEERING_FILE,
     expand_dirs,
+    run_dir_of,
 )
 from routesae.version import __version__
 
 DEFAULT_MAX_CARDS = 24
 CONTEXTS_PER_CARD = 5
+WEAK_JUDGE = 0.5  # an interpreter whose answers are unreadable this often is called out, not shown as scores
+# The page's one script: a filter over the latent cards. The Content-Security-Policy allows exactly this text (its
+# hash), so nothing else can run; it only reads text and toggles visibility, never writes markup.
+FILTER_SCRIPT = """
+document.getElementById("filter").addEventListener("input", (event) => {
+  const words = event.target.value.toLowerCase().split(/\\s+/).filter(Boolean);
+  for (const card of document.querySelectorAll("article.card")) {
+    const text = card.textContent.toLowerCase();
+    card.hidden = !words.every((word) => text.includes(word));
+  }
+});
+"""
 
 CATEGORY_BADGES = {"low-level": "low", "high-level": "high", "undiscernible": "undiscernible"}
 """Known interpretation categories -> CSS class suffix; anything else is drawn as ``other``."""
@@ -91,6 +110,13 @@ def read_interpretations(path: Path) -> dict[str, Any]:
     return doc
 
 
+def read_steering(path: Path) -> dict[str, Any]:
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise RouteSAEError(f"{path} holds no steering results")
+    return doc
+
+
 @dataclass
 class SAEFiles:
     """One SAE checkpoint directory and what its stages have written so far."""
@@ -101,6 +127,7 @@ class SAEFiles:
     contexts: Stage
     interpretations: Stage
     contexts_sha256: str | None
+    steering: list[dict[str, Any]]
 
     @property
     def name(self) -> str:
@@ -116,7 +143,8 @@ class SAEFiles:
             directory / INTERPRETATIONS_FILE, read_interpretations, _command("routesae", "interpret", directory)
         )
         digest = contexts_fingerprint(contexts_path) if contexts.data is not None else None
-        return cls(directory, config, evaluation, contexts, interpretations, digest)
+        steering = read_stage(directory / STEERING_FILE, read_steering, _command("routesae", "steer", directory, "--record"))
+        return cls(directory, config, evaluation, contexts, interpretations, digest, (steering.data or {}).get("results", []))
 
 
 def _finite(value: Any) -> bool:
@@ -338,7 +366,10 @@ def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
         "contexts": files.contexts,
         "interpretations": files.interpretations,
         "interpretation_warnings": _interpretation_notes(files),
+        "weak_judge": _weak_judge(interpretations),
+        "routed": len(layers) > 1,
         "cards": latent_cards(contexts, interpretations, max_cards),
+        "steering": [_steering_row(r) for r in files.steering if isinstance(r, dict)],
     }
 
 
@@ -349,6 +380,23 @@ def _imported(config: dict[str, Any]) -> str | None:
         return None
     version = f", sae-lens {source['sae_lens_version']}" if source.get("sae_lens_version") else ""
     return f"read from {source.get('format')} ({source.get('architecture')}{version})"
+
+
+def _weak_judge(interpretations: dict[str, Any] | None) -> str | None:
+    """A one-line verdict when most of the interpreter's answers could not be read (the embedded model's often cannot)."""
+    summary = (interpretations or {}).get("summary", {})
+    unparsable, scored = summary.get("unparsable") or 0, summary.get("features_scored") or 0
+    if not unparsable or unparsable < WEAK_JUDGE * (unparsable + scored):
+        return None
+    name = (interpretations or {}).get("interpreter", {}).get("name", "the interpreter")
+    return (f"{unparsable} of {unparsable + scored} answers could not be read: the {name} interpreter is a weak judge "
+            "for this format. Use --interpreter openai (any OpenAI-compatible server) for scores worth comparing.")
+
+
+def _steering_row(result: dict[str, Any]) -> dict[str, Any]:
+    settings = result.get("settings", {})
+    return {"clamps": " ".join(settings.get("clamps", [])), "asked": " ".join(settings.get("asked", [])),
+            "prompt": result.get("prompt"), "original": result.get("original"), "steered": result.get("steered")}
 
 
 def _modified(path: Path) -> str:
@@ -411,6 +459,17 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def _training_steps(saes: list[SAEFiles], is_run: bool) -> list[dict[str, Any]]:
+    """The training steps charted for a run (all its SAEs) or an SAE directory (its own, from its run's log)."""
+    if not saes:
+        return []
+    steps = read_steps(run_dir_of(saes[0].directory) / METRICS_FILE)
+    if is_run:
+        return steps
+    name = saes[0].name
+    return [{**step, "saes": {name: step["saes"][name]}} for step in steps if name in step["saes"]]
+
+
 def _paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
     return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
 
@@ -431,7 +490,7 @@ def _check_reportable(path: Path) -> bool:
 def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
     """The report's HTML for run directories (all their SAEs) and SAE checkpoint directories, side by side.
 
-    The header describes the first one; the SAEs of all of them share the metric table.
+    The header describes the first one; the SAEs of all of them share the metric table and the curves.
     """
     paths = _paths(paths)
     if max_cards < 0:
@@ -440,18 +499,22 @@ def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = 
         raise RouteSAEError("nothing to report: give at least one run or SAE directory")
     runs = [_check_reportable(path) for path in paths]
     saes: list[SAEFiles] = []
+    steps: list[dict[str, Any]] = []
     seen: set[Path] = set()
-    for path in paths:
-        for directory in expand_dirs([path]):
-            if directory.resolve() not in seen:
-                seen.add(directory.resolve())
-                saes.append(SAEFiles.read(directory, path))
+    for path, is_run in zip(paths, runs):
+        found = [SAEFiles.read(d, path) for d in expand_dirs([path]) if d.resolve() not in seen]
+        seen.update(f.directory.resolve() for f in found)
+        saes.extend(found)
+        steps.extend(_training_steps(found, is_run))
     template = _environment().get_template("report.html.j2")
     first = paths[0]
     return template.render(
         header=header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:]),
         metrics=metric_table(saes),
+        curves=training_curves(steps),
         saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
+        script=FILTER_SCRIPT,
+        script_hash=base64.b64encode(hashlib.sha256(FILTER_SCRIPT.encode()).digest()).decode(),
     )
 
 

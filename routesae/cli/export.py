@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from routesae.cli.options import json_option, print_json
+from routesae.cli.options import json_option, print_json, print_written
 from routesae.plugins import PluginManager
 
 
@@ -15,8 +15,7 @@ def make_export_command(pm: PluginManager) -> click.Command:
         files = export_sae(sae_dir, out, export_format)
         if as_json:
             print_json({"sae": sae_dir, "format": export_format, "out": out, "files": [f.name for f in files]})
-        else:
-            click.echo(f"exported {sae_dir} as {export_format} to {out}: {', '.join(f.name for f in files)}")
+        print_written(f"{sae_dir} as {export_format} ({', '.join(f.name for f in files)})", [out])
 
     formats = export_formats(pm)
     params: list[click.Parameter] = [

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
@@ -29,7 +31,28 @@ def click_type(tp: Any) -> Any:
         return click.Choice([str(c) for c in get_args(tp)])
     if tp in (int, float, str):
         return tp
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        numbers = [m for m in get_args(tp) if m in (int, float)]
+        literals = [m for m in get_args(tp) if get_origin(m) is Literal]
+        if len(numbers) == 1 and len(numbers) + len(literals) == len(get_args(tp)):
+            return NumberOrWord(numbers[0], [str(word) for m in literals for word in get_args(m)])
     raise PluginError(f"config fields of type {tp!r} cannot be set from the command line")
+
+
+class NumberOrWord(click.ParamType):
+    """A number, or one of a few words: ``--tokens 8192`` or ``--tokens all``."""
+
+    def __init__(self, number: type, words: list[str]) -> None:
+        self.number, self.words = number, words
+        self.name = f"{number.__name__}|{'|'.join(words)}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.words:
+            return value
+        try:
+            return self.number(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor one of {', '.join(self.words)}", param, ctx)
 
 
 class CommaList(click.ParamType):
@@ -173,7 +196,13 @@ def reporter_names(report: str) -> list[str]:
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
+    click.echo(json.dumps(data, indent=2, allow_nan=False))
+
+
+def print_written(what: str, where: list[Any]) -> None:
+    """The line every writing command ends on (stderr): which file it wrote, and where."""
+    places = ", ".join(map(str, where[:3])) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    click.echo(f"wrote {what} in {places}", err=True)
 
 
 def device_option() -> click.Option:

@@ -19,7 +19,7 @@ def make_report_command(pm: PluginManager) -> click.Command:
     from routesae.report import DEFAULT_MAX_CARDS, write_report
 
     def callback(paths: tuple[str, ...], out: str | None, max_cards: int) -> None:
-        click.echo(f"report written to {write_report(list(paths), out, max_cards=max_cards)}")
+        click.echo(f"wrote the report {write_report(list(paths), out, max_cards=max_cards)}", err=True)
 
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),

@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from routesae.activations import training_positions
@@ -62,6 +61,7 @@ from routesae.files import write_json
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for, model_for, stage_device
 from routesae.locks import writing_files
+from routesae.progress import JobProgress
 from routesae.rundir import CONTEXTS_FILE, expand_dirs
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
@@ -310,18 +310,17 @@ def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask
     pool_by_row: dict[int, list[tuple[int, int, int, int]]] = {}
     for p, (row, lo, hi) in enumerate(pool_windows.tolist()):
         pool_by_row.setdefault(row, []).append((p, row, lo, hi))
-    console = Console(stderr=True)
-    columns = (TextColumn("[bold]contexts"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
-        batches = ranks.batches(math.ceil(len(ids_BT) / batch_size), SPLIT)
-        task = progress.add_task("contexts", total=len(batches))
-        for first in (batch * batch_size for batch in batches):
+    starts = [batch * batch_size for batch in ranks.batches(math.ceil(len(ids_BT) / batch_size), SPLIT)]
+    real = mask_BT.sum(-1)
+    with JobProgress("contexts", int(sum(real[first : first + batch_size].sum() for first in starts)),
+                     enabled=ranks.writes) as bar:
+        for first in starts:
             ids, mask = ids_BT[first : first + batch_size].to(lm.device), mask_BT[first : first + batch_size].to(lm.device)
             acts = lm.capture(ids, mask, layers)
             in_batch = [w for row in range(first, first + len(ids)) for w in pool_by_row.get(row, [])]
             for e, s in zip(extractions, slots):
                 e.update(acts, s, ids, mask, first, tables, in_batch)
-            progress.advance(task)
+            bar.advance(int(real[first : first + batch_size].sum()))
 
 
 def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: Tensor, end_BT: Tensor,
