@@ -34,7 +34,7 @@ GOLDEN = Path(__file__).parent / "data" / "saelens" / "topk"
 def routesae_sae(tmp_path_factory, tiny_model_dir, text_corpus_dir):
     out = tmp_path_factory.mktemp("saelens-stages") / "run"
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=640, batch_size=4,
-                      context_length=32, sae_batch_tokens=64, buffer_tokens=256, device="cpu")
+                      context_length=32, sae_batch_tokens=64, buffer_tokens=256, log_every=2, device="cpu")
     specs = [SAESpec.build("topk", k=4, latent_size=64, layer=2, relu=True, normalize="none"),
              SAESpec.build("vanilla", latent_size=64, layer=1, normalize="layer_norm")]
     train(specs, out, cfg, reporters=[])
@@ -104,6 +104,8 @@ def test_a_routesae_and_a_saelens_sae_are_evaluated_in_one_pass_and_reported_tog
     assert 'data-sae="topk-L2-k4-F64"' in page and 'data-sae="saelens-topk"' in page
     assert "read from saelens (topk, sae-lens 6.54.12)" in page and "and 1 more" in page
     assert page.count('<tr data-sae="') == 2, "both in the one metric table"
+    assert '<polyline data-sae="topk-L2-k4-F64"' in page, "the routesae SAE's training curves"
+    assert '<polyline data-sae="vanilla-L1-F64"' not in page, "not those of the other SAE of its run"
 
 
 def test_a_saelens_sae_of_another_model_or_without_data_is_refused_by_name(routesae_sae, tiny_model_dir, tmp_path):
