@@ -22,6 +22,7 @@ from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, r
 from routesae.data import Corpus, load_corpus
 from routesae.errors import RouteSAEError
 from routesae.evaluate import EvaluateConfig, evaluate
+from routesae.export import export_sae
 from routesae.hookspecs import hookimpl
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
 from routesae.interpreters import Completion, Interpreter, InterpreterConfig
@@ -66,6 +67,7 @@ __all__ = [
     "__version__",
     "cache_activations",
     "evaluate",
+    "export_sae",
     "extract_contexts",
     "generate",
     "get_plugin_manager",

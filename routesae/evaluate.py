@@ -297,7 +297,7 @@ def _evaluate(
     lm = model_for(dirs, configs, lm, device)
     saes = [Evaluated(d, c, load_sae(d, lm.device)[0], [cls() for cls in classes]) for d, c in zip(dirs, configs)]
 
-    data = configs[0]["data"]
+    data = configs[0].get("data", {})
     seed = training_seed(configs[0])
     with ExitStack() as overrides:
         for s in saes:  # before the data: an override an SAE refuses fails fast

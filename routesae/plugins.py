@@ -25,6 +25,7 @@ import pluggy
 from routesae import hookspecs
 from routesae.architectures.base import SAE
 from routesae.errors import PluginError
+from routesae.interop.base import Exporter
 from routesae.interpreters.base import Interpreter
 from routesae.metrics.base import Metric
 from routesae.reporters.base import Reporter
@@ -55,8 +56,11 @@ class Kind:
                 raise PluginError(f"{self.name} {name!r} must be an instance of {what}, got {obj!r}")
         elif not (isinstance(obj, type) and issubclass(obj, self.base)):
             raise PluginError(f"{self.name} {name!r} must be a subclass of {what}, got {obj!r}")
-        if self.base is SAE:
-            obj.check_contract()
+        if self.base in (SAE, Exporter):
+            try:
+                obj.check_contract()
+            except PluginError as e:
+                raise PluginError(f"{self.name} {name!r}: {e}") from None
 
 
 #: Every kind of plugin. The host files what a hook registers under its kind and checks it against the base.
@@ -69,6 +73,7 @@ KINDS: dict[str, Kind] = {
         Kind("metric", "register_metrics", Metric, "routesae.metrics", instance=False),
         Kind("interpreter", "register_interpreters", Interpreter, "routesae", instance=False),
         Kind("reporter", "register_reporters", Reporter, "routesae.reporters", instance=False),
+        Kind("exporter", "register_exporters", Exporter, "routesae.interop", instance=True),
     )
 }
 
@@ -249,6 +254,8 @@ class PluginManager:
 def _registrar(kind: Kind, into: dict[str, Any]) -> Callable[..., None]:
     def register(obj: Any, name: str | None = None) -> None:
         key = name or getattr(obj, "name", None)
+        if (not isinstance(key, str) or not key) and kind.instance and isinstance(obj, type):
+            kind.check(obj.__name__, obj)  # a class where an instance belongs (whose name is a property): say so
         if not isinstance(key, str) or not key:
             raise PluginError(f"cannot register {obj!r} as a {kind.name}: it has no name (pass name=...)")
         if key in into:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +32,8 @@ from routesae.checkpoint import read_sae_config
 from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_text
+from routesae.interop.saelens import SAELENS_CONFIG
+from routesae.interop.saelens_read import is_saelens_dir
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
 from routesae.locks import writing_files
 from routesae.metrics.base import Better
@@ -358,6 +360,7 @@ def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
         "layers": f"{layers[0]}–{layers[-1]}" if len(layers) > 1 else ", ".join(map(str, layers)),
         "latent_size": config.get("config", {}).get("latent_size"),
         "config_json": json.dumps(config.get("config", {}), indent=2, ensure_ascii=False),
+        "imported": _imported(config),
         "training": config.get("training", {}),
         "histograms": histograms(config),
         "contexts": files.contexts,
@@ -368,6 +371,15 @@ def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
         "cards": latent_cards(contexts, interpretations, max_cards),
         "steering": [_steering_row(r) for r in files.steering if isinstance(r, dict)],
     }
+
+
+def _imported(config: dict[str, Any]) -> str | None:
+    """Where an SAE read from another library's format came from (``config["source"]``), or None."""
+    source = config.get("source")
+    if not isinstance(source, dict):
+        return None
+    version = f", sae-lens {source['sae_lens_version']}" if source.get("sae_lens_version") else ""
+    return f"read from {source.get('format')} ({source.get('architecture')}{version})"
 
 
 def _weak_judge(interpretations: dict[str, Any] | None) -> str | None:
@@ -391,8 +403,9 @@ def _modified(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict[str, Any]:
-    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config."""
+def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None, others: Sequence[Path] = ()) -> dict[str, Any]:
+    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config; ``others``
+    are the further directories reported beside it."""
     if run is not None:
         model, data = run.get("model", {}), run.get("data", {})
         tokens, status = run.get("progress", {}).get("tokens"), run.get("status")
@@ -400,12 +413,14 @@ def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict
     else:
         config = saes[0].config
         model, data = config.get("model", {}), config.get("data", {})
-        tokens = config.get("training", {}).get("tokens_done")
-        status = "finished" if config.get("training", {}).get("finished") else "unfinished"
-        version, dated = config.get("routesae_version"), path / CONFIG_FILE
+        training = config.get("training")  # none for an SAE read from another library's format
+        tokens = (training or {}).get("tokens_done")
+        status = None if training is None else "finished" if training.get("finished") else "unfinished"
+        version = config.get("routesae_version")
+        dated = path / SAELENS_CONFIG if is_saelens_dir(path) else path / CONFIG_FILE
     return {
-        "name": path.resolve().name,
-        "path": str(path),
+        "name": path.resolve().name + (f" and {len(others)} more" if others else ""),
+        "path": " · ".join(str(p) for p in [path, *others]),
         "model": model.get("spec"),
         "model_shape": f"{model['n_layers']} blocks, d_model {model['d_model']}" if "n_layers" in model and "d_model" in model else "",
         "data": data.get("source"),
@@ -444,26 +459,57 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_report(path: Path | str, *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
-    """The report's HTML for a run directory (all its SAEs) or a single SAE checkpoint directory."""
-    path = Path(path)
-    if max_cards < 0:
-        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+def _training_steps(saes: list[SAEFiles], is_run: bool) -> list[dict[str, Any]]:
+    """The training steps charted for a run (all its SAEs) or an SAE directory (its own, from its run's log)."""
+    if not saes:
+        return []
+    steps = read_steps(run_dir_of(saes[0].directory) / METRICS_FILE)
+    if is_run:
+        return steps
+    name = saes[0].name
+    return [{**step, "saes": {name: step["saes"][name]}} for step in steps if name in step["saes"]]
+
+
+def _paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def _check_reportable(path: Path) -> bool:
+    """Whether ``path`` is a run directory (else an SAE checkpoint, routesae's or SAELens's); refuse anything else."""
     if not path.is_dir():
         raise RouteSAEError(f"{path} is not a directory; pass a run or SAE directory written by `routesae train`")
     is_run = (path / MANIFEST_FILE).is_file() and not (path / CONFIG_FILE).is_file()
-    if not is_run and not (path / CONFIG_FILE).is_file():
+    if not is_run and not (path / CONFIG_FILE).is_file() and not is_saelens_dir(path):
         raise RouteSAEError(
-            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}); "
-            "pass a directory written by `routesae train`"
+            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}, or SAELens's "
+            f"{SAELENS_CONFIG}); pass a directory written by `routesae train`"
         )
-    saes = [SAEFiles.read(d, path) for d in expand_dirs([path])]
-    steps = read_steps(run_dir_of(saes[0].directory) / METRICS_FILE)
-    if not is_run:  # one SAE of a run: its own curves
-        steps = [{**step, "saes": {saes[0].name: step["saes"][saes[0].name]}} for step in steps if saes[0].name in step["saes"]]
+    return is_run
+
+
+def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
+    """The report's HTML for run directories (all their SAEs) and SAE checkpoint directories, side by side.
+
+    The header describes the first one; the SAEs of all of them share the metric table and the curves.
+    """
+    paths = _paths(paths)
+    if max_cards < 0:
+        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+    if not paths:
+        raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    runs = [_check_reportable(path) for path in paths]
+    saes: list[SAEFiles] = []
+    steps: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    for path, is_run in zip(paths, runs):
+        found = [SAEFiles.read(d, path) for d in expand_dirs([path]) if d.resolve() not in seen]
+        seen.update(f.directory.resolve() for f in found)
+        saes.extend(found)
+        steps.extend(_training_steps(found, is_run))
     template = _environment().get_template("report.html.j2")
+    first = paths[0]
     return template.render(
-        header=header(path, saes, read_json(path / MANIFEST_FILE) if is_run else None),
+        header=header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:]),
         metrics=metric_table(saes),
         curves=training_curves(steps),
         saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
@@ -472,15 +518,23 @@ def render_report(path: Path | str, *, max_cards: int = DEFAULT_MAX_CARDS) -> st
     )
 
 
-def write_report(run_dir: Path | str, out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS) -> Path:
-    """Write the report (default ``RUN_DIR/report.html``) atomically and return its path.
+def write_report(
+    run_dir: Path | str | Sequence[Path | str], out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS
+) -> Path:
+    """Write the report of one or several run or SAE directories (default file: the first's ``report.html``)
+    atomically and return its path.
 
     >>> write_report("runs/demo")
     PosixPath('runs/demo/report.html')
+    >>> write_report(["runs/demo", "saelens/topk"], "compare.html")   # a routesae run beside a SAELens SAE
+    PosixPath('compare.html')
     """
-    target = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    paths = _paths(run_dir)
+    if not paths:
+        raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    target = Path(out) if out is not None else paths[0] / REPORT_FILE
     if target.is_dir():
         raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
     with writing_files([target.parent], "report", [target.name]):
-        write_text(target, render_report(run_dir, max_cards=max_cards))
+        write_text(target, render_report(paths, max_cards=max_cards))
     return target
