@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.routesae-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench gpu-check gpu-wheels clean browser
+.PHONY: setup demo test bench gpu-check gpu-wheels clean browser interop saelens-goldens
 
 EXAMPLE_PLUGINS := plugins/routesae-batchtopk plugins/routesae-matryoshka plugins/routesae-layer-routing
 
@@ -42,6 +42,28 @@ browser:
 test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# SAELens interop, live: sae-lens pins transformer-lens < 4, so it gets a virtualenv of its own (.venv-interop, CPU
+# torch first as above); tests/interop/saelens_live.py runs there and calls routesae's Python for routesae's half.
+# `make test` needs none of it: it tests against the golden directories in tests/data/saelens, which
+# `make saelens-goldens` writes again with the real sae-lens.
+INTEROP_VENV ?= .venv-interop
+INTEROP_PY := $(INTEROP_VENV)/bin/python
+INTEROP_STAMP := $(INTEROP_VENV)/.saelens-installed
+SAELENS_SPEC ?= sae-lens>=6,<7
+
+$(INTEROP_STAMP): Makefile
+	test -x $(INTEROP_PY) || python3 -m venv $(INTEROP_VENV)
+	$(INTEROP_PY) -m pip install --quiet --upgrade pip
+	$(INTEROP_PY) -m pip install --quiet torch==2.13.0
+	$(INTEROP_PY) -m pip install --quiet '$(SAELENS_SPEC)'
+	touch $@
+
+interop: setup $(INTEROP_STAMP)
+	$(INTEROP_PY) tests/interop/saelens_live.py --routesae-python $(PY)
+
+saelens-goldens: $(INTEROP_STAMP)
+	$(INTEROP_PY) tests/data/saelens/make_goldens.py
+
 # Each family in its own process: the per-architecture benchmarks allocate GB-sized SAEs, after which the
 # throughput ratios measured in the same process came out ~10% worse than in a fresh one.
 bench: setup
@@ -63,4 +85,4 @@ gpu-wheels:
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) build *.egg-info

@@ -29,12 +29,13 @@ from routesae.architectures.base import (
 from routesae.architectures.codes import SparseCodes
 from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
-from routesae.checkpoint import load_sae
+from routesae.checkpoint import load, load_sae
 from routesae.config import Config, setting
 from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, render_context
 from routesae.data import Corpus, load_corpus
 from routesae.errors import ConfigError, PluginError, RouteSAEError
 from routesae.evaluate import EvaluateConfig, evaluate
+from routesae.export import export_sae
 from routesae.faults import PluginFault
 from routesae.hookspecs import hookimpl
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
@@ -48,18 +49,17 @@ from routesae.interpreters import (
 )
 from routesae.lm import LanguageModel
 from routesae.metrics import EvalBatch, Metric, RunningMean
+from routesae.notebook import TokenLatents, generate, latents, spliced
 from routesae.pipeline import PipelineConfig, pipeline
 from routesae.plugins import PluginInfo, PluginManager, get_plugin_manager
 from routesae.report import write_report
 from routesae.reporters import Reporter, StepReport
 from routesae.routers import Aggregation, AggregationConfig, Router, RouterConfig, Routing
 from routesae.specs import SAESpec
-from routesae.steering import Clamp, SteerConfig, SteeringResult, steer
+from routesae.steering import Clamp, SteerConfig, SteeringResult, steer, steer_sweep
 from routesae.train import train
 from routesae.train_config import TrainConfig
 from routesae.version import __version__
-
-load = load_sae  # ``routesae.load(path)``: rebuild an SAE from its checkpoint directory
 
 __all__ = [
     "SAE",
@@ -109,6 +109,7 @@ __all__ = [
     "SteerConfig",
     "SteeringResult",
     "StepReport",
+    "TokenLatents",
     "TopKConfig",
     "TopKSAE",
     "TrainConfig",
@@ -116,10 +117,13 @@ __all__ = [
     "__version__",
     "cache_activations",
     "evaluate",
+    "export_sae",
     "extract_contexts",
+    "generate",
     "get_plugin_manager",
     "hookimpl",
     "interpret",
+    "latents",
     "load",
     "load_corpus",
     "load_sae",
@@ -128,7 +132,9 @@ __all__ = [
     "read_contexts",
     "render_context",
     "setting",
+    "spliced",
     "steer",
+    "steer_sweep",
     "train",
     "write_report",
 ]

@@ -8,10 +8,16 @@ tokens are harvested together, permuted with a generator seeded by (seed, group 
 served as SAE batches. Which blocks form a group follows from the attention masks alone, so a
 position in the stream is just (group, batch within group): a resumed run re-harvests the
 current group, skips the batches already used, and continues bit-identically.
+
+With ``epochs`` the stream passes over its blocks several times. The first pass is the one a
+single-pass stream serves; each later pass serves the same groups in another seeded order, each
+permuted anew, both drawn from (seed, epoch) alone, so the position gains the epoch and stays
+exact on resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,12 +54,26 @@ class HarvestConfig(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("context_length", "batch_size", "tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value <= 0:  # training's tokens may be None: --epochs whole passes
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {value}")
         resolve_device(self.device)  # a wrong --device fails here, before the model loads
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+
+def too_few_tokens_advice(tokens: int, one_pass: int, epochs: int, more: str = "use a larger --dataset") -> str:
+    """The end of a message refusing ``tokens`` beyond what ``epochs`` passes of ``one_pass`` tokens hold: the fixes.
+
+    The trainer (a train split) and the cache (its tokens) refuse alike; ``more`` is how to get more data.
+    """
+    done = f", {epochs * one_pass:,} in {epochs} passes" if epochs > 1 else ""
+    if not one_pass:
+        return f"{done}; {more}"
+    needed = -(-tokens // one_pass)
+    epochs_option = f"raise --epochs to {needed}" if epochs > 1 else f"pass --epochs {needed} to train on it {needed} times"
+    return f"{done}; lower --tokens, {more}, or {epochs_option}"
 
 
 def training_positions(attention_mask_BT: Tensor, keep_bos: bool) -> Tensor:
@@ -87,6 +107,16 @@ class Shard:
 
 
 WHOLE = Shard()
+
+
+def epoch_generator(seed: int, epoch: int, what: str) -> torch.Generator:
+    """A generator for ``what`` (a group's rows, the groups' order) in a later epoch, seeded by a hash of all three.
+
+    Hashing keeps every (seed, epoch, what) apart; the first epoch keeps its historic seeds, so
+    single-pass runs serve what they always served.
+    """
+    digest = hashlib.blake2b(f"routesae:{seed}:{epoch}:{what}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
 @dataclass(frozen=True)
@@ -125,11 +155,14 @@ class ShuffledStream:
         buffer_tokens: int,
         seed: int = 0,
         position: tuple[int, int] = (0, 0),
+        epoch: int = 0,
+        epochs: int = 1,
         prefetch: bool = False,
         tokens: int | None = None,
         shard: Shard = WHOLE,
     ) -> None:
-        """``tokens``: stop after serving this many (the last batch cut short); ``shard``: this process's LM batches."""
+        """``tokens``: stop after serving this many (the last batch cut short); ``shard``: this process's LM batches;
+        ``epochs``: passes over the blocks; ``epoch`` and ``position``: where to start."""
         self.prefetch = prefetch
         self.lm_batch_size = lm_batch_size
         self.sae_batch_tokens = sae_batch_tokens
@@ -138,7 +171,10 @@ class ShuffledStream:
         self.shard = shard
         self.kept_per_block = list(kept_per_block)
         self.groups = plan_groups(self.kept_per_block, lm_batch_size, max(buffer_tokens, sae_batch_tokens))
-        self.position = position  # (group, batch within group) of the next batch served
+        self.pass_tokens = sum(g.tokens for g in self.groups)  # kept tokens of one epoch
+        self.epochs = epochs
+        self.epoch = epoch  # the epoch of the next batch served (the last one's once the stream is spent)
+        self.position = position  # (group within the epoch, batch within group) of the next batch served
         self.batch_tokens = 0  # tokens of the batch last served, all ranks' shares together
         # Time the consumer spent obtaining and permuting groups (LM forwards or cache reads), or with
         # ``prefetch`` waiting for them: the harvest time training did not hide.
@@ -174,17 +210,49 @@ class ShuffledStream:
             row += n
         return local
 
-    def _served_before(self, position: tuple[int, int]) -> int:
-        """Tokens served (all ranks together) before ``position``."""
+    def group_order(self, epoch: int) -> list[int]:
+        """The plan's groups in the order ``epoch`` serves them: as planned in the first, seeded anew in each later one."""
+        if epoch == 0:
+            return list(range(len(self.groups)))
+        return torch.randperm(len(self.groups), generator=epoch_generator(self.seed, epoch, "order")).tolist()
+
+    def _row_generator(self, epoch: int, index: int) -> torch.Generator:
+        """The generator of group ``index``'s row order in ``epoch``."""
+        if epoch == 0:
+            return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return epoch_generator(self.seed, epoch, f"group {index}")
+
+    def _served_before(self, epoch: int, position: tuple[int, int]) -> int:
+        """Tokens served (all ranks together) before ``position`` of ``epoch``."""
         group, batch = position
-        done = sum(g.tokens for g in self.groups[:group])
-        return done + (min(batch * self.sae_batch_tokens, self.groups[group].tokens) if group < len(self.groups) else 0)
+        order = self.group_order(epoch)
+        done = epoch * self.pass_tokens + sum(self.groups[i].tokens for i in order[:group])
+        return done + (min(batch * self.sae_batch_tokens, self.groups[order[group]].tokens) if group < len(order) else 0)
 
     def batch_sizes(self) -> Iterator[int]:
-        """Sizes of every SAE batch the stream serves from the start, known without running the LM."""
-        for group in self.groups:
-            full, rest = divmod(group.tokens, self.sae_batch_tokens)
-            yield from [self.sae_batch_tokens] * full + ([rest] if rest else [])
+        """Sizes of every SAE batch the stream serves from the start, every epoch, known without running the LM."""
+        for epoch in range(self.epochs):
+            for index in self.group_order(epoch):
+                full, rest = divmod(self.groups[index].tokens, self.sae_batch_tokens)
+                yield from [self.sae_batch_tokens] * full + ([rest] if rest else [])
+
+    def _schedule(self) -> list[tuple[int, int, int]]:
+        """(epoch, group within the epoch, plan index) of every group still to serve, from the current position on."""
+        schedule = []
+        for epoch in range(self.epoch, self.epochs):
+            order = self.group_order(epoch)
+            first = self.position[0] if epoch == self.epoch else 0
+            schedule += [(epoch, n, order[n]) for n in range(first, len(order))]
+        return schedule
+
+    def _after(self, epoch: int, n: int, batch: int, group: Group) -> tuple[int, tuple[int, int]]:
+        """(epoch, position) after serving ``batch`` of the ``n``-th group of ``epoch``; a finished epoch but the
+        last moves on to the next one's start."""
+        if (batch + 1) * self.sae_batch_tokens < group.tokens:
+            return epoch, (n, batch + 1)
+        if n + 1 < len(self.groups) or epoch + 1 >= self.epochs:
+            return epoch, (n + 1, 0)
+        return epoch + 1, (0, 0)
 
     def __iter__(self) -> Iterator[Tensor]:
         """Serve each group's rows in a seeded random order.
@@ -196,17 +264,17 @@ class ShuffledStream:
         copy per group and as much memory. With ``prefetch`` the next group is harvested while
         the current one is served: two groups are alive at once, the price of the overlap.
         """
-        first_group, skip = self.position
-        served = self._served_before(self.position)
-        harvests = self._harvests(first_group)
-        for index in range(first_group, len(self.groups)):
+        skip = self.position[1]
+        served = self._served_before(self.epoch, self.position)
+        schedule = self._schedule()
+        harvests = self._harvests([self.groups[index] for _, _, index in schedule])
+        for epoch, n, index in schedule:
             if self.limit is not None and served >= self.limit:
                 return
             start = time.perf_counter()
             acts = next(harvests)
             group = self.groups[index]
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            order = torch.randperm(group.tokens, generator=generator)
+            order = torch.randperm(group.tokens, generator=self._row_generator(epoch, index))
             local = self._local_rows(group)
             if local is None:
                 order = order.to(acts.device)
@@ -224,37 +292,39 @@ class ShuffledStream:
                     rows = rows[rows >= 0].to(acts.device)
                 batch = acts.index_select(0, rows)
                 self.harvest_seconds += time.perf_counter() - start
-                self.position = (index, b + 1) if (b + 1) * self.sae_batch_tokens < group.tokens else (index + 1, 0)
+                self.epoch, self.position = self._after(epoch, n, b, group)
                 yield batch
                 del batch  # the next batch is allocated while the consumer still holds this one: hold it once, not twice
             # Drop this group before harvesting the next, or two groups would be alive at once.
             del acts, order
             skip = 0
 
-    def _harvests(self, first_group: int) -> Iterator[Tensor]:
-        """Each group's activations from ``first_group`` on; with ``prefetch`` the next group's harvest runs in a
+    def _harvests(self, groups: Sequence[Group]) -> Iterator[Tensor]:
+        """Each of ``groups``' activations in turn; with ``prefetch`` the next group's harvest runs in a
         background thread while the consumer trains on the current one.
 
         The worker uses the caller's intra-op thread count, so it computes the same activations bit for bit.
         When the consumer stops early, a harvest already under way is abandoned (not waited for).
         """
         if not self.prefetch:
-            for index in range(first_group, len(self.groups)):
-                yield self.harvest(self.groups[index])
+            for group in groups:
+                yield self.harvest(group)
+            return
+        if not groups:
             return
         threads = torch.get_num_threads()
 
-        def work(index: int) -> Tensor:
+        def work(group: Group) -> Tensor:
             torch.set_num_threads(threads)
-            return self.harvest(self.groups[index])
+            return self.harvest(group)
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="routesae-harvest")
         try:
-            pending = pool.submit(work, first_group)
-            for index in range(first_group, len(self.groups)):
+            pending = pool.submit(work, groups[0])
+            for index in range(len(groups)):
                 acts = pending.result()
-                if index + 1 < len(self.groups):
-                    pending = pool.submit(work, index + 1)
+                if index + 1 < len(groups):
+                    pending = pool.submit(work, groups[index + 1])
                 yield acts
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -275,6 +345,8 @@ class ActivationStream(ShuffledStream):
         keep_bos: bool = False,
         seed: int = 0,
         position: tuple[int, int] = (0, 0),
+        epoch: int = 0,
+        epochs: int = 1,
         prefetch: bool = False,
         tokens: int | None = None,
         shard: Shard = WHOLE,
@@ -286,7 +358,7 @@ class ActivationStream(ShuffledStream):
         kept_per_block = training_positions(blocks.attention_mask, keep_bos).sum(-1).tolist()
         super().__init__(
             kept_per_block, lm_batch_size=lm_batch_size, sae_batch_tokens=sae_batch_tokens, buffer_tokens=buffer_tokens,
-            seed=seed, position=position, prefetch=prefetch, tokens=tokens, shard=shard,
+            seed=seed, position=position, epoch=epoch, epochs=epochs, prefetch=prefetch, tokens=tokens, shard=shard,
         )
 
     def harvest(self, group: Group) -> Tensor:

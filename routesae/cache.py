@@ -33,11 +33,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from rich.console import Console
 from rich.filesize import decimal
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from torch import Tensor
 
-from routesae.activations import Group, HarvestConfig, ShuffledStream, harvest_batches, training_positions
+from routesae.activations import (
+    Group,
+    HarvestConfig,
+    ShuffledStream,
+    harvest_batches,
+    too_few_tokens_advice,
+    training_positions,
+)
 from routesae.architectures.base import check_layer
 from routesae.config import setting
 from routesae.data import load_corpus
@@ -45,6 +51,7 @@ from routesae.errors import ConfigError, RouteSAEError
 from routesae.files import file_sha256, read_json, write_json, write_safetensors
 from routesae.lm import HOOK_TEMPLATE, LanguageModel
 from routesae.locks import is_lock, writing
+from routesae.progress import JobProgress
 from routesae.version import __version__
 
 if TYPE_CHECKING:
@@ -272,9 +279,9 @@ class _CacheWriter:
                 orphan.unlink()
         rows_per_shard = max(1, int(self.cfg.shard_mb * 2**20) // self.bytes_per_token)
         start = self.manifest["blocks"]
-        columns = (TextColumn("caching"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task("cache", total=self.total_tokens, completed=self.manifest["tokens"])
+        bar = JobProgress("cache", self.total_tokens, console=self.console, enabled=not self.console.quiet)
+        bar.completed = self.manifest["tokens"]
+        with bar:
             parts: list[Tensor] = []
             first, rows, started = start, 0, time.perf_counter()
             batches = harvest_batches(self.lm, self.blocks, self.layers, self.cfg.keep_bos, self.cfg.batch_size, start, self.n_blocks)
@@ -282,14 +289,15 @@ class _CacheWriter:
                 parts.append(acts.to("cpu", self.dtype))
                 rows += acts.shape[0]
                 end = min(batch_start + self.cfg.batch_size, self.n_blocks)
-                bar.update(task, advance=acts.shape[0])
+                bar.advance(acts.shape[0])
                 if rows >= rows_per_shard or end == self.n_blocks:
                     self._write_shard(torch.cat(parts), first, end, time.perf_counter() - started)
                     parts, first, rows, started = [], end, 0, time.perf_counter()
         self.manifest["status"] = "complete"
         write_json(self.out / MANIFEST_FILE, self.manifest)
         m = self.manifest
-        self.console.print(f"cached {m['tokens']:,} tokens of blocks {self.layers} in {self.out} ({decimal(m['bytes'])})")
+        self.console.print(f"wrote a cache of {m['tokens']:,} tokens of blocks {self.layers} ({decimal(m['bytes'])}) in "
+                           f"{self.out}", highlight=False, soft_wrap=True)
         return self.out
 
     def _write_shard(self, acts_NLD: Tensor, first_block: int, end_block: int, seconds: float) -> None:
@@ -433,7 +441,8 @@ class ActivationCache:
         return sorted(set(layers) - set(self.layers))
 
     def check_train_config(self, cfg: HarvestConfig) -> None:
-        """Training from this cache must read the same data and positions, and no more tokens than it holds."""
+        """Training from this cache must read the same data and positions, and no more tokens than it holds
+        (times ``--epochs``)."""
         for name in IDENTITY:
             given, cached = getattr(cfg, name), self.request[name]
             same = _same_source(given, cached) if name in ("model", "dataset") else given == cached
@@ -443,10 +452,11 @@ class ActivationCache:
                     f"the activation cache in {self.path} was harvested with {option} {cached!r}, not {given!r}; "
                     f"drop {option} (training from a cache takes it from the cache) or cache again with {option} {given!r}"
                 )
-        if cfg.tokens > self.tokens:
+        passes = getattr(cfg, "epochs", None) or 1  # training's --epochs: that many passes over the cached tokens
+        if cfg.tokens is not None and cfg.tokens > passes * self.tokens:
+            fix = too_few_tokens_advice(cfg.tokens, self.tokens, passes, "cache more (routesae cache --tokens ...)")
             raise RouteSAEError(
-                f"asked for {cfg.tokens:,} training tokens but the activation cache in {self.path} holds {self.tokens:,}; "
-                "lower --tokens or cache more (routesae cache --tokens ...)"
+                f"asked for {cfg.tokens:,} training tokens but the activation cache in {self.path} holds {self.tokens:,}{fix}"
             )
 
 
@@ -470,4 +480,6 @@ class CachedStream(ShuffledStream):
             else:
                 runs.append([first, end])
         parts = [self.cache.rows(self.first_row[first], self.first_row[end], self.layers) for first, end in runs]
+        if not parts:  # under torchrun, a group of fewer LM batches than ranks: this rank's share is empty
+            return torch.empty(0, len(self.layers), self.cache.model.d_model)
         return parts[0] if len(parts) == 1 else torch.cat(parts)

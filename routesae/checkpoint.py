@@ -20,6 +20,8 @@ from safetensors import safe_open
 from routesae.architectures.base import SAE
 from routesae.errors import PluginError, RouteSAEError, reading
 from routesae.files import read_json, write_json, write_safetensors
+from routesae.interop.saelens import SAELENS_WEIGHTS
+from routesae.interop.saelens_read import is_saelens_dir, read_saelens_config, read_saelens_weights
 from routesae.plugins import PluginManager, activated, get_plugin_manager
 from routesae.rundir import CONFIG_FILE, WEIGHTS_FILE
 from routesae.version import __version__
@@ -44,7 +46,7 @@ def save_sae(sae: SAE, directory: Path, meta: dict[str, Any]) -> None:
         "architecture": sae.name,
         "config": sae.cfg.to_dict(),
         "d_model": sae.d_model,
-        "layers": list(sae.layers),
+        "layers": meta["layers"] if "layers" in meta else list(sae.layers),  # a part of a routed SAE reads no block
         "plugins": plugin_provenance(sae),
         **meta,
     }
@@ -80,10 +82,14 @@ def require_plugins(directory: Path, config: dict[str, Any], pm: PluginManager) 
 
 
 def read_sae_config(directory: Path) -> dict[str, Any]:
+    """``config.json``, checked; a SAELens directory's is made from its ``cfg.json`` (:mod:`routesae.interop.saelens_read`)."""
     directory = Path(directory)
+    if is_saelens_dir(directory):
+        return read_saelens_config(directory)
     if not (directory / CONFIG_FILE).is_file():
         raise RouteSAEError(
-            f"{directory} holds no SAE checkpoint (no {CONFIG_FILE}); pass a directory written by `routesae train`"
+            f"{directory} holds no SAE checkpoint (no {CONFIG_FILE}); pass a directory written by `routesae train` "
+            "or a SAELens directory (cfg.json)"
         )
     config = read_json(directory / CONFIG_FILE)
     missing = [key for key in REQUIRED_KEYS if not isinstance(config, dict) or key not in config]
@@ -104,20 +110,37 @@ def load_sae(
 ) -> tuple[SAE, dict[str, Any]]:
     """Rebuild an SAE from its directory; returns (sae in eval mode, its config.json).
 
+    A SAELens directory (``cfg.json`` and no ``config.json``) gives the routesae SAE that computes the same thing.
     ``plugins``: the plugin manager whose architectures (and routers, ...) rebuild it (default: the one in use).
     """
     directory = Path(directory)
-    config = read_sae_config(directory)
     with activated(plugins) as pm:
+        config = read_sae_config(directory)
         require_plugins(directory, config, pm)
         arch = pm.get("architecture", config["architecture"])
-        settings, state = arch.upgrade(config["config"], read_weights(directory, config))
+        saelens = is_saelens_dir(directory)
+        weights = read_saelens_weights(directory, config) if saelens else read_weights(directory, config)
+        settings, state = arch.upgrade(config["config"], weights)
         sae = arch(arch.Config.from_dict(settings), config["d_model"])
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:
-        raise RouteSAEError(f"{directory}/{WEIGHTS_FILE} does not match its config: {e}") from None
+        raise RouteSAEError(f"{directory}/{SAELENS_WEIGHTS if saelens else WEIGHTS_FILE} does not match its config: {e}") from None
+    sae.checkpoint = config
     return sae.to(device).eval(), config
+
+
+def load(directory: Path | str, device: str | torch.device = "cpu", *, plugins: PluginManager | None = None) -> SAE:
+    """The SAE in ``directory``, in eval mode, its ``config.json`` on ``sae.checkpoint`` (model, layers, data, training).
+
+    ``routesae.load(path)``, as SAELens 6's ``SAE.from_pretrained`` returns the SAE alone;
+    :func:`load_sae` returns the pair.
+
+    >>> sae = routesae.load("runs/demo/topk-L21-k32-F4096")
+    >>> sae.checkpoint["hooks"]
+    ['blocks.21.hook_resid_post']
+    """
+    return load_sae(Path(directory), device, plugins=plugins)[0]
 
 
 def read_weights(directory: Path, config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

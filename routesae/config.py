@@ -88,6 +88,14 @@ def _check_value(owner: str, name: str, value: Any, tp: Any, optional: bool) -> 
         if optional:
             return None
         raise ConfigError(f"{owner}: {name} must be set")
+    if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["all"]: any member's value
+        errors = []
+        for member in get_args(tp):
+            try:
+                return _check_value(owner, name, value, member, optional)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"{owner}: {' or '.join(errors)}")
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if value not in choices:

@@ -21,7 +21,7 @@ class FiringCounter:
 
     def update(self, latents_NF: Tensor) -> None:
         """Age every latent by this batch's tokens; reset those that fired on any of them."""
-        self.update_fired((latents_NF != 0).any(0), latents_NF.shape[0])
+        self.update_fired(latents_NF.any(0), latents_NF.shape[0])
 
     def update_fired(self, fired_F: Tensor, tokens: int) -> None:
         """Age every latent by ``tokens``; reset those in ``fired_F`` (a batch's firing, e.g. gathered over ranks)."""

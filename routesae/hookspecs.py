@@ -42,5 +42,10 @@ def register_reporters(register):
 
 
 @hookspec
+def register_exporters(register):
+    """Register exporters that write an architecture's SAEs in another library's format (instances of ``routesae.interop.Exporter``)."""
+
+
+@hookspec
 def register_commands(cli):
     """Add click commands to the ``routesae`` CLI group."""

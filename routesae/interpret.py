@@ -32,6 +32,7 @@ from routesae.interpreters.answers import CATEGORIES, parse_detection, parse_exp
 from routesae.interpreters.base import Completion, Interpreter, InterpreterError, InterpreterUnavailable, Message
 from routesae.interpreters.templates import PromptTemplate, load_template, render_classes, render_numbered
 from routesae.locks import writing_files
+from routesae.progress import JobProgress
 from routesae.rundir import CONTEXTS_FILE, INTERPRETATIONS_FILE
 from routesae.stage_config import StageConfig
 from routesae.version import __version__
@@ -432,48 +433,22 @@ def _write(doc: dict[str, Any], path: Path, base: _Usage, req: _Requester) -> No
 def _run(jobs: list[_Job], req: _Requester, doc: dict[str, Any], write: Callable[[], None], contexts: dict[str, Any],
          templates: tuple[PromptTemplate, PromptTemplate], detection: bool, seed: int, workers: int, progress: bool) -> None:
     """Run the jobs on a bounded thread pool; the calling thread alone updates and writes the document."""
-    bar, advance = _progress_bar(progress, len(jobs))
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="interpret") as pool:
-            futures = {pool.submit(_run_job, job, req, contexts, templates, detection, seed): job for job in jobs}
-            try:
-                for future in as_completed(futures):
-                    record = future.result()
-                    if record is not None:
-                        doc["latents"][str(futures[future].latent_id)] = record
-                        write()
-                    advance(req)
-            except BaseException:  # Ctrl-C or a bug: queued jobs must not start while the pool winds down
-                req.stop_reason = req.stop_reason or "interrupted"
-                raise
-    finally:
-        bar()
-
-
-def _progress_bar(enabled: bool, total: int) -> tuple[Callable[[], None], Callable[[_Requester], None]]:
-    """A rich progress bar on stderr (stdout stays free for --json): (stop, advance)."""
-    if not enabled or total == 0:
-        return (lambda: None), (lambda req: None)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("[bold]interpret"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[cost]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-    task = bar.add_task("interpret", total=total, cost="")
-    bar.start()
-
-    def advance(req: _Requester) -> None:
-        cost = req.usage.cost_usd
-        bar.update(task, advance=1, cost="" if cost is None else f"${cost:.4f}")
-
-    return bar.stop, advance
+    with (
+        JobProgress("interpret", len(jobs), "latents", enabled=progress and bool(jobs)) as bar,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="interpret") as pool,
+    ):
+        futures = {pool.submit(_run_job, job, req, contexts, templates, detection, seed): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                record = future.result()
+                if record is not None:
+                    doc["latents"][str(futures[future].latent_id)] = record
+                    write()
+                cost = req.usage.cost_usd
+                bar.update(bar.completed + 1, status="" if cost is None else f"${cost:.4f}")
+        except BaseException:  # Ctrl-C or a bug: queued jobs must not start while the pool winds down
+            req.stop_reason = req.stop_reason or "interrupted"
+            raise
 
 
 def _finish(doc: dict[str, Any], path: Path, req: _Requester, max_cost: float | None) -> dict[str, Any]:

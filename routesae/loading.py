@@ -32,21 +32,37 @@ def _identity(model: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(model.get(key) for key in MODEL_IDENTITY)
 
 
+def _names(model: dict[str, Any]) -> set[str]:
+    """What a model is called: its spec, hub name and directory (also resolved, for a path)."""
+    names = {str(model[key]) for key in ("spec", "path", "hub_name") if model.get(key)}
+    return names | {str(Path(name).resolve()) for name in names if Path(name).exists()}
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two recorded models are one. An SAE read from another library (SAELens) knows its model by name
+    only (``known_by_name``): it is the model of that name, spec or directory, at its width."""
+    if a.get("known_by_name") or b.get("known_by_name"):
+        return a.get("d_model") == b.get("d_model") and bool(_names(a) & _names(b))
+    return _identity(a) == _identity(b)
+
+
 def check_same_model(dirs: Sequence[Path], configs: Sequence[dict[str, Any]], lm: LanguageModel | None) -> None:
     """Every SAE must read the same model (the one given, if any) at its width."""
     if lm is not None:
-        reference, where = _identity(lm.describe()), f"given ({lm.spec!r}, d_model {lm.d_model})"
+        reference, where = lm.describe(), f"given ({lm.spec!r}, d_model {lm.d_model})"
     else:
-        first = configs[0]["model"]
-        reference, where = _identity(first), f"of {dirs[0]} ({first['spec']!r}, d_model {first.get('d_model')})"
+        reference = configs[0]["model"]
+        where = f"of {dirs[0]} ({reference['spec']!r}, d_model {reference.get('d_model')})"
     for directory, config in zip(dirs, configs):
         model = config["model"]
+        if not model.get("spec"):
+            raise RouteSAEError(f"{directory} names no model (a SAELens cfg.json without metadata.model_name)")
         if config["d_model"] != model.get("d_model"):
             raise RouteSAEError(
                 f"{directory}/{CONFIG_FILE} contradicts itself: the SAE reads d_model {config['d_model']} but its model "
                 f"{model['spec']!r} has d_model {model.get('d_model')}; the checkpoint is damaged, train it again"
             )
-        if _identity(model) != reference:
+        if not same_model(model, reference):
             raise RouteSAEError(
                 f"{directory} was trained on {model['spec']!r} (d_model {config['d_model']}), which is not the model "
                 f"{where}; "
@@ -66,7 +82,12 @@ def model_for(
 
 def corpus_for(config: dict[str, Any], lm: LanguageModel) -> Corpus:
     """The corpus an SAE was trained on, split as in training (its ``eval``/``apply`` splits are unseen)."""
-    data = config["data"]
+    data = config.get("data")
+    if not data:
+        raise RouteSAEError(
+            f"{config.get('name', 'the first SAE')} records no training data (a SAELens cfg.json without "
+            "metadata.dataset_path and context_size): list a routesae SAE of the same model first, whose data is used"
+        )
     return load_corpus(
         data["source"],
         lm.tokenizer,

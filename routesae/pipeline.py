@@ -28,6 +28,8 @@ from routesae.files import read_json, write_json
 from routesae.interpret import BudgetReached, InterpretConfig, interpret
 from routesae.interpreters.base import recorded_options
 from routesae.locks import writing
+from routesae.plugins import get_plugin_manager
+from routesae.reporters.console import stderr_console
 from routesae.rundir import INTERPRETATIONS_FILE, MANIFEST_FILE, expand_dirs
 from routesae.specs import SAESpec
 from routesae.train import train
@@ -106,6 +108,7 @@ class Pipeline:
         self.overwrite = overwrite
         self.reporters = list(reporters)
         self.record: dict[str, Any] = {}
+        self.console = stderr_console()
 
     # -- requests and records --------------------------------------------------------------------
     def requests(self) -> dict[str, dict[str, Any]]:
@@ -139,18 +142,23 @@ class Pipeline:
     # -- the stages ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage; returns the ``pipeline`` record written to ``run.json``."""
+        self._check_interpreter()
         previous = self._stages_record()
         requests = self.requests()
         upstream_ran = False
-        for stage in STAGES:
+        for number, stage in enumerate(STAGES, start=1):
+            header = f"pipeline {number}/{len(STAGES)}: {stage}"
             if stage == "interpret" and self.cfg.interpreter == "none":
                 self.record[stage] = {"status": "skipped", "request": requests[stage]}
+                self.console.print(f"{header} · skipped (--interpreter none)", highlight=False)
                 continue
             before = previous.get(stage, {})
             changed = upstream_ran or before.get("request") != requests[stage]
             if not changed and before.get("status") == "done":
                 self.record[stage] = before
+                self.console.print(f"{header} · done before with these settings, kept", highlight=False)
                 continue
+            self.console.rule(header, align="left", style="bold")
             started = time.monotonic()
             result = self._runner(stage)(fresh=changed)
             upstream_ran = True
@@ -163,6 +171,12 @@ class Pipeline:
             }
             self._save()
         return read_json(self.out / MANIFEST_FILE)["pipeline"]
+
+    def _check_interpreter(self) -> None:
+        """The backend's settings are checked before training, not hours later (its key when it starts)."""
+        if self.cfg.interpreter == "none":
+            return
+        get_plugin_manager().get("interpreter", self.cfg.interpreter).Config.from_dict(self.interpreter_options)
 
     def _runner(self, stage: str) -> Callable[..., dict[str, Any] | None]:
         return {

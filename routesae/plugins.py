@@ -26,6 +26,7 @@ import pluggy
 from routesae import hookspecs
 from routesae.architectures.base import SAE
 from routesae.errors import PluginError
+from routesae.interop.base import Exporter
 from routesae.interpreters.base import Interpreter
 from routesae.metrics.base import Metric
 from routesae.reporters.base import Reporter
@@ -61,9 +62,12 @@ class Kind:
         missing = [m for m in self.required if getattr(cls, m, None) is getattr(self.base, m)]
         if missing:
             raise PluginError(f"{self.name} {name!r} does not define {', '.join(missing)}, which every {what} must")
-        check_contract = getattr(cls, "check_contract", None)
+        check_contract = getattr(obj, "check_contract", None)  # a classmethod of a class, or a method of an instance
         if check_contract is not None:
-            check_contract()
+            try:
+                check_contract()
+            except PluginError as e:
+                raise PluginError(f"{self.name} {name!r}: {e}") from None
 
 
 #: Every kind of plugin. The host files what a hook registers under its kind and checks it against the base.
@@ -76,6 +80,7 @@ KINDS: dict[str, Kind] = {
         Kind("metric", "register_metrics", Metric, "routesae.metrics", instance=False, required=("update", "result")),
         Kind("interpreter", "register_interpreters", Interpreter, "routesae", instance=False, required=("complete",)),
         Kind("reporter", "register_reporters", Reporter, "routesae.reporters", instance=False),
+        Kind("exporter", "register_exporters", Exporter, "routesae.interop", instance=True),
     )
 }
 
@@ -323,6 +328,8 @@ def _top_package(obj: Any) -> str:
 def _registrar(kind: Kind, into: dict[str, Any]) -> Callable[..., None]:
     def register(obj: Any, name: str | None = None) -> None:
         key = name or getattr(obj, "name", None)
+        if (not isinstance(key, str) or not key) and kind.instance and isinstance(obj, type):
+            kind.check(obj.__name__, obj)  # a class where an instance belongs (whose name is a property): say so
         if not isinstance(key, str) or not key:
             raise PluginError(f"cannot register {obj!r} as a {kind.name}: it has no name (pass name=...)")
         if key in into:

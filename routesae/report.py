@@ -4,7 +4,8 @@ Every stage (``train``, ``evaluate``, ``contexts``, ``interpret``) leaves JSON b
 checkpoints; reading several of those files at once is what comparing SAEs needs, and a page is
 what people share. The page is a single file (inline CSS, inline SVG, no script, no external
 resource) so it can be mailed, archived with the run or opened from disk anywhere; its
-Content-Security-Policy forbids everything else, so even an escaping bug could not run script.
+Content-Security-Policy allows only the one inline script it ships (a filter over the latent cards,
+by its hash), so even an escaping bug could not run script.
 
 Everything taken from the data (SAE names, token texts, explanations, model answers) reaches the
 page only through jinja2 with autoescaping on. A stage that has not run, or whose file cannot be
@@ -14,10 +15,12 @@ still being worked on, so a missing piece must never stop it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,23 +32,41 @@ from routesae.checkpoint import read_sae_config
 from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_text
+from routesae.interop.saelens import SAELENS_CONFIG
+from routesae.interop.saelens_read import is_saelens_dir
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
 from routesae.locks import writing_files
 from routesae.metrics.base import Better
 from routesae.plugins import get_plugin_manager
+from routesae.report_charts import read_steps, training_curves
 from routesae.rundir import (
     CONFIG_FILE,
     CONTEXTS_FILE,
     EVAL_FILE,
     INTERPRETATIONS_FILE,
     MANIFEST_FILE,
+    METRICS_FILE,
     REPORT_FILE,
+    STEERING_FILE,
     expand_dirs,
+    run_dir_of,
 )
 from routesae.version import __version__
 
 DEFAULT_MAX_CARDS = 24
 CONTEXTS_PER_CARD = 5
+WEAK_JUDGE = 0.5  # an interpreter whose answers are unreadable this often is called out, not shown as scores
+# The page's one script: a filter over the latent cards. The Content-Security-Policy allows exactly this text (its
+# hash), so nothing else can run; it only reads text and toggles visibility, never writes markup.
+FILTER_SCRIPT = """
+document.getElementById("filter").addEventListener("input", (event) => {
+  const words = event.target.value.toLowerCase().split(/\\s+/).filter(Boolean);
+  for (const card of document.querySelectorAll("article.card")) {
+    const text = card.textContent.toLowerCase();
+    card.hidden = !words.every((word) => text.includes(word));
+  }
+});
+"""
 
 CATEGORY_BADGES = {"low-level": "low", "high-level": "high", "undiscernible": "undiscernible"}
 """Known interpretation categories -> CSS class suffix; anything else is drawn as ``other``."""
@@ -89,6 +110,13 @@ def read_interpretations(path: Path) -> dict[str, Any]:
     return doc
 
 
+def read_steering(path: Path) -> dict[str, Any]:
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise RouteSAEError(f"{path} holds no steering results")
+    return doc
+
+
 @dataclass
 class SAEFiles:
     """One SAE checkpoint directory and what its stages have written so far."""
@@ -99,6 +127,7 @@ class SAEFiles:
     contexts: Stage
     interpretations: Stage
     contexts_sha256: str | None
+    steering: list[dict[str, Any]]
 
     @property
     def name(self) -> str:
@@ -114,7 +143,8 @@ class SAEFiles:
             directory / INTERPRETATIONS_FILE, read_interpretations, _command("routesae", "interpret", directory)
         )
         digest = contexts_fingerprint(contexts_path) if contexts.data is not None else None
-        return cls(directory, config, evaluation, contexts, interpretations, digest)
+        steering = read_stage(directory / STEERING_FILE, read_steering, _command("routesae", "steer", directory, "--record"))
+        return cls(directory, config, evaluation, contexts, interpretations, digest, (steering.data or {}).get("results", []))
 
 
 def _finite(value: Any) -> bool:
@@ -330,21 +360,52 @@ def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
         "layers": f"{layers[0]}–{layers[-1]}" if len(layers) > 1 else ", ".join(map(str, layers)),
         "latent_size": config.get("config", {}).get("latent_size"),
         "config_json": json.dumps(config.get("config", {}), indent=2, ensure_ascii=False),
+        "imported": _imported(config),
         "training": config.get("training", {}),
         "histograms": histograms(config),
         "contexts": files.contexts,
         "interpretations": files.interpretations,
         "interpretation_warnings": _interpretation_notes(files),
+        "weak_judge": _weak_judge(interpretations),
+        "routed": len(layers) > 1,
         "cards": latent_cards(contexts, interpretations, max_cards),
+        "steering": [_steering_row(r) for r in files.steering if isinstance(r, dict)],
     }
+
+
+def _imported(config: dict[str, Any]) -> str | None:
+    """Where an SAE read from another library's format came from (``config["source"]``), or None."""
+    source = config.get("source")
+    if not isinstance(source, dict):
+        return None
+    version = f", sae-lens {source['sae_lens_version']}" if source.get("sae_lens_version") else ""
+    return f"read from {source.get('format')} ({source.get('architecture')}{version})"
+
+
+def _weak_judge(interpretations: dict[str, Any] | None) -> str | None:
+    """A one-line verdict when most of the interpreter's answers could not be read (the embedded model's often cannot)."""
+    summary = (interpretations or {}).get("summary", {})
+    unparsable, scored = summary.get("unparsable") or 0, summary.get("features_scored") or 0
+    if not unparsable or unparsable < WEAK_JUDGE * (unparsable + scored):
+        return None
+    name = (interpretations or {}).get("interpreter", {}).get("name", "the interpreter")
+    return (f"{unparsable} of {unparsable + scored} answers could not be read: the {name} interpreter is a weak judge "
+            "for this format. Use --interpreter openai (any OpenAI-compatible server) for scores worth comparing.")
+
+
+def _steering_row(result: dict[str, Any]) -> dict[str, Any]:
+    settings = result.get("settings", {})
+    return {"clamps": " ".join(settings.get("clamps", [])), "asked": " ".join(settings.get("asked", [])),
+            "prompt": result.get("prompt"), "original": result.get("original"), "steered": result.get("steered")}
 
 
 def _modified(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict[str, Any]:
-    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config."""
+def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None, others: Sequence[Path] = ()) -> dict[str, Any]:
+    """Run name, model, data, tokens, date and versions, from ``run.json`` or else a lone SAE's config; ``others``
+    are the further directories reported beside it."""
     if run is not None:
         model, data = run.get("model", {}), run.get("data", {})
         tokens, status = run.get("progress", {}).get("tokens"), run.get("status")
@@ -352,12 +413,14 @@ def header(path: Path, saes: list[SAEFiles], run: dict[str, Any] | None) -> dict
     else:
         config = saes[0].config
         model, data = config.get("model", {}), config.get("data", {})
-        tokens = config.get("training", {}).get("tokens_done")
-        status = "finished" if config.get("training", {}).get("finished") else "unfinished"
-        version, dated = config.get("routesae_version"), path / CONFIG_FILE
+        training = config.get("training")  # none for an SAE read from another library's format
+        tokens = (training or {}).get("tokens_done")
+        status = None if training is None else "finished" if training.get("finished") else "unfinished"
+        version = config.get("routesae_version")
+        dated = path / SAELENS_CONFIG if is_saelens_dir(path) else path / CONFIG_FILE
     return {
-        "name": path.resolve().name,
-        "path": str(path),
+        "name": path.resolve().name + (f" and {len(others)} more" if others else ""),
+        "path": " · ".join(str(p) for p in [path, *others]),
         "model": model.get("spec"),
         "model_shape": f"{model['n_layers']} blocks, d_model {model['d_model']}" if "n_layers" in model and "d_model" in model else "",
         "data": data.get("source"),
@@ -396,37 +459,82 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_report(path: Path | str, *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
-    """The report's HTML for a run directory (all its SAEs) or a single SAE checkpoint directory."""
-    path = Path(path)
-    if max_cards < 0:
-        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+def _training_steps(saes: list[SAEFiles], is_run: bool) -> list[dict[str, Any]]:
+    """The training steps charted for a run (all its SAEs) or an SAE directory (its own, from its run's log)."""
+    if not saes:
+        return []
+    steps = read_steps(run_dir_of(saes[0].directory) / METRICS_FILE)
+    if is_run:
+        return steps
+    name = saes[0].name
+    return [{**step, "saes": {name: step["saes"][name]}} for step in steps if name in step["saes"]]
+
+
+def _paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def _check_reportable(path: Path) -> bool:
+    """Whether ``path`` is a run directory (else an SAE checkpoint, routesae's or SAELens's); refuse anything else."""
     if not path.is_dir():
         raise RouteSAEError(f"{path} is not a directory; pass a run or SAE directory written by `routesae train`")
     is_run = (path / MANIFEST_FILE).is_file() and not (path / CONFIG_FILE).is_file()
-    if not is_run and not (path / CONFIG_FILE).is_file():
+    if not is_run and not (path / CONFIG_FILE).is_file() and not is_saelens_dir(path):
         raise RouteSAEError(
-            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}); "
-            "pass a directory written by `routesae train`"
+            f"{path} is neither a run directory ({MANIFEST_FILE}) nor an SAE checkpoint ({CONFIG_FILE}, or SAELens's "
+            f"{SAELENS_CONFIG}); pass a directory written by `routesae train`"
         )
-    saes = [SAEFiles.read(d, path) for d in expand_dirs([path])]
+    return is_run
+
+
+def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
+    """The report's HTML for run directories (all their SAEs) and SAE checkpoint directories, side by side.
+
+    The header describes the first one; the SAEs of all of them share the metric table and the curves.
+    """
+    paths = _paths(paths)
+    if max_cards < 0:
+        raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
+    if not paths:
+        raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    runs = [_check_reportable(path) for path in paths]
+    saes: list[SAEFiles] = []
+    steps: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    for path, is_run in zip(paths, runs):
+        found = [SAEFiles.read(d, path) for d in expand_dirs([path]) if d.resolve() not in seen]
+        seen.update(f.directory.resolve() for f in found)
+        saes.extend(found)
+        steps.extend(_training_steps(found, is_run))
     template = _environment().get_template("report.html.j2")
+    first = paths[0]
     return template.render(
-        header=header(path, saes, read_json(path / MANIFEST_FILE) if is_run else None),
+        header=header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:]),
         metrics=metric_table(saes),
+        curves=training_curves(steps),
         saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
+        script=FILTER_SCRIPT,
+        script_hash=base64.b64encode(hashlib.sha256(FILTER_SCRIPT.encode()).digest()).decode(),
     )
 
 
-def write_report(run_dir: Path | str, out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS) -> Path:
-    """Write the report (default ``RUN_DIR/report.html``) atomically and return its path.
+def write_report(
+    run_dir: Path | str | Sequence[Path | str], out: Path | str | None = None, *, max_cards: int = DEFAULT_MAX_CARDS
+) -> Path:
+    """Write the report of one or several run or SAE directories (default file: the first's ``report.html``)
+    atomically and return its path.
 
     >>> write_report("runs/demo")
     PosixPath('runs/demo/report.html')
+    >>> write_report(["runs/demo", "saelens/topk"], "compare.html")   # a routesae run beside a SAELens SAE
+    PosixPath('compare.html')
     """
-    target = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    paths = _paths(run_dir)
+    if not paths:
+        raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    target = Path(out) if out is not None else paths[0] / REPORT_FILE
     if target.is_dir():
         raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
     with writing_files([target.parent], "report", [target.name]):
-        write_text(target, render_report(run_dir, max_cards=max_cards))
+        write_text(target, render_report(paths, max_cards=max_cards))
     return target

@@ -14,7 +14,7 @@ names itself::
       SAE/                     one directory per SAE, what every later stage reads:
         config.json            ``routesae.load``-able checkpoint, published from the current generation
         weights.safetensors
-        eval.json, contexts.json, interpretations.json
+        eval.json, contexts.json, interpretations.json, steering.json
 
 A checkpoint is atomic as a whole: the trainer writes a generation into a temp directory, renames
 it into place, publishes its SAE files, and only then points ``run.json`` at it (one atomic
@@ -51,6 +51,7 @@ TRAINER_STATE_FILE = "trainer_state.safetensors"
 EVAL_FILE = "eval.json"
 CONTEXTS_FILE = "contexts.json"
 INTERPRETATIONS_FILE = "interpretations.json"
+STEERING_FILE = "steering.json"
 
 PUBLISHED = (WEIGHTS_FILE, CONFIG_FILE)  # weights before config: a config never names weights not yet there
 

@@ -52,8 +52,13 @@ from routesae.architectures.base import SAE, Inference, LatentEdit
 from routesae.checkpoint import load_sae
 from routesae.config import setting
 from routesae.errors import ConfigError, RouteSAEError
+from routesae.files import read_json, write_json
+from routesae.latent_scales import DEFAULT_TOKENS as DEFAULT_SCALE_TOKENS
+from routesae.latent_scales import LatentScale, measure_latent_scales
 from routesae.lm import Edit, LanguageModel
 from routesae.loading import model_for
+from routesae.locks import writing_files
+from routesae.rundir import STEERING_FILE
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
 
@@ -125,6 +130,88 @@ def _number(text: str) -> float | None:
         return float(text)
     except ValueError:
         return None
+
+
+_RELATIVE = re.compile(r"^x(\d+(?:\.\d*)?|\.\d+)(max|typical)$")
+Stat = Literal["max", "typical"]
+STEERING_FORMAT = "routesae-steering"
+
+
+@dataclass(frozen=True)
+class Relative:
+    """A clamp value measured against how the latent fires (:class:`~routesae.latent_scales.LatentScale`)."""
+
+    factor: float
+    stat: Stat
+
+    def __str__(self) -> str:
+        return f"x{self.factor:g}{self.stat}"
+
+
+@dataclass(frozen=True)
+class ClampSpec:
+    """A clamp as written, before its values are known: values relative to the latent's own scale
+    (``1234=x2max``: twice its largest activation; ``1234=+x1typical``) and sweeps (``1234=5,10,20``: one steered
+    continuation per value). :meth:`clamps` turns it into plain :class:`Clamp` objects, one per value.
+    """
+
+    latent: int
+    op: Op
+    values: tuple[float | Relative, ...]
+
+    @classmethod
+    def parse(cls, text: str | Clamp) -> ClampSpec:
+        if isinstance(text, Clamp):
+            return cls(text.latent, text.op, (text.value,))
+        match = re.match(r"^\s*(\d+)\s*=\s*([+\-*]?)(.*)$", text)
+        if match is None or "," not in text and not _RELATIVE.match(match.group(3).strip()):
+            clamp = Clamp.parse(text)  # one plain value (or unreadable: its message says how to write one)
+            return cls(clamp.latent, clamp.op, (clamp.value,))
+        latent, sign = int(match.group(1)), match.group(2)
+        values: list[float | Relative] = []
+        op: Op = "set"
+        for item in (part.strip() for part in match.group(3).split(",")):
+            if relative := _RELATIVE.match(item):
+                if sign == "*":
+                    raise RouteSAEError(f"clamp {text!r}: a relative value sets (N=x2max) or adds (N=+x1typical), "
+                                        "it does not multiply; write N=*2 to double a latent")
+                op = "add" if sign else "set"
+                values.append(Relative(float(relative.group(1)) * (-1 if sign == "-" else 1), relative.group(2)))
+            else:
+                clamp = Clamp.parse(f"{latent}={sign}{item}")
+                op = clamp.op
+                values.append(clamp.value)
+        return cls(latent, op, tuple(values))
+
+    @property
+    def relative(self) -> bool:
+        return any(isinstance(v, Relative) for v in self.values)
+
+    def clamps(self, scale: LatentScale | None = None) -> list[Clamp]:
+        """One clamp per value, relative values resolved against ``scale`` (the latent's measured firing)."""
+        resolved = []
+        for value in self.values:
+            if isinstance(value, Relative):
+                if scale is None:
+                    raise RouteSAEError(f"latent {self.latent}={value}: a relative value needs the latent's scale")
+                base = scale.max if value.stat == "max" else scale.typical
+                if base <= 0:
+                    raise RouteSAEError(f"{scale.describe()}: there is no positive {value.stat} to scale a clamp by; "
+                                        "give a plain value")
+                value = value.factor * base
+            resolved.append(Clamp(self.latent, self.op, value))
+        return resolved
+
+
+def sweep_clamps(specs: Sequence[ClampSpec], scales: dict[int, LatentScale]) -> list[tuple[Clamp, ...]]:
+    """The clamp sets to steer with: one per value of the (at most one) swept clamp, the others fixed."""
+    swept = [spec for spec in specs if len(spec.values) > 1]
+    if len(swept) > 1:
+        raise RouteSAEError(f"sweep one clamp at a time: latents {', '.join(str(s.latent) for s in swept)} each list "
+                            "several values")
+    resolved = [spec.clamps(scales.get(spec.latent)) for spec in specs]
+    width = max((len(r) for r in resolved), default=1)
+    return [tuple(r[i] if len(r) > 1 else r[0] for r in resolved) for i in range(width)]
 
 
 def parse_clamps(clamps: Sequence[str | Clamp], latent_size: int) -> tuple[Clamp, ...]:
@@ -345,11 +432,18 @@ class SteerConfig(StageConfig):
     soft_at_argmax: bool = setting(
         False, "Steer a soft-routed RouteSAE at each token's highest-weight block, as evaluation splices it."
     )
+    scale_tokens: int = setting(
+        DEFAULT_SCALE_TOKENS,
+        "Held-out tokens on which to measure how each clamped latent fires (shown with the texts, and what relative "
+        "values such as x2max are taken from); 0 measures only when a relative value needs it.",
+    )
     infer_k: int | None = infer_k_setting("the SAE")
     theta: float | None = theta_setting("the SAE")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.scale_tokens < 0:
+            raise ConfigError(f"scale_tokens must be >= 0, got {self.scale_tokens}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -383,6 +477,11 @@ def _continue(
     return new, norms
 
 
+def generate_continuation(lm: LanguageModel, prompt_ids: list[int], cfg: SteerConfig) -> list[int]:
+    """New token ids continuing ``prompt_ids`` with ``lm.logits`` as it is (inside ``routesae.spliced``: spliced)."""
+    return _continue(lm, None, prompt_ids, (), cfg)[0]
+
+
 def _open(sae: SAE | Path | str) -> tuple[SAE, Path | None, dict[str, Any] | None]:
     """(the SAE in eval mode, its checkpoint directory and config, or None twice when given loaded)."""
     if isinstance(sae, SAE):
@@ -406,6 +505,30 @@ def _model_for(
 
 
 def steer(
+    sae: SAE | Path | str, prompt: str, clamps: Sequence[str | Clamp], cfg: SteerConfig | None = None, **options: Any
+) -> SteeringResult:
+    """Continue ``prompt`` twice from the same seed, without and with ``clamps`` on ``sae``'s latents.
+
+    ``sae`` is a checkpoint directory (its model is loaded unless ``lm`` is given) or a loaded
+    SAE (then ``lm`` is required). ``clamps``: strings like ``"123=20"`` or ``"123=x2max"`` (twice
+    the latent's largest activation on held-out text), or :class:`Clamp` objects. ``cfg`` says how
+    (:class:`SteerConfig`; keyword ``settings`` such as ``max_new_tokens=32`` build or override it):
+    ``chat=None`` applies the tokenizer's chat template when it has one; ``replace`` puts the
+    clamped reconstruction itself in the residual stream instead of adding the clamp's change (see
+    the module docstring, also for ``positions``); ``soft_at_argmax`` accepts steering a
+    soft-routed RouteSAE at each token's highest-weight block; ``infer_k`` / ``theta`` read the SAE
+    with an inference-time sparsity override. ``options``: ``lm``, ``device`` and settings, as
+    :func:`steer_sweep` takes them. A clamp listing several values is a sweep: :func:`steer_sweep`.
+
+    >>> steer("runs/demo/topk-L21-k32-F4096", "Tell me about Paris.", ["1234=20"]).steered
+    """
+    (result, *others) = steer_sweep(sae, prompt, clamps, cfg, **options)
+    if others:
+        raise RouteSAEError("a clamp lists several values (a sweep): use steer_sweep, which returns one result per value")
+    return result
+
+
+def steer_sweep(
     sae: SAE | Path | str,
     prompt: str,
     clamps: Sequence[str | Clamp],
@@ -414,25 +537,18 @@ def steer(
     lm: LanguageModel | None = None,
     device: str | torch.device | None = None,
     **settings: Any,
-) -> SteeringResult:
-    """Continue ``prompt`` twice from the same seed, without and with ``clamps`` on ``sae``'s latents.
+) -> list[SteeringResult]:
+    """:func:`steer` for each value of a swept clamp (``"123=5,10,20"``), the original continuation computed once.
 
-    ``sae`` is a checkpoint directory (its model is loaded unless ``lm`` is given) or a loaded
-    SAE (then ``lm`` is required). ``clamps``: strings like ``"123=20"`` or :class:`Clamp`
-    objects. ``cfg`` says how (:class:`SteerConfig`; keyword ``settings`` such as
-    ``max_new_tokens=32`` build or override it): ``chat=None`` applies the tokenizer's chat
-    template when it has one; ``replace`` puts the clamped reconstruction itself in the residual
-    stream instead of adding the clamp's change (see the module docstring, also for
-    ``positions``); ``soft_at_argmax`` accepts steering a soft-routed RouteSAE at each token's
-    highest-weight block; ``infer_k`` / ``theta`` read the SAE with an inference-time sparsity
-    override.
+    Each result's ``settings`` holds the clamps it used and, under ``scales``, how each clamped
+    latent fires on ``scale_tokens`` held-out tokens (when they were measured).
 
-    >>> steer("runs/demo/topk-L21-k32-F4096", "Tell me about Paris.", ["1234=20"]).steered
+    >>> [r.steered for r in steer_sweep("runs/demo/topk-L21-k32-F4096", "Tell me about Paris.", ["1234=x1max,x2max"])]
     """
     cfg = SteerConfig.build(cfg, settings)
     override = Inference(k=cfg.infer_k, theta=cfg.theta)
     sae, directory, config = _open(sae)  # everything about the SAE is checked before the model loads
-    parsed = parse_clamps(clamps, sae.cfg.latent_size)
+    specs = parse_clamp_specs(clamps, sae.cfg.latent_size)
     caveat = sae.steering_caveat()
     if caveat is not None and not cfg.soft_at_argmax:
         raise RouteSAEError(
@@ -442,30 +558,68 @@ def steer(
     with sae.inference(override):
         lm = _model_for(sae, directory, config, lm, device)
         sae.to(lm.device)
+        scales = _scales(sae, lm, config or sae.checkpoint, specs, cfg.scale_tokens)
+        variants = sweep_clamps(specs, scales)
         text, prompt_ids, used_chat = render_prompt(lm.tokenizer, prompt, cfg.chat, cfg.system)
         start = time.perf_counter()
         original_ids, _ = _continue(lm, None, prompt_ids, (), cfg)
-        middle = time.perf_counter()
-        steered_ids, norms = _continue(lm, sae, prompt_ids, parsed, cfg)
-        end = time.perf_counter()
+        original_seconds = time.perf_counter() - start
+        results = []
+        for variant in variants:
+            start = time.perf_counter()
+            steered_ids, norms = _continue(lm, sae, prompt_ids, variant, cfg)
+            results.append((variant, steered_ids, norms, time.perf_counter() - start))
     decode = lm.tokenizer.decode
-    settings = {
+    shared = {
         "sae": str(directory) if directory is not None else sae.name,
         "architecture": sae.name,
         "layers": list(sae.layers),
         "model": lm.spec,
-        "clamps": [str(c) for c in parsed],
+        "asked": [str(c).strip() for c in clamps],
         **cfg.request(),
         "chat": used_chat,
+        "scales": {str(latent): dataclasses.asdict(scale) for latent, scale in scales.items()},
     }
-    return SteeringResult(
-        prompt=text,
-        original=decode(original_ids, skip_special_tokens=True),
-        steered=decode(steered_ids, skip_special_tokens=True),
-        prompt_ids=prompt_ids,
-        original_ids=original_ids,
-        steered_ids=steered_ids,
-        settings=settings,
-        delta_norms=norms,
-        seconds={"original": middle - start, "steered": end - middle},
-    )
+    return [
+        SteeringResult(
+            prompt=text,
+            original=decode(original_ids, skip_special_tokens=True),
+            steered=decode(steered_ids, skip_special_tokens=True),
+            prompt_ids=prompt_ids,
+            original_ids=original_ids,
+            steered_ids=steered_ids,
+            settings={**shared, "clamps": [str(c) for c in variant]},
+            delta_norms=norms,
+            seconds={"original": original_seconds, "steered": seconds},
+        )
+        for variant, steered_ids, norms, seconds in results
+    ]
+
+
+def parse_clamp_specs(clamps: Sequence[str | Clamp], latent_size: int) -> list[ClampSpec]:
+    """Clamps as written (sweeps and relative values allowed), checked against the SAE's dictionary size."""
+    specs = [ClampSpec.parse(c) for c in clamps]
+    for spec in specs:
+        parse_clamps([Clamp(spec.latent, "mul", 1.0)], latent_size)  # the latent's range, with parse_clamps' message
+    seen = [spec.latent for spec in specs]
+    if twice := sorted({latent for latent in seen if seen.count(latent) > 1}):
+        raise RouteSAEError(f"latent {twice[0]} is clamped twice; give each latent at most one clamp")
+    return specs
+
+
+def _scales(sae: SAE, lm: LanguageModel, checkpoint: dict[str, Any] | None, specs: Sequence[ClampSpec],
+            tokens: int) -> dict[int, LatentScale]:
+    """How the clamped latents fire: measured when ``tokens`` > 0 and the SAE's data is known, or a value needs it."""
+    needed = any(spec.relative for spec in specs)
+    if not specs or not (needed or tokens and checkpoint and "data" in checkpoint):
+        return {}
+    return measure_latent_scales(sae, lm, checkpoint, [spec.latent for spec in specs], tokens or DEFAULT_SCALE_TOKENS)
+
+
+def record_steering(sae_dir: Path | str, results: Sequence[SteeringResult]) -> Path:
+    """Add ``results`` to ``steering.json`` beside the SAE (a list of records; the report shows them)."""
+    path = Path(sae_dir) / STEERING_FILE
+    with writing_files([path.parent], "steer", [STEERING_FILE]):
+        earlier = read_json(path)["results"] if path.is_file() else []
+        write_json(path, {"format": STEERING_FORMAT, "results": [*earlier, *(r.to_dict() for r in results)]})
+    return path

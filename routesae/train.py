@@ -85,7 +85,7 @@ def _train(
     progress = resumed.get("progress", START) if resumed else START
     wanted = reporters if reporters is not None else ["console"]
     built_reporters = build_reporters(wanted, run_dir.path) if ranks.writes else []
-    position = (progress["group"], progress["batch"])
+    position = (progress.get("epoch", 0), progress["group"], progress["batch"])  # runs before --epochs: epoch 0
     building = contained("while building the SAEs", "nothing was written to the run")
     if cfg.from_cache:
         cache = ActivationCache(cfg.from_cache)
@@ -98,6 +98,8 @@ def _train(
         with building:
             layers, saes = build_trained_saes(specs, lm, cfg, device, ranks)
         data = live_data(lm, cfg, layers, position, ranks.shard)
+    if cfg.tokens is None:  # --epochs N without --tokens: N whole passes, as many tokens as the stream holds
+        cfg = cfg.replace(tokens=cfg.epochs * data.stream.pass_tokens)
     trainer = Trainer(
         cfg, saes, layers, data, run_dir, request=request, progress=progress, reporters=built_reporters, ranks=ranks,
         changes=changes.record() if changes else {},

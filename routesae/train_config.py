@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from routesae.specs import SAESpec
 
 CHECKPOINT_SECONDS = 120.0
+DEFAULT_TOKENS = 200_000
 Schedule = Literal["wsd", "reference-2025"]
 # Settings added after runs existed, left out of run.json's request while at these defaults.
-OPTIONAL_SETTINGS: dict[str, Any] = {"from_cache": None, "compile": False, "autocast": False}
+OPTIONAL_SETTINGS: dict[str, Any] = {"from_cache": None, "compile": False, "autocast": False, "epochs": None}
 # Settings that change how a run is carried out, not what it trains: never part of the request, so a run resumes (or
 # is reused) whatever their values.
 EXECUTION_SETTINGS = ("overlap_harvest", "checkpoint_every", "log_every", "device")
@@ -31,7 +32,16 @@ RESUMABLE_SETTINGS = ("lr", "schedule", "warmup", "decay")
 class TrainConfig(HarvestConfig):
     """Settings of a training run (shared by every SAE in it)."""
 
-    tokens: int = setting(200_000, "Training tokens per SAE (BOS and padding positions excluded).")
+    tokens: int | None = setting(
+        None,
+        f"Training tokens per SAE (BOS and padding positions excluded). Default: {DEFAULT_TOKENS:,}; with --epochs N "
+        "and no --tokens, N whole passes over the train split.",
+    )
+    epochs: int | None = setting(
+        None,
+        "Passes over the train split (from a cache: over the cached tokens), each in a new seeded order. Without "
+        "it, --tokens must fit in one pass; with it, --tokens (if given) must fit in this many and ends training.",
+    )
     sae_batch_tokens: int = setting(2048, "Tokens per SAE optimisation step.")
     buffer_tokens: int = setting(16_384, "Shuffle-buffer size in tokens; mixes tokens from many sequences per step.")
     lr: float = setting(5e-4, "Adam learning rate (betas 0.9, 0.999).")
@@ -70,7 +80,11 @@ class TrainConfig(HarvestConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.tokens is None and self.epochs is None:
+            self.tokens = DEFAULT_TOKENS
         super().__post_init__()
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         for name in ("sae_batch_tokens", "buffer_tokens", "renorm_every", "log_every", "dead_after_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -87,6 +101,8 @@ class TrainConfig(HarvestConfig):
         """
         cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
         defaults = {name: cache.request[name] for name in TRAIN_DEFAULTS}
+        if settings.get("epochs") is not None:  # --epochs N alone: N passes over the cache, not the tokens it was asked for
+            defaults.pop("tokens")
         cfg = cls.from_dict({**defaults, **settings, "from_cache": str(settings.get("from_cache") or cache.path)})
         cache.check_train_config(cfg)
         return cfg

@@ -93,7 +93,7 @@ class TrainedSAE:
                 out = self.forward(acts_NLD if self.reads_all else acts_NLD.index_select(1, self.layer_index))
                 loss, terms = self.sae.loss(out, state)
             (loss * share if self.ranks.distributed else loss).backward()
-            fired_F = (out.latents != 0).any(0)
+            fired_F = out.latents.any(0)  # non-zero anywhere; one kernel (comparing first doubled it)
             self._note(step, loss.detach(), terms, share)
         else:  # an empty share still takes part in the gradient sum, with nothing to add
             fired_F = torch.zeros(self.sae.cfg.latent_size, dtype=torch.bool, device=self.layer_index.device)

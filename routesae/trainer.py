@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from routesae.activations import too_few_tokens_advice
 from routesae.checkpoint import plugin_provenance
 from routesae.distributed import SINGLE, Ranks
 from routesae.errors import RouteSAEError
@@ -29,7 +30,7 @@ from routesae.trained_sae import TrainedSAE
 from routesae.training_data import TrainingData
 from routesae.version import __version__
 
-START = {"step": 0, "tokens": 0, "group": 0, "batch": 0}
+START = {"step": 0, "tokens": 0, "epoch": 0, "group": 0, "batch": 0}
 """Where a fresh run's stream and counters begin."""
 
 
@@ -101,6 +102,8 @@ class Trainer:
                 "finished": finished,
                 "steps_done": self.progress["step"],
                 "tokens_done": self.progress["tokens"],
+                "epoch_tokens": self.data.stream.pass_tokens,
+                "epochs_done": round(self.progress["tokens"] / max(1, self.data.stream.pass_tokens), 4),
                 "final": t.final_terms(),
                 "dead_fraction": t.dead_fraction(),
                 "statistics": t.sae.statistics(),
@@ -217,9 +220,10 @@ class Trainer:
             seen += size
             if seen >= self.cfg.tokens:
                 return steps
+        one_pass, epochs = self.data.stream.pass_tokens, self.data.stream.epochs
         raise RouteSAEError(
             f"asked for {self.cfg.tokens:,} training tokens but the train split of {self.cfg.dataset!r} holds "
-            f"{seen:,} usable tokens (context {self.cfg.context_length}); lower --tokens or use a larger --dataset"
+            f"{one_pass:,} usable tokens (context {self.cfg.context_length}){too_few_tokens_advice(self.cfg.tokens, one_pass, epochs)}"
         )
 
     def _decisions(self, step: int, last_checkpoint: float, interrupt: Interrupt, logging: bool) -> tuple[bool, bool]:
@@ -254,7 +258,10 @@ class Trainer:
                     del acts  # before the stream allocates the next batch: one multi-layer batch alive, not two
                     group, batch = stream.position
                     tokens = self.progress["tokens"] + stream.batch_tokens
-                    self.progress = {"step": step + 1, "tokens": tokens, "group": group, "batch": batch}
+                    self.progress = {"step": step + 1, "tokens": tokens, "epoch": stream.epoch, "group": group, "batch": batch}
+                    elapsed = time.monotonic() - started
+                    for r in self.reporters:
+                        r.tick(tokens, (tokens - start_tokens) / elapsed if elapsed > 0 else 0.0)
                     logging = (step + 1) % cfg.log_every == 0
                     if logging:
                         self._report(lr, time.monotonic() - started, start_tokens, total_steps)

@@ -31,13 +31,19 @@ class TrainingData:
     source: Literal["live", "cache"]
 
 
-def _shuffle(cfg: TrainConfig, position: tuple[int, int], shard: Shard) -> dict[str, Any]:
+Position = tuple[int, int, int]
+"""Where a stream starts: (epoch, group within the epoch, batch within the group)."""
+
+
+def _shuffle(cfg: TrainConfig, position: Position, shard: Shard) -> dict[str, Any]:
     return {
         "lm_batch_size": cfg.batch_size,
         "sae_batch_tokens": cfg.sae_batch_tokens,
         "buffer_tokens": cfg.buffer_tokens,
         "seed": cfg.seed,
-        "position": position,
+        "epoch": position[0],
+        "position": position[1:],
+        "epochs": cfg.epochs or 1,
         "prefetch": cfg.overlap_harvest,
         "tokens": cfg.tokens,
         "shard": shard,
@@ -49,7 +55,8 @@ def check_shard(stream: ShuffledStream, cfg: TrainConfig) -> None:
     W = stream.shard.world_size
     if W == 1:
         return
-    group = stream.groups[stream.position[0]] if stream.position[0] < len(stream.groups) else stream.groups[-1]
+    order = stream.group_order(stream.epoch)
+    group = stream.groups[order[min(stream.position[0], len(order) - 1)]]
     lm_batches = -(-(group.end_block - group.first_block) // cfg.batch_size)
     if lm_batches < W:
         raise RouteSAEError(
@@ -62,7 +69,7 @@ def check_shard(stream: ShuffledStream, cfg: TrainConfig) -> None:
 
 
 def live_data(
-    lm: LanguageModel, cfg: TrainConfig, layers: Sequence[int], position: tuple[int, int], shard: Shard = WHOLE
+    lm: LanguageModel, cfg: TrainConfig, layers: Sequence[int], position: Position, shard: Shard = WHOLE
 ) -> TrainingData:
     """Harvest ``layers`` from ``lm`` over the train split of ``cfg.dataset`` (tokenised here)."""
     corpus = load_corpus(cfg.dataset, lm.tokenizer, context_length=cfg.context_length, text_field=cfg.text_field, seed=cfg.seed)
@@ -76,7 +83,7 @@ def cached_data(
     cfg: TrainConfig,
     layers: Sequence[int],
     reads: Mapping[str, Sequence[int]],
-    position: tuple[int, int],
+    position: Position,
     shard: Shard = WHOLE,
 ) -> TrainingData:
     """Read ``layers`` from ``cache``; ``reads`` (SAE name -> its blocks) names the SAE when a block is missing."""

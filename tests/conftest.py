@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from openai_server import FakeAzureOpenAI
 from tiny_models import TRAINING_TEXT, make_tiny_model_dir  # noqa: E402
 
 
@@ -57,3 +58,12 @@ def embedded_home(tmp_path_factory) -> Path:
     """
     shared = os.environ.get("ROUTESAE_TEST_SHARED_HOME")
     return Path(shared) if shared else tmp_path_factory.mktemp("routesae-embedded-home")
+
+
+@pytest.fixture
+def azure(monkeypatch):
+    """A loopback Azure OpenAI resource (``tests/openai_server.py``), with ``AZURE_OPENAI_API_KEY`` set to its key."""
+    server = FakeAzureOpenAI()
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", server.key)
+    with server:
+        yield server

@@ -1,5 +1,10 @@
 """A real OpenAI-compatible HTTP server for tests: ``POST /v1/chat/completions`` with scripted behaviours.
 
+:class:`FakeAzureOpenAI` is the same server speaking Azure OpenAI's dialect instead: it answers only
+``POST /openai/deployments/<deployment>/chat/completions?api-version=<version>`` carrying the key in
+an ``api-key`` header (404 for another URL, 401 for another key), so a test shows the real
+``openai.AzureOpenAI`` client is pointed where Azure expects it.
+
 It runs a ``ThreadingHTTPServer`` on 127.0.0.1 (a free port) in a thread, so the real ``openai``
 client and our retry code talk HTTP to it. Behaviours queued with :meth:`FakeOpenAI.script` are
 used by the next requests in order; once the queue is empty every request gets
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,12 +91,17 @@ class FakeOpenAI:
     def prompts(self) -> list[str]:
         return [entry["prompt"] for entry in self.log]
 
+    def refusal(self, handler: BaseHTTPRequestHandler) -> int | None:
+        """The status that refuses this request's URL or credentials; None when it may be answered."""
+        return None if handler.path == "/v1/chat/completions" else 404
+
     def handle(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         with self.lock:
             reply = self.queue.popleft() if self.queue else Reply()
             prompt = "\n".join(m["content"] for m in body["messages"])
             entry = {"path": handler.path, "body": body, "prompt": prompt, "status": reply.status, "drop": reply.drop,
-                     "authorization": handler.headers.get("Authorization"), "usage": None}
+                     "authorization": handler.headers.get("Authorization"), "api_key": handler.headers.get("api-key"),
+                     "usage": None}
             self.log.append(entry)
         if reply.delay:
             time.sleep(reply.delay)
@@ -98,8 +109,10 @@ class FakeOpenAI:
             handler.close_connection = True
             handler.connection.close()
             return
-        if handler.path != "/v1/chat/completions":
-            reply = Reply(status=404)
+        refused = self.refusal(handler)
+        if refused is not None:
+            reply = Reply(status=refused)
+            entry["status"] = refused
         if reply.status != 200:
             payload = {"error": {"message": f"scripted HTTP {reply.status}", "type": "test"}}
         else:
@@ -123,3 +136,30 @@ class FakeOpenAI:
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
             pass
+
+
+class FakeAzureOpenAI(FakeOpenAI):
+    """The server as an Azure OpenAI resource holding one chat ``deployment`` at one ``api_version``, keyed ``key``."""
+
+    def __init__(
+        self,
+        deployment: str = "explainer",
+        api_version: str = "2024-10-21",
+        key: str = "azure-test-SECRET-41c8e2",
+        answer: Callable[[str], str] = default_answer,
+    ) -> None:
+        super().__init__(answer)
+        self.deployment, self.api_version, self.key = deployment, api_version, key
+
+    @property
+    def endpoint(self) -> str:
+        """What ``--azure-endpoint`` takes: the resource's address alone."""
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def refusal(self, handler: BaseHTTPRequestHandler) -> int | None:
+        url = urllib.parse.urlsplit(handler.path)
+        if url.path != f"/openai/deployments/{self.deployment}/chat/completions":
+            return 404
+        if urllib.parse.parse_qs(url.query) != {"api-version": [self.api_version]}:
+            return 404
+        return None if handler.headers.get("api-key") == self.key else 401

@@ -61,7 +61,7 @@ def test_auxk_loss_value():
     expected = normalized_mse(e_hat, out.target - out.x_hat)
     torch.testing.assert_close(terms["auxk"], 0.5 * expected)
     torch.testing.assert_close(loss, terms["nmse"] + terms["auxk"])
-    assert terms["dead"] == len(DEAD) / F
+    assert terms["dead_window"] == len(DEAD) / F
 
 
 @pytest.mark.parametrize("auxk", [0.0, 1 / 32])
@@ -93,12 +93,12 @@ def test_no_dead_latents_means_no_auxk_term_and_few_dead_ones_are_fine():
     out = sae(torch.randn(16, 1, D))
     for state in (TrainingState(), TrainingState(dead_F=torch.zeros(F, dtype=torch.bool))):  # outside training; none dead
         loss, terms = sae.loss(out, state)
-        assert terms["auxk"] == 0 and terms["dead"] == 0
+        assert terms["auxk"] == 0 and terms["dead_window"] == 0
     one_dead = make(auxk=1.0, auxk_k=32)
     state = kill(one_dead, dead=torch.tensor([3]))  # fewer dead latents than auxk_k
     loss, terms = one_dead.loss(one_dead(torch.randn(16, 1, D)), state)
     loss.backward()
-    assert torch.isfinite(loss) and terms["auxk"] > 0 and terms["dead"] == 1 / F
+    assert torch.isfinite(loss) and terms["auxk"] > 0 and terms["dead_window"] == 1 / F
     assert one_dead.W_enc.grad[3].abs().sum() > 0
 
 
@@ -161,7 +161,7 @@ def test_trains_through_the_cli_and_loads_back(tiny_model_dir, text_corpus_dir, 
     result = CliRunner().invoke(make_cli(), args)
     assert result.exit_code == 0, result.output
     (summary,) = json.loads(result.stdout)["saes"]
-    assert summary["name"] == "topk-L2-k4-F64" and {"nmse", "auxk", "dead", "l0"} <= set(summary["final"])
-    assert summary["final"]["dead"] < 1, "some latents fired within the last 128 tokens"
+    assert summary["name"] == "topk-L2-k4-F64" and {"nmse", "auxk", "dead_window", "l0"} <= set(summary["final"])
+    assert summary["final"]["dead_window"] < 1, "some latents fired within the last 128 tokens"
     sae, _ = load_sae(out / "topk-L2-k4-F64")
     assert sae.cfg.auxk == 0.03125 and sae.cfg.auxk_k == 8

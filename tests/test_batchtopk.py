@@ -5,14 +5,18 @@ Needs the plugin installed (``pip install --no-deps -e plugins/routesae-batchtop
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from routesae import export_sae, load_sae
 from routesae.architectures.base import standardize
 from routesae.architectures.topk import TopKConfig
-from routesae.errors import ConfigError
+from routesae.checkpoint import save_sae
+from routesae.errors import ConfigError, RouteSAEError
 from routesae.plugins import PluginManager
 
 try:
@@ -54,7 +58,7 @@ def test_discovered_through_its_entry_point(default_plugin_env):
     assert info.version == "0.1.0"
     assert info.name == "batchtopk"
     assert info.error is None
-    assert info.registered == {"architecture": ["batchtopk"]}
+    assert info.registered == {"architecture": ["batchtopk"], "exporter": ["saelens:batchtopk"]}
     assert pm.provider("architecture", "topk").distribution == "routesae"
 
 
@@ -331,3 +335,39 @@ def test_short_training_loop_reduces_loss_and_calibrates_threshold():
     eval_l0 = (eval_out.latents != 0).sum(-1).float().mean().item()
     assert 0.75 * k <= eval_l0 <= 1.25 * k
     assert sae.loss(eval_out)[0].item() < 0.6 * before
+
+
+# -- SAELens ----------------------------------------------------------------------------------------------
+
+
+def test_a_calibrated_batchtopk_is_a_saelens_jumprelu_with_one_threshold_and_comes_back_exact(tmp_path):
+    from saelens_formulas import saelens_encode_decode
+    from safetensors.torch import load_file
+
+    sae = make_sae(latent_size=48, k=4, normalize="layer_norm")
+    with pytest.raises(RouteSAEError, match="no inference threshold"):
+        export_sae(_saved(sae, tmp_path / "uncalibrated"), tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        sae.threshold.fill_(0.2)
+        sae.threshold_count.fill_(7)
+    sae.eval()
+    export_sae(_saved(sae, tmp_path / "sae"), tmp_path / "saelens")
+    assert json.loads((tmp_path / "saelens" / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert torch.equal(load_file(tmp_path / "saelens" / "sae_weights.safetensors")["threshold"], torch.full((48,), 0.2))
+    x = acts(32)[:, 0] * 3
+    with torch.no_grad():
+        out = sae(x[:, None])
+        ours = sae.reconstruction(out)[0][0]
+    z, theirs = saelens_encode_decode(tmp_path / "saelens", x)
+    assert torch.equal(out.latents, z) and torch.equal(ours, theirs) and (z != 0).any()
+    again, config = load_sae(tmp_path / "saelens")
+    assert isinstance(again, BatchTopKSAE) and config["config"] == sae.cfg.to_dict()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in sae.state_dict().items())
+
+
+def _saved(sae, directory):
+    save_sae(sae, directory, {"name": directory.name, "model": {"spec": "tiny", "d_model": D}})
+    return directory

@@ -30,7 +30,10 @@ def rewrite_config(directory, change):
 
 def test_round_trip_needs_nothing_but_the_directory(saved):
     sae, directory = saved
-    loaded, config = routesae.load(directory)
+    loaded = routesae.load(directory)
+    config = loaded.checkpoint
+    assert isinstance(loaded, routesae.SAE) and not loaded.training
+    assert load_sae(directory)[1] == config, "load_sae keeps returning the pair"
     assert config["note"] == "kept" and config["architecture"] == "topk" and config["layers"] == [3]
     assert loaded.cfg == sae.cfg and all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), loaded.state_dict().values()))
     assert not list(directory.glob(".*.tmp")), "no temporary files are left behind"

@@ -19,7 +19,8 @@ from routesae.architectures.base import NO_INFERENCE, Inference
 from routesae.architectures.topk import TopKSAE
 from routesae.checkpoint import load_sae, read_sae_config, save_sae
 from routesae.cli import make_cli
-from routesae.contexts import extract_contexts, read_contexts, render_context
+from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, render_context
+from routesae.contexts.extract import PERCENTILE_TOKENS, threshold_rule
 from routesae.contexts.topn import TopN, top_per_group
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, token_class, window_tokens
 from routesae.data import load_corpus
@@ -420,3 +421,37 @@ def test_contexts_on_smollm2_and_wiki(embedded_home, tmp_path, monkeypatch):
         ids = blocks.input_ids[c["document"], first : first + len(c["tokens"])].tolist()
         assert eos not in ids and "".join(c["tokens"]) == lm.tokenizer.decode(ids) and c["layer"] == 3
         assert c["position"] > 0, "position 0 (the attention sink) never activates"
+
+
+# -- thresholds that mean the same at any width ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("given", "rule"),
+    [(4, ("number", 4.0)), ("4.5", ("number", 4.5)), ("scaled", ("scaled", 15.0)), ("p75", ("percentile", 75.0)),
+     ("p99.9", ("percentile", 99.9))],
+)
+def test_threshold_rules_parse(given, rule):
+    assert threshold_rule(given) == rule
+
+
+@pytest.mark.parametrize("given", ["p0", "p100", "p-3", "top", "nan", float("inf")])
+def test_a_threshold_that_is_no_number_and_no_rule_is_refused(given):
+    with pytest.raises(RouteSAEError, match="threshold"):
+        ContextsConfig(threshold=given)
+
+
+def test_scaled_and_percentile_thresholds_are_resolved_per_sae_and_recorded(run, lm, blocks):
+    records = extract_contexts(run / NAMES[0], threshold="scaled", window=12, held_out=0, pool=0, lm=lm)
+    settings = next(iter(records.values()))["settings"]
+    assert settings["threshold"] == pytest.approx(15 * (lm.d_model / 2048) ** 0.5) and settings["threshold_rule"] == "scaled"
+    record = next(iter(extract_contexts(run / NAMES[1], threshold="p60", window=12, held_out=0, pool=0, lm=lm).values()))
+    z, _ = latents_of(lm, run, NAMES[1], blocks)  # [B, T, F] on the whole apply split
+    special = Vocabulary.build(lm.tokenizer, max(lm.vocab_size, len(lm.tokenizer), int(blocks.input_ids.max()) + 1)).special
+    counted = (training_positions(blocks.attention_mask, keep_bos=False) & ~special[blocks.input_ids]).reshape(-1)
+    active = z.reshape(-1, z.shape[-1])[counted][:PERCENTILE_TOKENS]
+    assert record["settings"]["threshold"] == pytest.approx(float(torch.quantile(active[active != 0], 0.6)), rel=1e-5)
+    assert record["settings"]["threshold_rule"] == "p60" and record["hits"] > 0
+
+
+def test_the_default_rule_keeps_latents(run, lm):
+    records = extract_contexts(run, window=12, max_classes=8, min_contexts=3, held_out=0, pool=0, lm=lm)
+    assert all(r["settings"]["threshold_rule"] == "p75" and r["interpretable_latents"] > 0 for r in records.values())

@@ -109,6 +109,19 @@ def test_two_ranks_train_the_weights_one_process_trains(tiny, tmp_path, home):
     assert [e["event"] for e in logged].count("start") == 1, "rank 0 alone reports"
 
 
+def test_two_ranks_train_two_epochs_as_one_process_does(tiny_model_dir, text_corpus_dir, tmp_path, home):
+    """--epochs 2 on one file: the second epoch's reshuffled groups split between the ranks as the first's do."""
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(text_corpus_dir / "a.txt"), *TINY,
+            "--arch", "topk", "--epochs", "2", "--json"]
+    single = routesae(*args, "--out", str(tmp_path / "single"), home=home)
+    ddp = routesae(*args, "--out", str(tmp_path / "ddp"), ranks=2, home=home)
+    assert single.returncode == 0, single.stderr
+    assert ddp.returncode == 0, ddp.stderr
+    assert json.loads(ddp.stdout)["tokens"] == json.loads(single.stdout)["tokens"]
+    assert json.loads((tmp_path / "ddp" / MANIFEST_FILE).read_text())["progress"]["epoch"] == 1
+    assert_same_training(tmp_path / "single", tmp_path / "ddp")
+
+
 @pytest.mark.embedded
 @pytest.mark.parametrize("archs", [["topk"], ["routesae", "topk"]], ids=["topk", "routesae+topk"])
 def test_two_ranks_on_the_embedded_model(archs, tmp_path, embedded_home):

@@ -114,14 +114,14 @@ def test_identity_sae_changes_nothing(test_archs, lm, save):
 
 def test_zero_reconstruction_recovers_nothing(test_archs, lm, save):
     directory = save(single(ZeroSAE, 1), "zero")
-    m = evaluate(directory, ["recovered", "deltace", "l0", "dead"], lm=lm)[str(directory)]["metrics"]
+    m = evaluate(directory, ["recovered", "deltace", "l0", "dead_eval"], lm=lm)[str(directory)]["metrics"]
     # spliced == zero-ablated, so Recovered is 0 up to the reference's 1e-8 in the denominator
     delta = m["deltace"]
     assert abs(delta) > 1e-4
     assert m["recovered"] == pytest.approx(1 - delta / (delta + 1e-8), rel=1e-3, abs=1e-9)
     assert abs(m["recovered"]) < 1e-4
-    assert m["l0"] == 0 and m["dead"] == 1
-    assert set(m) == {"recovered", "recovered_mean_ablation", "deltace", "l0", "dead"}
+    assert m["l0"] == 0 and m["dead_eval"] == 1
+    assert set(m) == {"recovered", "recovered_mean_ablation", "deltace", "l0", "dead_eval"}
 
 
 def _direct(lm, sae, corpus, reference):
@@ -225,7 +225,7 @@ def test_a_run_directory_expands_to_its_saes(lm, save, tmp_path):
 
 def test_bad_input_gets_clear_errors(lm, save, tmp_path):
     directory = save(topk(2), "topk")
-    with pytest.raises(RouteSAEError, match="unknown metric 'nope'; installed: cosine, dead"):
+    with pytest.raises(RouteSAEError, match="unknown metric 'nope'; installed: cosine, dead_eval"):
         evaluate(directory, ["nope"], lm=lm)
     with pytest.raises(RouteSAEError, match="eval split holds"):
         evaluate(directory, ["l0"], tokens=10**9, lm=lm)
@@ -257,7 +257,7 @@ def test_every_builtin_architecture_evaluates(lm, save, arch):
     sae = cls(cls.build_config({"latent_size": 64}).resolve(4), 64)
     directory = save(sae, arch)
     m = evaluate(directory, tokens=200, lm=lm)[str(directory)]["metrics"]
-    assert set(m) >= {"normmse", "kldiv", "deltace", "recovered", "recovered_mean_ablation", "l0", "dead", "fvu", "cosine"}
+    assert set(m) >= {"normmse", "kldiv", "deltace", "recovered", "recovered_mean_ablation", "l0", "dead_eval", "fvu", "cosine"}
     assert all(math.isfinite(v) for v in m.values()), m
     assert m["kldiv"] >= 0
 

@@ -261,6 +261,65 @@ def test_cli_budget_exit_and_errors(sae_dir, server, monkeypatch):
     assert missing.exit_code == 2 and "run `routesae contexts" in missing.stderr
 
 
+def azure_args(sae_dir, azure, *extra):
+    return ["interpret", str(sae_dir), "--interpreter", "azure", "--azure-endpoint", azure.endpoint,
+            "--api-version", azure.api_version, "--deployment", azure.deployment, "--backoff", "0.01", "--max-backoff", "0.05",
+            "--concurrency", "1", *extra]
+
+
+def test_azure_interprets_through_the_cli_with_retries_budget_and_resume(sae_dir, azure):
+    """The reference's backend: the real AzureOpenAI client, a 429 retried, the cost cap, then resume; no key leaks."""
+    azure.script(Reply(429, headers={"Retry-After": "0"}))
+    prices = ["--price-input", "1000", "--price-output", "1000"]  # about a dollar a request
+    capped = CliRunner().invoke(make_cli(), azure_args(sae_dir, azure, "--sample", "4", *prices, "--max-cost", "3"))
+    assert capped.exit_code == 3, capped.output
+    assert "budget reached" in capped.stderr and "Run the same command again" in capped.stderr
+    stopped = read(sae_dir)
+    assert 0 < stopped["usage"]["requests"] < 8 and 0 < stopped["usage"]["cost_usd"] <= 3.0
+    assert [e["status"] for e in azure.log[:2]] == [429, 200], "the 429 was retried"
+    finished = {k for k, r in stopped["latents"].items() if r["detection"] is not None}
+    asked = len(azure.log)
+    done = CliRunner().invoke(make_cli(), azure_args(sae_dir, azure, "--sample", "4", *prices, "--json"))
+    assert done.exit_code == 0, done.output
+    doc = read(sae_dir)
+    assert json.loads(done.stdout)["summary"] == doc["summary"] and doc["complete"] is True
+    assert doc["summary"]["features_scored"] == 4 and doc["summary"]["detection_accuracy"] == 1.0
+    assert not {str(i) for i in latents_asked(azure, asked)} & finished, "finished latents are not asked again"
+    assert doc["usage"]["requests"] == len(azure.log) - 1 == 8, "every answered request counted, the 429 not"
+    assert doc["interpreter"]["name"] == "azure" and doc["interpreter"]["model"] == azure.deployment
+    assert doc["interpreter"]["azure_endpoint"] == azure.endpoint and doc["interpreter"]["api_version"] == azure.api_version
+    assert {e["path"] for e in azure.log} == {f"/openai/deployments/{azure.deployment}/chat/completions?api-version={azure.api_version}"}
+    assert all(e["api_key"] == azure.key and e["authorization"] is None for e in azure.log)
+    for path in sae_dir.iterdir():
+        assert azure.key not in path.read_text()
+    assert azure.key not in capped.output + capped.stderr + done.output + done.stderr
+
+
+def test_azure_a_changed_deployment_is_not_resumed(sae_dir, azure):
+    assert CliRunner().invoke(make_cli(), azure_args(sae_dir, azure, "--sample", "1")).exit_code == 0
+    other = [a if a != azure.deployment else "another" for a in azure_args(sae_dir, azure, "--sample", "1")]
+    result = CliRunner().invoke(make_cli(), other)
+    assert result.exit_code == 2 and f"interpreter model: {azure.deployment!r} then, 'another' now" in result.stderr
+
+
+def test_azure_cli_errors_are_one_line_with_exit_code_2(sae_dir, azure, monkeypatch):
+    def invoke(*args):
+        result = CliRunner().invoke(make_cli(), ["interpret", str(sae_dir), "--interpreter", "azure", *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    assert "needs --azure-endpoint, --api-version, --deployment" in invoke()
+    assert "needs --deployment" in invoke("--azure-endpoint", azure.endpoint, "--api-version", azure.api_version)
+    assert "must be an http(s) URL" in invoke("--azure-endpoint", "example.openai.azure.com", "--api-version", "v",
+                                               "--deployment", "d")
+    assert "--base-url: not an option of the azure interpreter" in invoke("--base-url", "http://x")
+    assert "--model: not an option of the azure interpreter" in invoke("--model", "gpt-4o")
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY")
+    assert "AZURE_OPENAI_API_KEY environment variable" in invoke(*azure_args(sae_dir, azure)[4:])
+    assert azure.log == [] and not (sae_dir / "interpretations.json").exists()
+
+
 class Canned(Interpreter):
     """A third-party backend: always the same answers, one token each, a cent per request."""
 

@@ -1,6 +1,7 @@
 """Interpreter backends and answer parsing: the openai backend against a real HTTP server (retries,
-back-off, Retry-After, timeouts, dropped connections, fatal statuses, prices), the local backend on a
-tiny real model, prompt templates, and answer parsing over many shapes."""
+back-off, Retry-After, timeouts, dropped connections, fatal statuses, prices), the azure backend through
+the real ``openai.AzureOpenAI`` client against a server that checks Azure's URL and ``api-key`` header,
+the local backend on a tiny real model, prompt templates, and answer parsing over many shapes."""
 
 import socket
 import time
@@ -12,6 +13,7 @@ from openai_server import FakeOpenAI, Reply
 
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.interpreters.answers import CATEGORIES, Explanation, parse_detection, parse_explanation
+from routesae.interpreters.azure import AzureConfig, AzureInterpreter
 from routesae.interpreters.base import InterpreterError, InterpreterUnavailable
 from routesae.interpreters.local import LocalConfig, LocalInterpreter, answer_prefix
 from routesae.interpreters.openai import DEFAULT_PRICES, OpenAIConfig, OpenAIInterpreter, _retry_after
@@ -266,6 +268,71 @@ def test_missing_usage_counts_the_upper_bounds(server, key):
     backend = openai_backend(server, price_input=1.0, price_output=1.0)
     c = backend.complete(MESSAGES, max_tokens=16, temperature=0.0)
     assert (c.prompt_tokens, c.completion_tokens) == (backend.estimate_prompt_tokens(MESSAGES), 16)
+
+
+# -- the azure backend, over real HTTP in Azure's dialect (the ``azure`` fixture: tests/conftest.py) -------
+
+def azure_backend(server, **settings):
+    options = {"azure_endpoint": server.endpoint, "api_version": server.api_version, "deployment": server.deployment,
+               "backoff": 0.01, "max_backoff": 0.05, **settings}
+    return AzureInterpreter(AzureConfig(**options))
+
+
+def test_azure_asks_the_deployment_url_with_the_api_key_header(azure, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    backend = azure_backend(azure, price_input=1.0, price_output=2.0)
+    c = backend.complete(MESSAGES, max_tokens=32, temperature=0.1)
+    assert c.text.startswith("Feature category: Low-level")
+    (entry,) = azure.log
+    assert entry["status"] == 200
+    assert entry["path"] == f"/openai/deployments/{azure.deployment}/chat/completions?api-version={azure.api_version}"
+    assert entry["api_key"] == azure.key and entry["authorization"] is None
+    assert (entry["body"]["model"], entry["body"]["max_tokens"], entry["body"]["temperature"]) == (azure.deployment, 32, 0.1)
+    usage = entry["usage"]
+    assert c.cost_usd == pytest.approx((usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6)
+    described = backend.describe()
+    assert described == {"name": "azure", "model": azure.deployment, "azure_endpoint": azure.endpoint,
+                         "api_version": azure.api_version, "timeout": 60.0, "max_retries": 5, "price_input": 1.0,
+                         "price_output": 2.0, "prices": "given"}
+    assert azure.key not in repr(described)
+
+
+def test_azure_retries_a_429_through_the_real_client(azure):
+    azure.script(Reply(429, headers={"Retry-After": "0"}), Reply(503))
+    c = azure_backend(azure).complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert "Score: 4" in c.text
+    assert [entry["status"] for entry in azure.log] == [429, 503, 200]
+    assert len({entry["path"] for entry in azure.log}) == 1, "every attempt asks the same deployment URL"
+    assert c.cost_usd is None, "a deployment's price is unknown unless given"
+
+
+def test_the_server_refuses_what_azure_would_and_the_backend_says_what_to_check(azure, monkeypatch):
+    with pytest.raises(InterpreterUnavailable, match="HTTP 404.*--deployment 'other'"):
+        azure_backend(azure, deployment="other").complete(MESSAGES, max_tokens=16, temperature=0.0)
+    with pytest.raises(InterpreterUnavailable, match="HTTP 404.*--api-version '2023-05-15'"):
+        azure_backend(azure, api_version="2023-05-15").complete(MESSAGES, max_tokens=16, temperature=0.0)
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "a-wrong-key")
+    with pytest.raises(InterpreterUnavailable, match="HTTP 401.*check AZURE_OPENAI_API_KEY") as refused:
+        azure_backend(azure).complete(MESSAGES, max_tokens=16, temperature=0.0)
+    assert "a-wrong-key" not in str(refused.value)
+    assert [entry["status"] for entry in azure.log] == [404, 404, 401], "none is retried"
+
+
+def test_azure_settings_and_key_are_required(azure, monkeypatch):
+    with pytest.raises(ConfigError, match="needs --api-version, --deployment .*--interpreter-api-version"):
+        AzureConfig(azure_endpoint=azure.endpoint)
+    with pytest.raises(ConfigError, match="needs --azure-endpoint, --api-version, --deployment"):
+        AzureInterpreter()
+    with pytest.raises(ConfigError, match="must be an http\\(s\\) URL"):
+        AzureConfig(azure_endpoint="NAME.openai.azure.com", api_version=azure.api_version, deployment=azure.deployment)
+    pasted = f"{azure.endpoint}/openai/deployments/{azure.deployment}/chat/completions?api-version={azure.api_version}"
+    with pytest.raises(ConfigError, match="resource's address alone .*--deployment and --api-version"):
+        AzureConfig(azure_endpoint=pasted, api_version=azure.api_version, deployment=azure.deployment)
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY")
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # the other backend's key is not taken
+    with pytest.raises(ConfigError, match="AZURE_OPENAI_API_KEY environment variable, which is not set"):
+        azure_backend(azure)
+    assert azure.log == []
 
 
 # -- the local backend, on a tiny real model -----------------------------------------------------------

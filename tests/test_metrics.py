@@ -43,7 +43,7 @@ def run(metric_cls, *batches):
 
 def test_every_builtin_metric_is_registered():
     names = get_plugin_manager().names("metric")
-    assert {"normmse", "kldiv", "deltace", "recovered", "l0", "dead", "fvu", "cosine"} <= set(names)
+    assert {"normmse", "kldiv", "deltace", "recovered", "l0", "dead_eval", "fvu", "cosine"} <= set(names)
 
 
 def test_fvu_cosine_and_normmse_follow_their_definitions():
@@ -88,7 +88,7 @@ def test_dead_counts_latents_that_never_fire():
     batch = make_batch()
     batch.out.latents[:, :2] = 0
     batch.out.latents[:, 2:] = 1
-    assert run(Dead, batch)["dead"] == pytest.approx(2 / F_)
+    assert run(Dead, batch)["dead_eval"] == pytest.approx(2 / F_)
 
 
 def test_recovered_and_deltace_from_cross_entropies():

@@ -155,17 +155,22 @@ def test_interpreter_none_skips_interpretation(tiny_model_dir, text_corpus_dir, 
     assert not list(out.glob("*/interpretations.json"))
 
 
-def test_cli_pipeline_prints_where_the_report_is(tiny_model_dir, text_corpus_dir, server, tmp_path):
-    out = tmp_path / "run"
-    args = [
+def cli_args(tiny_model_dir: Path, text_corpus_dir: Path, out: Path, interpreter: str) -> list[str]:
+    """``routesae pipeline`` on the tiny model into ``out``, two latents interpreted by ``interpreter``."""
+    return [
         "pipeline", "--arch", "topk", "--k", "4", "--latent-size", "64", "--model", str(tiny_model_dir),
         "--dataset", str(text_corpus_dir), "--tokens", "512", "--batch-size", "4", "--context-length", "32",
         "--sae-batch-tokens", "64", "--buffer-tokens", "256", "--device", "cpu", "--out", str(out),
         "--evaluate-tokens", "64", "--contexts-threshold", "0", "--contexts-tokens", "128",
-        "--contexts-max-classes", "0", "--contexts-min-contexts", "1", "--interpreter", "openai",
-        "--interpret-sample", "2", "--interpreter-base-url", server.base_url,
-        "--interpreter-price-input", "1", "--interpreter-price-output", "2", "--report", "jsonl", "--json",
+        "--contexts-max-classes", "0", "--contexts-min-contexts", "1", "--interpreter", interpreter,
+        "--interpret-sample", "2", "--report", "jsonl", "--json",
     ]  # fmt: skip
+
+
+def test_cli_pipeline_prints_where_the_report_is(tiny_model_dir, text_corpus_dir, server, tmp_path):
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_model_dir, text_corpus_dir, out, "openai"), "--interpreter-base-url", server.base_url,
+            "--interpreter-price-input", "1", "--interpreter-price-output", "2"]
     result = CliRunner().invoke(make_cli(), args)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -174,3 +179,25 @@ def test_cli_pipeline_prints_where_the_report_is(tiny_model_dir, text_corpus_dir
     over_budget = [*args, "--interpreter-model", "other-model", "--interpret-max-cost", "1e-9"]
     budget = CliRunner().invoke(make_cli(), over_budget)
     assert budget.exit_code == 3 and "budget reached" in budget.stderr
+
+
+def test_cli_pipeline_takes_the_azure_backend_options_prefixed(tiny_model_dir, text_corpus_dir, tmp_path, azure):
+    """--interpreter-azure-endpoint/-api-version/-deployment reach the backend; a missing one fails before training."""
+    out = tmp_path / "run"
+    args = cli_args(tiny_model_dir, text_corpus_dir, out, "azure")
+    missing = CliRunner().invoke(make_cli(), [*args, "--interpreter-api-version", azure.api_version])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "--interpreter-azure-endpoint, --interpreter-deployment" in missing.stderr
+    assert not (out / "run.json").exists(), "refused before training"
+    backend = ["--interpreter-azure-endpoint", azure.endpoint, "--interpreter-api-version", azure.api_version,
+               "--interpreter-deployment", azure.deployment, "--interpreter-backoff", "0.01"]
+    result = CliRunner().invoke(make_cli(), [*args, *backend])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["stages"]["interpret"]["status"] == "done"
+    assert record["stages"]["interpret"]["request"]["options"]["deployment"] == azure.deployment
+    interpreted = read_json(out / "topk-L2-k4-F64" / "interpretations.json")
+    assert interpreted["interpreter"]["name"] == "azure" and interpreted["summary"]["features_scored"] == 2
+    assert len(azure.log) == interpreted["usage"]["requests"] >= 2
+    assert all(e["status"] == 200 and e["api_key"] == azure.key for e in azure.log)
+    assert all(azure.key not in p.read_text() for p in out.rglob("*.json"))

@@ -17,14 +17,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from routesae import SAESpec, TrainConfig, extract_contexts, hookspecs, load_sae, train
+from routesae import SAESpec, TrainConfig, export_sae, extract_contexts, hookspecs, load_sae, train
 from routesae.architectures.routesae import RouteSAE
 from routesae.architectures.topk import TopKSAE
+from routesae.architectures.vanilla import VanillaSAE
+from routesae.checkpoint import save_sae
 from routesae.cli import make_cli
 from routesae.distributed import Ranks
-from routesae.errors import ConfigError, RouteSAEError
+from routesae.errors import ConfigError, PluginError, RouteSAEError
 from routesae.evaluate import metric_classes
 from routesae.hookspecs import hookimpl
+from routesae.interop import Exporter
+from routesae.interop.saelens import SAELensExporter
 from routesae.interpreters import Completion, Interpreter
 from routesae.metrics import Metric
 from routesae.plugins import PluginManager, activated, get_plugin_manager
@@ -230,6 +234,64 @@ def test_hook_register_reporters(train_args, tmp_path):
     result = CliRunner().invoke(make_cli(pm), [*train_args, "--k", "4", "--report", "collect", "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert steps == list(range(2, 11, 2))
+
+
+def test_hook_register_exporters(tmp_path, monkeypatch):
+    class WideVanilla(VanillaSAE):
+        name = "widevanilla"
+
+    class WideToSAELens(SAELensExporter):
+        """Written as SAELens's standard SAE; a plain standard SAE still reads back as vanilla (not primary)."""
+
+        architecture = "widevanilla"
+        saelens_architecture = "standard"
+        primary = False
+
+    class DecoderAsJSON(Exporter):
+        format = "decoder-json"
+        architecture = "widevanilla"
+
+        def export(self, sae, config, out):
+            (out / "decoder.json").write_text(json.dumps(sae.W_dec.tolist()))
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(WideVanilla)
+
+        @hookimpl
+        def register_exporters(self, register):
+            register(WideToSAELens())
+            register(DecoderAsJSON())
+
+    pm = PluginManager()
+    pm.register(Plugin(), name="wide-exporters")
+    with activated(pm):
+        sae = WideVanilla(WideVanilla.build_config({"layer": 1, "latent_size": 16, "normalize": "none"}), 8)
+    save_sae(sae, tmp_path / "sae", {"name": "wide"})
+    assert pm.provider("exporter", "saelens:widevanilla").name == "wide-exporters"
+    assert "decoder-json" in CliRunner().invoke(make_cli(pm), ["export", "--help"]).output
+    result = CliRunner().invoke(make_cli(pm), ["export", str(tmp_path / "sae"), "--format", "decoder-json", "--out",
+                                               str(tmp_path / "json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "json" / "decoder.json").read_text()) == sae.W_dec.tolist()
+    export_sae(tmp_path / "sae", tmp_path / "saelens", plugins=pm)
+    again, _ = load_sae(tmp_path / "saelens", plugins=pm)
+    assert isinstance(again, WideVanilla) and torch.equal(again.W_enc, sae.W_enc)
+    plain, config = load_sae(tmp_path / "saelens")  # without the plugin: SAELens's standard SAE is a vanilla one
+    assert type(plain).__name__ == "VanillaSAE" and config["architecture"] == "vanilla"
+    with pytest.raises(RouteSAEError, match="unknown architecture 'widevanilla'"):
+        export_sae(tmp_path / "sae", tmp_path / "nope")
+
+    class Broken:
+        @hookimpl
+        def register_exporters(self, register):
+            register(DecoderAsJSON)  # the class, not an instance
+
+    pm.register(Broken(), name="broken-exporter")
+    monkeypatch.setenv("ROUTESAE_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"register\(DecoderAsJSON\(\)\)"):
+        pm.names("exporter")
 
 
 def test_hook_register_commands():

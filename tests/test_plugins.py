@@ -15,6 +15,8 @@ from routesae.architectures.topk import TopKConfig, TopKSAE
 from routesae.cli import make_cli
 from routesae.errors import PluginError
 from routesae.hookspecs import hookimpl
+from routesae.interop import Exporter
+from routesae.interop.saelens_exporters import VanillaToSAELens
 from routesae.interpreters import Interpreter
 from routesae.metrics import Metric
 from routesae.plugins import KINDS, PluginManager
@@ -300,6 +302,9 @@ def test_each_kind_is_registered_and_attributed():
         ("metric", Length(), "must be a subclass of routesae.metrics.Metric"),
         ("interpreter", str, "must be a subclass of routesae.Interpreter"),
         ("reporter", Length, "must be a subclass of routesae.reporters.Reporter"),
+        ("exporter", VanillaToSAELens, r"must be registered as an instance: register\(VanillaToSAELens\(\)\)"),
+        ("exporter", Length(), "must be an instance of routesae.interop.Exporter"),
+        ("exporter", Exporter(), "must set both format and architecture"),
     ],
 )
 def test_every_kind_refuses_what_the_kernel_could_not_use(kind, obj, message):
@@ -323,7 +328,9 @@ def test_every_kind_refuses_what_the_kernel_could_not_use(kind, obj, message):
 def test_cli_lists_builtins_and_the_installed_example_plugin():
     listed = json.loads(CliRunner().invoke(make_cli(), ["plugins", "--json"]).output)
     by_dist = {(p["distribution"], p["name"]): p for p in listed}
-    assert by_dist[("routesae-batchtopk", "batchtopk")]["registered"] == {"architecture": ["batchtopk"]}
+    assert by_dist[("routesae-batchtopk", "batchtopk")]["registered"] == {
+        "architecture": ["batchtopk"], "exporter": ["saelens:batchtopk"]}
+    assert "saelens:topk" in by_dist[("routesae", "architectures")]["registered"]["exporter"]
     assert {"topk", "routesae", "crosscoder"} <= set(by_dist[("routesae", "architectures")]["registered"]["architecture"])
     assert by_dist[("routesae", "reporters")]["registered"]["reporter"] == ["console", "jsonl", "wandb"]
     assert by_dist[("routesae", "routers")]["registered"] == {"router": ["hard", "soft"], "aggregation": ["mean", "sum"]}

@@ -6,6 +6,7 @@ requests, no injected elements, the live DOM)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,7 +22,7 @@ from routesae.errors import RouteSAEError
 from routesae.evaluate import evaluate
 from routesae.files import read_json, write_json
 from routesae.lm import LanguageModel
-from routesae.report import render_report, write_report
+from routesae.report import FILTER_SCRIPT, render_report, write_report
 
 XSS_NAME = '"><img src=x onerror=window.__xss=1>&é'  # an SAE name (a directory name too, so no slash)
 XSS_SCRIPT = "<script>window.__xss=2</script>"
@@ -263,7 +264,8 @@ def test_hostile_strings_are_text_never_markup(run, report):
     html = path.read_text(encoding="utf-8")
     for hostile in (*HOSTILE, XSS_NAME):
         assert hostile not in html
-    assert not dom.find_all("script") and not dom.find_all("img")
+    scripts = dom.find_all("script")  # the page's one script is its own card filter, allowed by hash; no other
+    assert [script.text().strip() for script in scripts] == [FILTER_SCRIPT.strip()] and not dom.find_all("img")
     text = dom.text()
     for hostile in (*HOSTILE, XSS_NAME):
         assert hostile in text
@@ -382,6 +384,23 @@ def test_report_loads_in_chromium_without_errors_or_requests(run, report, browse
     assert page.evaluate("document.title") == f"routesae report · {run['dir'].name}"
 
 
+def test_the_filter_box_hides_the_cards_that_do_not_match_under_the_pages_csp(run, report, browser):
+    path, _ = report
+    page = browser.open(path)
+    count = "document.querySelectorAll('article.card').length"
+    shown = "[...document.querySelectorAll('article.card')].filter(c => !c.hidden).length"
+    total = page.evaluate(count)
+    word = read_json(run["routesae"] / "interpretations.json")["latents"]
+    explanation = next(e["explanation"] for e in word.values() if e.get("explanation"))
+    typed = "(box => { box.value = %s; box.dispatchEvent(new Event('input')); })(document.getElementById('filter'))"
+    page.evaluate(typed % json.dumps(explanation.split()[0]))
+    assert 0 < page.evaluate(shown) < total, "the page's own script ran (its CSP hash matches) and filtered"
+    page.evaluate(typed % json.dumps("no-card-says-this"))
+    assert page.evaluate(shown) == 0
+    page.evaluate(typed % json.dumps(""))
+    assert page.evaluate(shown) == total and page.errors == []
+
+
 def test_report_dom_in_chromium(run, report, browser):
     path, _ = report
     page = browser.open(path)
@@ -411,7 +430,8 @@ def test_report_dom_in_chromium(run, report, browser):
 def test_hostile_strings_inject_nothing_in_chromium(run, report, browser):
     path, _ = report
     page = browser.open(path)
-    assert page.evaluate("document.querySelectorAll('script, img, iframe, object, embed').length") == 0
+    assert page.evaluate("document.querySelectorAll('img, iframe, object, embed').length") == 0
+    assert page.evaluate("[...document.scripts].map(s => s.textContent.trim())") == [FILTER_SCRIPT.strip()]
     assert page.evaluate("window.__xss === undefined")
     text = page.evaluate("document.body.textContent")
     for hostile in (*HOSTILE, XSS_NAME):
@@ -429,3 +449,39 @@ def test_missing_stages_render_in_chromium(run, browser, tmp_path):
     assert [stage for stage, _ in notes] == ["evaluate", "contexts", "interpret"]
     assert all("not run yet" in text and "routesae " in text for _, text in notes)
     assert page.errors == []
+
+
+# -- training curves, steering, the weak judge, single-layer cards --------------------------------------------------
+def test_training_curves_steering_and_a_weak_judge(tmp_path, tiny_model_dir, text_corpus_dir, monkeypatch):
+    from routesae.steering import record_steering, steer
+
+    monkeypatch.setenv("ROUTESAE_HOME", str(tmp_path / "home"))
+    lm = LanguageModel.load(str(tiny_model_dir))
+    out = tmp_path / "run"
+    specs = [SAESpec.build("routesae", k=4, latent_size=64, layers="1:2"), SAESpec.build("topk", k=4, latent_size=64, layer=2)]
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(text_corpus_dir), tokens=640, batch_size=4, context_length=32,
+                      sae_batch_tokens=64, buffer_tokens=256, device="cpu", log_every=2)
+    train(specs, out, cfg, reporters=[], lm=lm)
+    topk = out / "topk-L2-k4-F64"
+    extract_contexts([topk], threshold=0.5, min_contexts=2, window=16, held_out=2, pool=10, batch_size=4, lm=lm)
+    record_steering(topk, [steer(topk, "The fox", ["3=+5"], lm=lm, max_new_tokens=2, temperature=0, chat=False)])
+    weak = interpretations_for(topk / "contexts.json")
+    weak["summary"].update(features_scored=1, unparsable=4)
+    write_json(topk / "interpretations.json", weak)
+
+    dom = parse(write_report(out).read_text(encoding="utf-8"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if r["event"] == "step"]
+    loss = dom.find("figure", "curve", data_term="loss")
+    lines = {line.attrs["data-sae"]: line.attrs["points"].split() for line in loss.find_all("polyline")}
+    assert set(lines) == {"routesae-L1-2-hard-sum-k4-F64", "topk-L2-k4-F64"}
+    assert all(len(points) == len(steps) for points in lines.values()), "one point per log step"
+    last = f"{steps[-1]['saes']['topk-L2-k4-F64']['loss']:.4g}"
+    assert last in loss.find("ul", "legend").text()
+    assert dom.find("figure", "curve", data_term="l0")
+
+    section = sae_section(dom, "topk-L2-k4-F64")
+    assert "4 of 5 answers could not be read" in section.find("p", "weak-judge").text()
+    row = section.find("table", "steering").find("tbody").find("tr")
+    assert "3=+5" in row.text() and "The fox" in row.text()
+    assert all("block" not in act.text() for act in section.find_all("span", "act")), "one block: not repeated per context"

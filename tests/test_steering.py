@@ -9,15 +9,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import routesae
+from routesae.activations import training_positions
 from routesae.architectures.base import SAEOutput, SingleLayerSAE
 from routesae.architectures.topk import TopKSAE
 from routesae.checkpoint import save_sae
 from routesae.cli import make_cli
 from routesae.errors import ConfigError, RouteSAEError
+from routesae.latent_scales import LatentScale, measure_latent_scales
 from routesae.lm import LanguageModel
 from routesae.plugins import get_plugin_manager
 from routesae.steering import (
     Clamp,
+    ClampSpec,
+    Relative,
     block_changes,
     clamp_edit,
     parse_clamps,
@@ -25,6 +30,7 @@ from routesae.steering import (
     steer,
     steered_logits,
     steered_positions,
+    sweep_clamps,
 )
 
 N_LAYERS, D_MODEL, LATENTS = 6, 16, 64
@@ -399,3 +405,86 @@ def test_steering_smollm2(embedded_home, monkeypatch):
     steer_BT = steered_positions(ids.shape[1], ids.shape[1], "all", lm.device)
     unclamped, _ = steered_logits(lm, sae, ids, steer_BT, [])
     assert torch.equal(unclamped, lm.logits(ids, torch.ones_like(ids)))
+
+
+# -- aiming: how latents fire, relative values, sweeps, records --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_topk(tiny_model_dir, text_corpus_dir, tmp_path_factory):
+    """A tiny TopK trained by the real CLI, so its config.json names the data its scales are measured on."""
+    out = tmp_path_factory.mktemp("steer-run") / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(text_corpus_dir), "--k", "4", "--latent-size", "64",
+            "--batch-size", "4", "--context-length", "32", "--sae-batch-tokens", "64", "--buffer-tokens", "256",
+            "--layer", "2", "--tokens", "1024", "--report", "jsonl", "--out", str(out)]
+    assert CliRunner().invoke(make_cli(), args).exit_code == 0
+    return out / "topk-L2-k4-F64"
+
+
+def firing_latent(directory):
+    """A latent that fires on held-out text (so its scale has a positive maximum)."""
+    sae = routesae.load(directory)
+    scales = measure_latent_scales(sae, LanguageModel.load(sae.checkpoint["model"]["spec"]), sae.checkpoint,
+                                   list(range(sae.cfg.latent_size)), tokens=256)
+    return max(scales.values(), key=lambda s: (s.fire_rate, s.max))
+
+
+def test_latent_scales_match_the_latents_on_held_out_text(trained_topk):
+    scale = firing_latent(trained_topk)
+    sae = routesae.load(trained_topk)
+    lm = LanguageModel.load(sae.checkpoint["model"]["spec"])
+    ids, mask = next(load_corpus_of(sae, lm).split("apply").batches(64))
+    acts = lm.capture(ids, mask, [2], keep=training_positions(mask, keep_bos=False))[:256]
+    with torch.no_grad():
+        column = sae(acts).latents[:, scale.latent]
+    assert scale.tokens == len(column) and scale.fire_rate == pytest.approx(float((column != 0).float().mean()))
+    assert scale.max == pytest.approx(float(column.max())) and scale.typical == pytest.approx(float(column[column != 0].mean()))
+
+
+def load_corpus_of(sae, lm):
+    from routesae.loading import corpus_for
+
+    return corpus_for(sae.checkpoint, lm)
+
+
+@pytest.mark.parametrize(
+    ("text", "op", "values"),
+    [("5=x2max", "set", (Relative(2.0, "max"),)), ("5=+x0.5typical", "add", (Relative(0.5, "typical"),)),
+     ("5=-x1max", "add", (Relative(-1.0, "max"),)), ("5=5,10,20", "set", (5.0, 10.0, 20.0)),
+     ("5=*-1,2", "mul", (-1.0, 2.0)), ("5=20", "set", (20.0,))],
+)
+def test_clamp_specs_parse_relative_values_and_sweeps(text, op, values):
+    spec = ClampSpec.parse(text)
+    assert (spec.latent, spec.op, spec.values) == (5, op, values)
+
+
+def test_relative_values_resolve_against_the_latents_scale():
+    scale = LatentScale(5, 100, 0.1, typical=2.0, max=8.0)
+    assert ClampSpec.parse("5=x2max").clamps(scale) == [Clamp(5, "set", 16.0)]
+    assert ClampSpec.parse("5=-x1typical").clamps(scale) == [Clamp(5, "add", -2.0)]
+    with pytest.raises(RouteSAEError, match="it does not multiply"):
+        ClampSpec.parse("5=*x2max")
+    with pytest.raises(RouteSAEError, match="never fired"):
+        ClampSpec.parse("5=x2max").clamps(LatentScale(5, 100, 0.0, 0.0, 0.0))
+    with pytest.raises(RouteSAEError, match="sweep one clamp at a time"):
+        sweep_clamps([ClampSpec.parse("1=1,2"), ClampSpec.parse("2=3,4")], {})
+
+
+def test_cli_shows_how_latents_fire_sweeps_side_by_side_and_records(trained_topk):
+    latent = firing_latent(trained_topk).latent
+    args = ["steer", str(trained_topk), "--clamp", f"{latent}=x1max,x3max", "--prompt", PROMPT, "--max-new-tokens", "3",
+            "--temperature", "0", "--no-chat", "--scale-tokens", "256", "--record"]
+    result = CliRunner().invoke(make_cli(), args)
+    assert result.exit_code == 0, result.output
+    assert f"latent {latent}: fires on" in result.stdout and "at most" in result.stdout
+    assert result.stdout.count("steered") == 2 and "original" in result.stdout
+    record = json.loads((trained_topk / "steering.json").read_text())["results"]
+    scale = record[0]["settings"]["scales"][str(latent)]
+    assert [r["settings"]["clamps"] for r in record] == [[f"{latent}={scale['max']:g}"], [f"{latent}={3 * scale['max']:g}"]]
+    assert record[0]["original"] == record[1]["original"] and record[0]["settings"]["asked"] == [f"{latent}=x1max,x3max"]
+    assert "wrote 2 steering result(s) to steering.json" in result.stderr
+
+
+def test_relative_values_need_the_data_the_sae_was_trained_on(checkpoint):
+    result = CliRunner().invoke(make_cli(), ["steer", str(checkpoint), "--clamp", "7=x2max", "--prompt", "hi"])
+    assert result.exit_code == 2 and "needs the SAE's training data" in result.output

@@ -28,6 +28,13 @@ from routesae.config import Config, SettingInfo, config_settings, setting
 from routesae.errors import ConfigError, PluginError
 
 STANDARDIZE_EPS = 1e-6  # the reference's epsilon in (h - mu) / (sigma + eps)
+LAYER_NORM_EPS = 1e-5  # SAELens's layer_norm: (h - mu) / (sigma + 1e-5) in, x * sigma + mu out
+
+#: Per normalisation mode, (eps added to σ on the way in, eps added to σ on the way out).
+NORMALIZE_EPS: dict[str, tuple[float, float]] = {
+    "token": (STANDARDIZE_EPS, STANDARDIZE_EPS),
+    "layer_norm": (LAYER_NORM_EPS, 0.0),
+}
 
 
 @dataclass
@@ -35,10 +42,11 @@ class SAEConfig(Config):
     """Settings every architecture has."""
 
     latent_size: int = setting(4096, "Number of latents in the dictionary.")
-    normalize: Literal["token", "none"] = setting(
+    normalize: Literal["token", "layer_norm", "none"] = setting(
         "token",
         "Input normalisation: 'token' standardises each token's activation per layer, (h-mean)/(std+1e-6), "
-        "as the reference does; 'none' feeds the raw residual stream.",
+        "as the reference does; 'layer_norm' is SAELens's convention, (h-mean)/(std+1e-5) in and x*std+mean "
+        "out, which `routesae export --format saelens` writes exactly; 'none' feeds the raw residual stream.",
     )
 
     def __post_init__(self) -> None:
@@ -138,22 +146,52 @@ class MultiLayerConfig(SAEConfig):
 
 @dataclass
 class Standardization:
-    """Per-token, per-layer (mean, std) used to map SAE space back to the residual stream."""
+    """Per-token, per-layer (mean, std) used to map SAE space back to the residual stream.
+
+    ``eps_in``/``eps_out`` are added to σ on the way in and out (:data:`NORMALIZE_EPS`): the
+    reference uses 1e-6 both ways; SAELens's ``layer_norm`` 1e-5 in and nothing out.
+    """
 
     mean: Tensor  # [N, L, 1]
     std: Tensor  # [N, L, 1]
+    eps_in: float = STANDARDIZE_EPS
+    eps_out: float = STANDARDIZE_EPS
 
     def undo(self, x_NLD: Tensor) -> Tensor:
-        return x_NLD * (self.std + STANDARDIZE_EPS) + self.mean
+        return x_NLD * (self.std + self.eps_out) + self.mean
+
+
+def token_statistics(acts_NLD: Tensor) -> Standardization:
+    """Per-token, per-layer mean and Bessel-corrected std over the model width, as the reference standardises.
+
+    The std comes from Σh² − D·μ² rather than ``Tensor.std``, whose CPU kernel over the last
+    dimension is an order of magnitude slower (docs/speed.md). Its relative error is about
+    1e-6·(1 + μ²/σ²): in residual streams, where the mean is small beside the spread, it agrees with
+    ``Tensor.std`` to float rounding.
+    """
+    width = acts_NLD.shape[-1]
+    mean = acts_NLD.mean(-1, keepdim=True)
+    squares = torch.linalg.vector_norm(acts_NLD, dim=-1, keepdim=True).square()
+    var = ((squares - width * mean.square()) / (width - 1)).clamp_min(0)
+    return Standardization(mean, var.sqrt())
 
 
 def standardize(acts_NLD: Tensor, mode: str) -> tuple[Tensor, Standardization | None]:
-    """Per-token standardisation over the model width, as in the reference (Bessel-corrected std)."""
+    """Per-token standardisation over the model width, as in the reference (Bessel-corrected std).
+
+    ``"layer_norm"`` follows SAELens's steps exactly (the std of the centred activations, ε = 1e-5),
+    so an exported SAE computes in SAELens what it computes here.
+    """
     if mode == "none":
         return acts_NLD, None
-    mean = acts_NLD.mean(-1, keepdim=True)
-    std = acts_NLD.std(-1, keepdim=True)
-    return (acts_NLD - mean) / (std + STANDARDIZE_EPS), Standardization(mean, std)
+    eps_in, eps_out = NORMALIZE_EPS[mode]
+    if mode == "layer_norm":  # SAELens's steps (Tensor.std of the centred activations), not token_statistics
+        mean = acts_NLD.mean(-1, keepdim=True)
+        centred = acts_NLD - mean
+        std = centred.std(-1, keepdim=True)
+        return centred / (std + eps_in), Standardization(mean, std, eps_in, eps_out)
+    norm = token_statistics(acts_NLD)
+    return (acts_NLD - norm.mean) / (norm.std + eps_in), norm
 
 
 class StandardizedLayers:
@@ -169,7 +207,10 @@ class StandardizedLayers:
 
     def __init__(self, acts_NLD: Tensor, mode: str) -> None:
         self.raw_NLD = acts_NLD
-        self.norm = None if mode == "none" else Standardization(acts_NLD.mean(-1, keepdim=True), acts_NLD.std(-1, keepdim=True))
+        self.norm = None
+        if mode != "none":
+            stats = token_statistics(acts_NLD)
+            self.norm = Standardization(stats.mean, stats.std, *NORMALIZE_EPS[mode])
 
     @property
     def n_layers(self) -> int:
@@ -181,7 +222,7 @@ class StandardizedLayers:
         with torch.autocast(self.raw_NLD.device.type, enabled=False):
             if self.norm is None:
                 return torch.einsum("nl,nld->nd", weights_NL, self.raw_NLD)
-            scale_NL = weights_NL / (self.norm.std[..., 0] + STANDARDIZE_EPS)
+            scale_NL = weights_NL / (self.norm.std[..., 0] + self.norm.eps_in)
             shift_N1 = (scale_NL * self.norm.mean[..., 0]).sum(-1, keepdim=True)
             return torch.einsum("nl,nld->nd", scale_NL, self.raw_NLD) - shift_N1
 
@@ -191,13 +232,13 @@ class StandardizedLayers:
         picked_ND = self.raw_NLD[rows, index_N]
         if self.norm is None:
             return picked_ND
-        return (picked_ND - self.norm.mean[rows, index_N]) / (self.norm.std[rows, index_N] + STANDARDIZE_EPS)
+        return (picked_ND - self.norm.mean[rows, index_N]) / (self.norm.std[rows, index_N] + self.norm.eps_in)
 
     def materialize(self) -> Tensor:
         """All of x, ``[N, L, D]`` (what :func:`standardize` returns)."""
         if self.norm is None:
             return self.raw_NLD
-        return (self.raw_NLD - self.norm.mean) / (self.norm.std + STANDARDIZE_EPS)
+        return (self.raw_NLD - self.norm.mean) / (self.norm.std + self.norm.eps_in)
 
 
 @dataclass
@@ -324,6 +365,7 @@ class SAE(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[SAEConfig]] = SAEConfig
     supports_inference: ClassVar[bool] = True
+    checkpoint: dict[str, Any] | None = None  # the config.json it was loaded from (model, hooks, data, training)
 
     def __init__(self, cfg: SAEConfig, d_model: int) -> None:
         super().__init__()
@@ -519,7 +561,9 @@ class SAE(nn.Module):
 
 
 def l0(latents_NF: Tensor) -> Tensor:
-    return (latents_NF != 0).sum(-1).float().mean().detach()
+    """Mean active latents per token (one counting kernel: comparing, then summing per row, took 7x as long)."""
+    rows = latents_NF.numel() // latents_NF.shape[-1]
+    return (torch.count_nonzero(latents_NF) / rows).detach()
 
 
 class SingleLayerSAE(SAE):

@@ -51,7 +51,6 @@ from routesae.architectures.base import (
     SAEOutput,
     SingleLayerConfig,
     SingleLayerSAE,
-    Standardization,
     StandardizedLayers,
     TrainingState,
 )
@@ -411,7 +410,9 @@ class RouteSAE(SAE):
         rows = torch.arange(x_chosen_ND.shape[0], device=x_chosen_ND.device)
         x_hat_ND = self.sae.decode(self.sae.encode(x_chosen_ND))
         if out.norm is not None:
-            at_chosen = Standardization(out.norm.mean[rows, chosen_N][:, None], out.norm.std[rows, chosen_N][:, None])
+            at_chosen = dataclasses.replace(
+                out.norm, mean=out.norm.mean[rows, chosen_N][:, None], std=out.norm.std[rows, chosen_N][:, None]
+            )
             x_hat_ND = at_chosen.undo(x_hat_ND[:, None])[:, 0]
         return {block: (x_hat_ND, chosen_N == i) for i, block in enumerate(self.layers)}
 

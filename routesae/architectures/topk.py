@@ -261,4 +261,4 @@ class TopKSAE(SingleLayerSAE):
         """With AuxK, the fraction of dead latents it acts on."""
         if self.cfg.auxk == 0:
             return {}
-        return {"dead": self.dead_latents(state).float().mean()}
+        return {"dead_window": self.dead_latents(state).float().mean()}

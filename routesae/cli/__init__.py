@@ -19,6 +19,7 @@ import click
 
 from routesae.cli.application import make_contexts_command, make_steer_command
 from routesae.cli.evaluation import make_evaluate_command
+from routesae.cli.export import make_export_command
 from routesae.cli.interpretation import make_interpret_command
 from routesae.cli.reporting import make_plugins_command, make_report_command
 from routesae.cli.training import make_cache_command, make_pipeline_command, make_train_command
@@ -93,6 +94,7 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
         make_report_command,
         make_pipeline_command,
         make_plugins_command,
+        make_export_command,
     ]
     with activated(pm):  # composites (RouteSAE) list their parts' settings from the manager in use
         for build in builders:

@@ -16,10 +16,12 @@ from routesae.cli.options import (
     device_option,
     json_option,
     print_json,
+    print_written,
 )
 from routesae.distributed import writes_here
+from routesae.latent_scales import LatentScale
 from routesae.plugins import PluginManager
-from routesae.rundir import CONTEXTS_FILE
+from routesae.rundir import CONTEXTS_FILE, STEERING_FILE
 
 
 def make_contexts_command(pm: PluginManager) -> click.Command:
@@ -28,9 +30,11 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
     def callback(paths: tuple[str, ...], device: str | None, as_json: bool, **values: Any) -> None:
         cfg = ContextsConfig.from_dict(config_values(ContextsConfig, values))
         results = extract_contexts(list(paths), cfg, device=device)
-        if as_json and writes_here():  # under torchrun, rank 0 speaks for the job
-            keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
-            print_json({d: {"file": str(Path(d) / CONTEXTS_FILE), **{k: r[k] for k in keys}} for d, r in results.items()})
+        if writes_here():  # under torchrun, rank 0 speaks for the job
+            if as_json:
+                keys = ("sae", "hits", "interpretable_latents", "latent_size", "settings")
+                print_json({d: {"file": str(Path(d) / CONTEXTS_FILE), **{k: r[k] for k in keys}} for d, r in results.items()})
+            print_written(f"{CONTEXTS_FILE} ({len(results)} SAE(s))", list(results))
 
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),
@@ -48,23 +52,22 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
 
 
 def make_steer_command(pm: PluginManager) -> click.Command:
-    from routesae.steering import SteerConfig, steer
+    from routesae.steering import SteerConfig, record_steering, steer_sweep
 
     def callback(
-        sae_dir: str, clamp: tuple[str, ...], prompt: str, device: str | None, as_json: bool, **values: Any
+        sae_dir: str, clamp: tuple[str, ...], prompt: str, record: bool, device: str | None, as_json: bool,
+        **values: Any,
     ) -> None:
         cfg = SteerConfig.from_dict(config_values(SteerConfig, values))
-        result = steer(sae_dir, prompt, list(clamp), cfg, device=device)
+        results = steer_sweep(sae_dir, prompt, list(clamp), cfg, device=device)
+        if record:
+            written = record_steering(sae_dir, results)
         if as_json:
-            print_json(result.to_dict())
-            return
-        table = Table(
-            title=f"{result.settings['sae']}  clamps {' '.join(result.settings['clamps']) or '(none)'}", expand=True
-        )
-        table.add_column("original", ratio=1, overflow="fold")
-        table.add_column("steered", ratio=1, overflow="fold")
-        table.add_row(result.original, result.steered)
-        Console(width=160 if not sys.stdout.isatty() else None).print(table)
+            print_json(results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results])
+        else:
+            _print_steering(results)
+        if record:
+            print_written(f"{len(results)} steering result(s) to {STEERING_FILE}", [written.parent])
 
     params: list[click.Parameter] = [
         click.Argument(["sae_dir"], type=click.Path(exists=True, file_okay=False)),
@@ -73,19 +76,36 @@ def make_steer_command(pm: PluginManager) -> click.Command:
             multiple=True,
             metavar="LATENT=OP",
             help="Clamp a latent at every steered token; repeatable. 123=20 sets it to 20, 123=+15 adds 15, "
-            "123=-15 subtracts 15, 123=*2 multiplies it by 2.",
+            "123=-15 subtracts 15, 123=*2 multiplies it by 2; 123=x2max sets it to twice its largest activation on "
+            "held-out text (x1typical: its typical one); 123=5,10,20 steers once per value, side by side.",
         ),
         click.Option(
             ["--prompt"], required=True, help="Text to continue (wrapped as a user message for instruct models)."
         ),
+        click.Option(["--record"], is_flag=True, help=f"Add the results to {STEERING_FILE} beside the SAE (the report "
+                     "shows them)."),
         *config_options(SteerConfig),
         device_option(),
-        json_option("Print the record (texts, token ids, settings) as JSON."),
+        json_option("Print the record (texts, token ids, settings) as JSON (a list for a sweep)."),
     ]
     return click.Command(
         "steer",
         callback=callback,
         params=params,
         help="Continue a prompt twice from one seed, without and with latents clamped at every generated token, "
-        "and show both continuations side by side.",
+        "and show both continuations side by side, with how each clamped latent fires on held-out text.",
     )
+
+
+def _print_steering(results: list[Any]) -> None:
+    console = Console(width=160 if not sys.stdout.isatty() else None)
+    first = results[0].settings
+    for scale in first["scales"].values():
+        console.print(LatentScale(**scale).describe(), highlight=False)
+    table = Table(title=f"{first['sae']}  clamps {' '.join(first['asked']) or '(none)'}", expand=True)
+    table.add_column("original", ratio=1, overflow="fold")
+    for result in results:
+        table.add_column("steered " + " ".join(result.settings["clamps"]) if len(results) > 1 else "steered",
+                         ratio=1, overflow="fold")
+    table.add_row(results[0].original, *(result.steered for result in results))
+    console.print(table)

@@ -12,11 +12,13 @@ from routesae.cli.options import (
     device_option,
     json_option,
     print_json,
+    print_written,
     report_option,
     reporter_names,
 )
 from routesae.distributed import writes_here
 from routesae.plugins import PluginManager
+from routesae.rundir import EVAL_FILE
 
 
 def make_evaluate_command(pm: PluginManager) -> click.Command:
@@ -27,8 +29,10 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
     ) -> None:
         cfg = EvaluateConfig.from_dict(config_values(EvaluateConfig, values))
         results = evaluate(list(paths), list(metric) or None, cfg, device=device, reporters=reporter_names(report))
-        if as_json and writes_here():  # under torchrun, rank 0 speaks for the job
-            print_json(results)
+        if writes_here():  # under torchrun, rank 0 speaks for the job
+            if as_json:
+                print_json(results)
+            print_written(f"{EVAL_FILE} ({len(results)} SAE(s))", list(results))
 
     params: list[click.Parameter] = [
         click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),

@@ -20,6 +20,7 @@ from routesae.cli.options import (
     json_option,
     option_name,
     print_json,
+    print_written,
 )
 from routesae.config import field_help, field_types
 from routesae.errors import PluginError, RouteSAEError
@@ -29,7 +30,8 @@ from routesae.plugins import PluginManager
 def interpreter_options(pm: PluginManager, reserved: Iterable[str], prefix: str = "") -> list[click.Option]:
     """One option per settable config field across the installed interpreters.
 
-    A setting several backends share (``--model``) gets one option whose help gives each one's meaning.
+    A setting several backends share (``--model``) gets one option whose help gives each one's meaning,
+    or, where they mean the same (``--timeout`` of ``openai`` and ``azure``), that meaning once.
     ``prefix`` namespaces them (``routesae pipeline`` has its own ``--model``, the language model).
     """
     fields: dict[str, dict[str, dataclasses.Field]] = {}
@@ -48,15 +50,18 @@ def interpreter_options(pm: PluginManager, reserved: Iterable[str], prefix: str 
     options = []
     for setting_name, owners in sorted(fields.items()):
         first = next(iter(owners.values()))
-        if len(owners) == 1:
-            owner = next(iter(owners))
-            options.append(field_option(first, types[setting_name], f" ({owner} only)", prefix=prefix))
+        if len({(field_help(f), repr(field_default(f))) for f in owners.values()}) == 1:  # one meaning (a shared base)
+            only = f" ({', '.join(owners)} only)"
+            options.append(field_option(first, types[setting_name], only, prefix=prefix))
             continue
         joined = "; ".join(f"{owner}: {field_help(f).rstrip('.')}" for owner, f in owners.items()) + "."
         shared = dataclasses.field(default=None, metadata={"help": joined})
         shared.name = setting_name
-        defaults = ", ".join(f"{owner} {field_default(f)}" for owner, f in owners.items())
-        options.append(field_option(shared, types[setting_name], default_text=defaults, prefix=prefix))
+        defaults = {owner: field_default(f) for owner, f in owners.items()}
+        default_text = (
+            None if all(v is None for v in defaults.values()) else ", ".join(f"{o} {v}" for o, v in defaults.items())
+        )
+        options.append(field_option(shared, types[setting_name], default_text=default_text, prefix=prefix))
     return options
 
 
@@ -93,6 +98,7 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
             print_json(
                 {"path": str(Path(sae_dir) / INTERPRETATIONS_FILE), "summary": doc["summary"], "usage": doc["usage"]}
             )
+        print_written(INTERPRETATIONS_FILE, [sae_dir])
 
     params: list[click.Parameter] = [
         click.Argument(["sae_dir"], type=click.Path(exists=True, file_okay=False)),
@@ -119,8 +125,8 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
         callback=callback,
         params=params,
         help="Explain and score a sample of an SAE's latents from its contexts.json with an interpreter backend; "
-        "writes interpretations.json after every latent and continues an interrupted run. The OpenAI key is read from "
-        "OPENAI_API_KEY only. Exit code 3: --max-cost reached (re-run to continue).",
+        "writes interpretations.json after every latent and continues an interrupted run. API keys are read from the "
+        "environment only (OPENAI_API_KEY, AZURE_OPENAI_API_KEY). Exit code 3: --max-cost reached (re-run to continue).",
     )
 
 

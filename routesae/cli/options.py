@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
@@ -33,6 +35,13 @@ def click_type(tp: Any) -> Any:
     item = list_item_type(tp)
     if item is not None:
         return ListValue(click.BOOL if item is bool else click_type(item))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        if str in get_args(tp):  # a number or a word the config reads (a threshold rule): text, checked there
+            return str
+        numbers = [m for m in get_args(tp) if m in (int, float)]
+        literals = [m for m in get_args(tp) if get_origin(m) is Literal]
+        if len(numbers) == 1 and len(numbers) + len(literals) == len(get_args(tp)):
+            return NumberOrWord(numbers[0], [str(word) for m in literals for word in get_args(m)])
     raise PluginError(f"config fields of type {tp!r} cannot be set from the command line")
 
 
@@ -67,6 +76,22 @@ def split_outside_brackets(text: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
     return [*parts, text[start:]]
+
+
+class NumberOrWord(click.ParamType):
+    """A number, or one of a few words: ``--tokens 8192`` or ``--tokens all``."""
+
+    def __init__(self, number: type, words: list[str]) -> None:
+        self.number, self.words = number, words
+        self.name = f"{number.__name__}|{'|'.join(words)}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.words:
+            return value
+        try:
+            return self.number(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor one of {', '.join(self.words)}", param, ctx)
 
 
 class CommaList(click.ParamType):
@@ -251,7 +276,13 @@ def reporter_names(report: str) -> list[str]:
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
+    click.echo(json.dumps(data, indent=2, allow_nan=False))
+
+
+def print_written(what: str, where: list[Any]) -> None:
+    """The line every writing command ends on (stderr): which file it wrote, and where."""
+    places = ", ".join(map(str, where[:3])) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    click.echo(f"wrote {what} in {places}", err=True)
 
 
 def device_option() -> click.Option:

@@ -18,16 +18,16 @@ from routesae.plugins import PluginManager
 def make_report_command(pm: PluginManager) -> click.Command:
     from routesae.report import DEFAULT_MAX_CARDS, write_report
 
-    def callback(path: str, out: str | None, max_cards: int) -> None:
-        click.echo(f"report written to {write_report(path, out, max_cards=max_cards)}")
+    def callback(paths: tuple[str, ...], out: str | None, max_cards: int) -> None:
+        click.echo(f"wrote the report {write_report(list(paths), out, max_cards=max_cards)}", err=True)
 
     params: list[click.Parameter] = [
-        click.Argument(["path"], type=click.Path(exists=True, file_okay=False)),
+        click.Argument(["paths"], nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)),
         click.Option(
             ["--out"],
             type=click.Path(dir_okay=False),
             default=None,
-            help="HTML file to write. [default: PATH/report.html]",
+            help="HTML file to write. [default: the first PATH's report.html]",
         ),
         click.Option(
             ["--max-cards"],
@@ -41,8 +41,8 @@ def make_report_command(pm: PluginManager) -> click.Command:
         "report",
         callback=callback,
         params=params,
-        help="Write a self-contained HTML report of a run or SAE directory: metrics, routing histogram, contexts and "
-        "interpretations of each SAE.",
+        help="Write a self-contained HTML report of run or SAE directories (routesae's or SAELens's), side by side: "
+        "metrics, routing histogram, contexts and interpretations of each SAE.",
     )
 
 

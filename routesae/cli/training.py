@@ -16,6 +16,7 @@ from routesae.cli.options import (
     json_option,
     option_name,
     print_json,
+    print_written,
     report_option,
     reporter_names,
 )
@@ -94,8 +95,10 @@ def make_train_command(pm: PluginManager) -> click.Command:
             raise RouteSAEError("--overwrite and --resume contradict each other; pick one")
         specs, out, cfg = training_request(arch, config, out, values)
         summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=reporter_names(report))
-        if as_json and writes_here():  # under torchrun, rank 0 speaks for the run
-            print_json(summary)
+        if writes_here():  # under torchrun, rank 0 speaks for the run
+            if as_json:
+                print_json(summary)
+            print_written(f"{len(summary['saes'])} SAE checkpoint(s), run.json and metrics.jsonl", [summary["run"]])
 
     params: list[click.Parameter] = [
         click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),

@@ -36,6 +36,7 @@ largest activation, so a far-off threshold shows at once.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -45,7 +46,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from routesae.activations import training_positions
@@ -62,6 +62,7 @@ from routesae.files import write_json
 from routesae.lm import LanguageModel
 from routesae.loading import corpus_for, model_for, stage_device
 from routesae.locks import writing_files
+from routesae.progress import JobProgress
 from routesae.rundir import CONTEXTS_FILE, expand_dirs
 from routesae.stage_config import StageConfig, infer_k_setting, theta_setting
 from routesae.version import __version__
@@ -74,16 +75,47 @@ _HASH_MULTIPLIERS = (1_103_515_245, 48_271, 69_621)
 _PAYLOAD = {"row": torch.long, "position": torch.long, "layer": torch.long, "activation": torch.float32}
 
 
+# The default threshold rule: the top quarter of each SAE's activations. A fixed number means something else at
+# every width and training length (the reference's 15, for d_model 2048 and 100M training tokens, keeps no latent of
+# the demo's SmolLM2 SAEs); a percentile of the SAE's own activations keeps latents on both (docs/contexts.md).
+DEFAULT_THRESHOLD = "p75"
+REFERENCE_THRESHOLD, REFERENCE_WIDTH = 15.0, 2048
+PERCENTILE_TOKENS = 4096  # apply tokens whose non-zero activations set a percentile threshold
+QUANTILE_MAX = 2**24 - 1  # torch.quantile's input limit; a larger set is sampled (seeded)
+_PERCENTILE = re.compile(r"^p(\d+(?:\.\d+)?)$")
+
+
+def threshold_rule(threshold: float | str) -> tuple[str, float]:
+    """("number" | "scaled" | "percentile", its number): a threshold setting, checked."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        if not math.isfinite(threshold):
+            raise ConfigError(f"threshold must be a finite number, got {threshold!r}")
+        return "number", float(threshold)
+    if threshold == "scaled":
+        return "scaled", REFERENCE_THRESHOLD
+    match = _PERCENTILE.match(str(threshold))
+    if match and 0 < float(match.group(1)) < 100:
+        return "percentile", float(match.group(1))
+    try:
+        return threshold_rule(float(threshold))
+    except ValueError:
+        raise ConfigError(
+            f"threshold {threshold!r} is neither a number nor a rule: give e.g. 4, 'scaled' (15 x sqrt(d_model/2048)) "
+            "or 'p75' (the 75th percentile of the SAE's non-zero activations)"
+        ) from None
+
+
 @dataclass
 class ContextsConfig(StageConfig):
     """What an extraction is asked for (``routesae contexts``' options, the pipeline's ``contexts``)."""
 
     EXECUTION_SETTINGS = ("batch_size",)  # hits are independent of batching
 
-    threshold: float = setting(
-        15.0,
-        "A latent activates at a token when z > threshold. 15 suits d_model 2048 (the reference); activations scale "
-        "with sqrt(d_model): 3-4 suits the SmolLM2 demo SAEs.",
+    threshold: float | str = setting(
+        DEFAULT_THRESHOLD,
+        "A latent activates at a token when z > threshold: a number; 'scaled', the reference's 15 for d_model 2048 "
+        "times sqrt(d_model/2048); or 'pNN' (e.g. p75), that percentile of the SAE's non-zero activations on the "
+        "first 4,096 apply tokens, which means the same at any width and training length.",
     )
     window: int = setting(64, "Most tokens per context (a sentence around the token, cropped around it).")
     top_per_class: int = setting(2, "Contexts kept per (latent, activating-token class), highest first.")
@@ -99,8 +131,9 @@ class ContextsConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not math.isfinite(self.threshold):
-            raise ConfigError(f"threshold must be a finite number, got {self.threshold!r}")
+        kind, value = threshold_rule(self.threshold)  # neither a number nor a rule: refused before anything loads
+        if kind == "number":
+            self.threshold = value  # "4" from the command line is the number 4
         positive = {"window": self.window, "top_per_class": self.top_per_class, "batch_size": self.batch_size}
         for name, value in positive.items():
             if value < 1:
@@ -143,6 +176,7 @@ class Extraction:
         self, directory: Path, config: dict[str, Any], sae: SAE, cfg: ContextsConfig, n_classes: int, n_pool: int
     ) -> None:
         self.directory, self.config, self.sae, self.cfg = directory, config, sae, cfg
+        self.threshold = threshold_rule(cfg.threshold)[1]  # a rule's number is set by resolve_thresholds before the pass
         device = next(sae.parameters()).device
         self.F = sae.cfg.latent_size
         self.n_classes = n_classes
@@ -186,7 +220,7 @@ class Extraction:
             out = self.sae(acts_BTLD[:, :, slots].reshape(B * T, len(slots), -1))
         z_NF = out.latents
         counted_N = (training_positions(mask_BT, self.keep_bos) & ~tables.special[ids_BT]).reshape(-1)
-        n, f = ((z_NF > self.cfg.threshold) & counted_N[:, None]).nonzero(as_tuple=True)
+        n, f = ((z_NF > self.threshold) & counted_N[:, None]).nonzero(as_tuple=True)
         activation = z_NF[n, f]
         self.hits += torch.bincount(f, minlength=self.F)
         self.max_activation.scatter_reduce_(0, f, activation, "amax")
@@ -285,6 +319,7 @@ def _extract(
             sae = load_sae(directory, lm.device)[0]
             overrides.enter_context(sae.inference(Inference(k=cfg.infer_k, theta=cfg.theta)))
             extractions.append(Extraction(directory, config, sae, cfg, len(vocab.class_names), len(pool_windows)))
+        resolve_thresholds(lm, extractions, ids_BT, mask_BT, tables, cfg.batch_size)
         _pass(lm, extractions, ids_BT, mask_BT, tables, pool_windows, cfg.batch_size, ranks)
     if ranks.distributed:
         for e in extractions:
@@ -303,6 +338,45 @@ def _extract(
     return results
 
 
+def resolve_thresholds(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask_BT: Tensor,
+                       tables: Tables, batch_size: int) -> None:
+    """Each SAE's threshold as a number: 'scaled' from its width, a percentile from its activations on the first
+    ``PERCENTILE_TOKENS`` counted tokens (real tokens but position 0 and special tokens; every rank reads the same
+    ones, so ranks agree)."""
+    percentiles = []
+    for e in extractions:
+        kind, value = threshold_rule(e.cfg.threshold)
+        if kind == "scaled":
+            e.threshold = value * math.sqrt(e.sae.d_model / REFERENCE_WIDTH)
+        elif kind == "percentile":
+            percentiles.append((e, value))
+    if not percentiles:
+        return
+    layers = sorted({block for e, _ in percentiles for block in e.sae.layers})
+    values: dict[int, list[Tensor]] = {id(e): [] for e, _ in percentiles}
+    seen = 0
+    for first in range(0, len(ids_BT), batch_size):
+        if seen >= PERCENTILE_TOKENS:
+            break
+        ids, mask = ids_BT[first : first + batch_size].to(lm.device), mask_BT[first : first + batch_size].to(lm.device)
+        B, T = ids.shape
+        acts = lm.capture(ids, mask, layers)
+        counted_N = (training_positions(mask, keep_bos=False) & ~tables.special[ids]).reshape(-1)
+        for e, _ in percentiles:
+            slots = [layers.index(block) for block in e.sae.layers]
+            with torch.no_grad():
+                z_NF = e.sae(acts[:, :, slots].reshape(B * T, len(slots), -1)).latents[counted_N][: PERCENTILE_TOKENS - seen]
+            values[id(e)].append(z_NF[z_NF != 0].float().cpu())
+        seen += int(counted_N.sum())
+    for e, percentile in percentiles:
+        active = torch.cat(values[id(e)])
+        if not len(active):
+            raise RouteSAEError(f"{e.directory}: no latent fired on the first {seen:,} apply tokens, so there is no "
+                                f"p{percentile:g} to take; give --threshold a number")
+        e.threshold = float(torch.quantile(active[torch.randperm(len(active), generator=torch.Generator().manual_seed(0))
+                                                  [:QUANTILE_MAX]], percentile / 100))
+
+
 def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask_BT: Tensor, tables: Tables,
           pool_windows: Tensor, batch_size: int, ranks: Ranks) -> None:
     layers = sorted({block for e in extractions for block in e.sae.layers})
@@ -310,18 +384,17 @@ def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask
     pool_by_row: dict[int, list[tuple[int, int, int, int]]] = {}
     for p, (row, lo, hi) in enumerate(pool_windows.tolist()):
         pool_by_row.setdefault(row, []).append((p, row, lo, hi))
-    console = Console(stderr=True)
-    columns = (TextColumn("[bold]contexts"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as progress:
-        batches = ranks.batches(math.ceil(len(ids_BT) / batch_size), SPLIT)
-        task = progress.add_task("contexts", total=len(batches))
-        for first in (batch * batch_size for batch in batches):
+    starts = [batch * batch_size for batch in ranks.batches(math.ceil(len(ids_BT) / batch_size), SPLIT)]
+    real = mask_BT.sum(-1)
+    with JobProgress("contexts", int(sum(real[first : first + batch_size].sum() for first in starts)),
+                     enabled=ranks.writes) as bar:
+        for first in starts:
             ids, mask = ids_BT[first : first + batch_size].to(lm.device), mask_BT[first : first + batch_size].to(lm.device)
             acts = lm.capture(ids, mask, layers)
             in_batch = [w for row in range(first, first + len(ids)) for w in pool_by_row.get(row, [])]
             for e, s in zip(extractions, slots):
                 e.update(acts, s, ids, mask, first, tables, in_batch)
-            progress.advance(task)
+            bar.advance(int(real[first : first + batch_size].sum()))
 
 
 def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: Tensor, end_BT: Tensor,
@@ -379,7 +452,7 @@ def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: T
         "architecture": e.sae.name,
         "model": e.config["model"]["spec"],
         "latent_size": e.F,
-        "settings": recorded,
+        "settings": {**recorded, "threshold": e.threshold, "threshold_rule": e.cfg.threshold},
         "hits": int(e.hits.sum()),
         "interpretable_latents": len(latents),
         "latents": latents,
@@ -419,7 +492,7 @@ def _context(tokens: list[str], index: int | None, activation: float, layer: int
 
 
 def _summarise(console: Console, e: Extraction, record: dict[str, Any], n_tokens: int) -> None:
-    hits, kept, threshold = record["hits"], record["interpretable_latents"], e.cfg.threshold
+    hits, kept, threshold = record["hits"], record["interpretable_latents"], e.threshold
     top = float(e.max_activation.max()) if hits else None
     largest = f", largest {top:.3g}" if top is not None else ""
     console.print(
@@ -428,7 +501,7 @@ def _summarise(console: Console, e: Extraction, record: dict[str, Any], n_tokens
     )
     if not kept:
         hint = (
-            "no activation exceeded the threshold: lower --threshold (activations scale with √d_model; 15 suits d=2048)"
+            "no activation exceeded the threshold: lower --threshold, or give a rule that follows the SAE (p75, scaled)"
             if not hits else "no latent passed the filters: lower --min-contexts or raise --max-classes"
         )
         warnings.warn(f"{record['sae']}: 0 interpretable latents; {hint}", stacklevel=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from routesae.interpreters.azure import AzureInterpreter
 from routesae.interpreters.base import (
     Completion,
     Interpreter,
@@ -14,6 +15,7 @@ from routesae.interpreters.local import LocalInterpreter
 from routesae.interpreters.openai import OpenAIInterpreter
 
 __all__ = [
+    "AzureInterpreter",
     "Completion",
     "Interpreter",
     "InterpreterConfig",

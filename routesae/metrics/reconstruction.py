@@ -101,7 +101,7 @@ class L0(RunningMean):
 class Dead(Metric):
     """Fraction of latents that are never non-zero on any counted token of the evaluated data."""
 
-    name: ClassVar[str] = "dead"
+    name: ClassVar[str] = "dead_eval"
     better: ClassVar[Better | None] = "lower"
 
     def __init__(self) -> None:

@@ -1,9 +1,11 @@
 """The reporter contract: how a run's progress and results leave the trainer and the evaluator.
 
 A reporter is constructed with the run directory. In training it receives ``start`` once,
-``step`` every ``log_every`` steps and ``finish`` with the final summary; after an evaluation it
-receives ``evaluation`` with the ``eval.json`` records of the run's evaluated SAEs. ``close`` is
-always called (even on error).
+``tick`` after every step (tokens and seconds only: numbers the host has without waiting for the
+device, so a progress bar can move and estimate from the first step on), ``step`` every
+``log_every`` steps with the losses (read back from the device then) and ``finish`` with the final
+summary; after an evaluation it receives ``evaluation`` with the ``eval.json`` records of the run's
+evaluated SAEs. ``close`` is always called (even on error).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class Reporter:
 
     def start(self, run: dict[str, Any]) -> None:
         """``run`` is the run manifest (configs, model, data)."""
+
+    def tick(self, tokens: int, tokens_per_s: float) -> None:
+        """After every step: training tokens so far (``run.json``'s count) and this session's speed."""
 
     def step(self, report: StepReport) -> None:
         pass
