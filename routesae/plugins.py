@@ -80,7 +80,7 @@ KINDS: dict[str, Kind] = {
         Kind("metric", "register_metrics", Metric, "routesae.metrics", instance=False, required=("update", "result")),
         Kind("interpreter", "register_interpreters", Interpreter, "routesae", instance=False, required=("complete",)),
         Kind("reporter", "register_reporters", Reporter, "routesae.reporters", instance=False),
-        Kind("exporter", "register_exporters", Exporter, "routesae.interop", instance=True),
+        Kind("exporter", "register_exporters", Exporter, "routesae.interop", instance=True, required=("export",)),
     )
 }
 

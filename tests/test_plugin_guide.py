@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import routesae
-from routesae import hookspecs
+from routesae import hookspecs, load_sae
 from routesae.cli import make_cli
 from routesae.plugins import PluginManager
 
@@ -84,7 +85,7 @@ def test_the_example_package_registers_one_plugin_of_each_kind(examples):
     (info,) = [i for i in examples.plugin_infos() if i.distribution == "routesae-examples"]
     assert info.error is None and not info.warnings
     assert info.registered == {"architecture": ["relu-l1"], "metric": ["mae"], "interpreter": ["constant"],
-                               "reporter": ["csv"]}
+                               "reporter": ["csv"], "exporter": ["npz:relu-l1"]}
     result = CliRunner().invoke(make_cli(examples), ["--help"])
     assert result.exit_code == 0 and "saes" in result.output
 
@@ -114,6 +115,11 @@ def test_each_example_works_through_the_cli(examples, tiny_model_dir, text_corpu
         "--no-detection")
     interpreted = json.loads((sae_dir / "interpretations.json").read_text())
     assert {r["explanation"] for r in interpreted["latents"].values()} == {"all the same"}
+
+    cli("export", sae_dir, "--format", "npz", "--out", tmp_path / "npz")
+    with np.load(tmp_path / "npz" / "weights.npz") as arrays:
+        assert np.array_equal(arrays["W_dec"], load_sae(sae_dir, plugins=examples)[0].W_dec.detach().numpy())
+    assert json.loads((tmp_path / "npz" / "settings.json").read_text())["l1"] == 0.01
 
     listed = cli("saes", out).output
     assert listed.startswith("relu-l1-L2-F64: architecture relu-l1 (routesae-examples 0.1.0)")
