@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_plugins import _write_package
 
 from routesae import (
     ConfigError,
@@ -215,9 +215,7 @@ def test_help_gives_each_architectures_own_text_for_a_shared_setting():
 @pytest.fixture(scope="module")
 def duplicate_site(tmp_path_factory):
     """A real package that registers the built-in name ``topk`` again, besides a name of its own."""
-    root = tmp_path_factory.mktemp("dupe-src") / "routesae-dupe"
-    (root / "routesae_dupe").mkdir(parents=True)
-    (root / "routesae_dupe" / "__init__.py").write_text(textwrap.dedent("""
+    package = _write_package(tmp_path_factory.mktemp("dupe-src"), "routesae-dupe", "dupe", """
         from routesae import TopKSAE, hookimpl
 
         class Mine(TopKSAE):
@@ -227,20 +225,10 @@ def duplicate_site(tmp_path_factory):
         def register_architectures(register):
             register(Mine, name="topk")
             register(Mine)
-        """))
-    (root / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "routesae-dupe"
-        version = "0.3"
-        [project.entry-points.routesae]
-        dupe = "routesae_dupe"
-        """))
+        """)
     site = tmp_path_factory.mktemp("dupe-site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-                    str(site), str(root)], check=True)
+                    str(site), str(package)], check=True)
     return site
 
 
@@ -257,7 +245,7 @@ def test_a_duplicate_name_disables_only_the_later_registration_and_the_cli_keeps
     by_dist = {p["distribution"]: p for p in json.loads(listed.stdout)}
     assert by_dist["routesae-dupe"]["registered"] == {"architecture": ["mine"]} and by_dist["routesae-dupe"]["error"] is None
     (warning,) = by_dist["routesae-dupe"]["warnings"]
-    assert "the architecture 'topk' of plugin 'dupe' (routesae-dupe 0.3) is ignored" in warning
+    assert "the architecture 'topk' of plugin 'dupe' (routesae-dupe 0.0.1) is ignored" in warning
     assert "plugin 'architectures' (routesae" in warning
     assert sum("warning" in line for line in listed.stderr.splitlines()) == 1
     help_text = routesae_process(duplicate_site, "train", "--help")
