@@ -58,16 +58,16 @@ class Kind:
                 raise PluginError(f"{self.name} {name!r} must be an instance of {what}, got {obj!r}")
         elif not (isinstance(obj, type) and issubclass(obj, self.base)):
             raise PluginError(f"{self.name} {name!r} must be a subclass of {what}, got {obj!r}")
-        cls = obj if isinstance(obj, type) else type(obj)
-        missing = [m for m in self.required if getattr(cls, m, None) is getattr(self.base, m)]
-        if missing:
-            raise PluginError(f"{self.name} {name!r} does not define {', '.join(missing)}, which every {what} must")
         check_contract = getattr(obj, "check_contract", None)  # a classmethod of a class, or a method of an instance
         if check_contract is not None:
             try:
                 check_contract()
             except PluginError as e:
                 raise PluginError(f"{self.name} {name!r}: {e}") from None
+        cls = obj if isinstance(obj, type) else type(obj)
+        missing = [m for m in self.required if getattr(cls, m, None) is getattr(self.base, m)]
+        if missing:
+            raise PluginError(f"{self.name} {name!r} does not define {', '.join(missing)}, which every {what} must")
 
 
 #: Every kind of plugin. The host files what a hook registers under its kind and checks it against the base.

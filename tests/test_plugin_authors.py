@@ -139,6 +139,36 @@ def test_a_router_registered_as_a_class_is_refused_when_it_loads_and_the_rest_ke
         pm.get("router", "fixed")
 
 
+def test_an_architecture_without_its_required_methods_is_refused_when_it_loads():
+    from routesae import SAE, SingleLayerSAE
+
+    class NoActivation(SingleLayerSAE):
+        name = "no-activation"
+
+    class NoReconstruction(SAE):
+        name = "no-reconstruction"
+
+        def forward(self, acts_NLD):
+            raise NotImplementedError
+
+    class Plugin:
+        @hookimpl
+        def register_architectures(self, register):
+            register(NoActivation)
+
+    class Other:
+        @hookimpl
+        def register_architectures(self, register):
+            register(NoReconstruction)
+
+    pm = manager(Plugin(), "no-activation")
+    pm.register(Other(), name="no-reconstruction", distribution="(registered in code)")
+    assert "no-activation" not in pm.names("architecture") and "topk" in pm.names("architecture")
+    assert "architecture 'no-activation': NoActivation does not define activation" in pm.infos[
+        "no-activation"].error
+    assert "does not define reconstruction, encode, decode" in pm.infos["no-reconstruction"].error
+
+
 # -- list-valued settings ---------------------------------------------------------------------------
 
 

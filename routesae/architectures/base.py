@@ -445,6 +445,10 @@ class SAE(nn.Module):
             raise PluginError(f"{cls.__qualname__} has no name")
         if not (isinstance(cls.Config, type) and issubclass(cls.Config, SAEConfig)):
             raise PluginError(f"{cls.name}: Config must subclass routesae.SAEConfig")
+        required = ("activation",) if issubclass(cls, SingleLayerSAE) else ("forward", "reconstruction", "encode", "decode")
+        missing = [m for m in required if getattr(cls, m) is getattr(SAE, m)]
+        if missing:
+            raise PluginError(f"{cls.__name__} does not define {', '.join(missing)}, which it must")
 
     @classmethod
     def setting_names(cls) -> set[str]:
