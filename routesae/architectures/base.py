@@ -445,7 +445,10 @@ class SAE(nn.Module):
             raise PluginError(f"{cls.__qualname__} has no name")
         if not (isinstance(cls.Config, type) and issubclass(cls.Config, SAEConfig)):
             raise PluginError(f"{cls.name}: Config must subclass routesae.SAEConfig")
-        required = ("activation",) if issubclass(cls, SingleLayerSAE) else ("forward", "reconstruction", "encode", "decode")
+        if issubclass(cls, SingleLayerSAE):  # the template's forward sparsifies through activation
+            required = ("activation",) if cls.forward is SingleLayerSAE.forward else ()
+        else:
+            required = ("forward", "reconstruction", "encode", "decode")
         missing = [m for m in required if getattr(cls, m) is getattr(SAE, m)]
         if missing:
             raise PluginError(f"{cls.__name__} does not define {', '.join(missing)}, which it must")
