@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from routesae.checkpoint import load_sae, save_sae
+from routesae.errors import RouteSAEError
 from routesae.plugins import get_plugin_manager
 
 N_LAYERS, D_MODEL, LATENTS = 6, 16, 64
@@ -42,8 +43,46 @@ def test_shapes_and_encode_decode_agree_with_forward(name, n, seed):
         assert out.latents.shape == (n, sae.cfg.latent_size)
         assert out.x_hat.shape == out.target.shape and out.target.shape[0] == n and out.target.shape[-1] == D_MODEL
         assert out.pre is None or out.pre.shape == out.latents.shape
-        torch.testing.assert_close(sae.encode(out.target), out.latents)
-        torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
+        torch.testing.assert_close(sae.encode_standardized(out.target), out.latents)
+        torch.testing.assert_close(sae.decode_standardized(out.latents), out.x_hat)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@given(n=st.integers(1, 24), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_encode_and_decode_take_and_give_raw_residuals(name, n, seed):
+    """What a SAELens user does with hook activations: ``encode(raw)`` is ``forward``'s latents, and ``decode`` of
+    them with the raw input is ``forward``'s x̂ in residual-stream units (at each token's routed block, for a
+    routed SAE)."""
+    sae = build(name).eval()
+    raw = activations(sae, n, seed)
+    with torch.no_grad():
+        out = sae(raw)
+        assert torch.equal(sae.encode(raw), out.latents)
+        decoded = sae.decode(out.latents, raw)
+        routed = sae.routed_blocks(out)
+        if len(sae.layers) == 1:
+            assert torch.equal(sae.encode(raw[:, 0]), out.latents), "an SAE on one block also takes [N, D]"
+            x_hat = out.x_hat[:, None]
+        elif routed is not None:  # a routed SAE: x̂ at each token's block, in that block's units
+            x_hat = torch.zeros_like(raw).scatter(1, torch.searchsorted(torch.tensor(sae.layers), routed)[:, None, None]
+                                                  .expand(-1, 1, D_MODEL), out.x_hat[:, None])
+        else:
+            x_hat = out.x_hat
+        in_units = x_hat if out.norm is None else out.norm.undo(x_hat)
+        if routed is not None and len(sae.layers) > 1:
+            in_units = in_units[torch.arange(n), torch.searchsorted(torch.tensor(sae.layers), routed)]
+        torch.testing.assert_close(decoded, in_units[:, 0] if len(sae.layers) == 1 else in_units)
+        edited = out.latents.clone()
+        edited[:, 0] += 1.0
+        assert not torch.allclose(sae.decode(edited, raw), decoded), "decode reads the latents it is given"
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_raw_activations_of_the_wrong_shape_are_refused(name):
+    sae = build(name).eval()
+    with pytest.raises(RouteSAEError, match=f"reads {len(sae.layers)} block"):
+        sae.encode(torch.zeros(3, len(sae.layers) + 1, D_MODEL))
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

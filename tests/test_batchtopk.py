@@ -139,7 +139,7 @@ def test_train_mode_keeps_exactly_k_times_n_with_variable_counts():
 def test_sparse_decode_matches_dense_and_gradients_flow():
     sae = make_sae(k=4).train()
     out = sae(acts(32))
-    torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
+    torch.testing.assert_close(out.x_hat, sae.decode_standardized(out.latents))
     sae.loss(out)[0].backward()
     for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
         assert p.grad is not None and p.grad.abs().sum() > 0
@@ -274,10 +274,10 @@ def test_eval_mode_is_jumprelu_with_the_global_threshold():
     x_ND, _ = standardize(x, "token")
     pre = sae.preactivations(x_ND[:, 0])
     expected = pre * (pre > theta)
-    assert torch.equal(sae.encode(x_ND[:, 0]), expected)
+    assert torch.equal(sae.encode_standardized(x_ND[:, 0]), expected)
     out = sae(x)
     assert torch.equal(out.latents, expected)
-    torch.testing.assert_close(out.x_hat, sae.decode(expected))
+    torch.testing.assert_close(out.x_hat, sae.decode_standardized(expected))
     # batch-independent: one token alone encodes as inside the batch (up to matmul rounding)
     torch.testing.assert_close(sae(x[:1]).latents, expected[:1])
 

@@ -127,11 +127,11 @@ def test_topk_crosscoder_keeps_k_non_negative_latents_and_its_sparse_decode_matc
     assert ((out.latents != 0).sum(-1) <= k).all() and (out.latents >= 0).all()
     assert ((out.latents != 0).sum(-1) == k).all(), "random data: the top k are positive"
     torch.testing.assert_close(out.latents.max(-1).values, pre.max(-1).values)
-    torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
+    torch.testing.assert_close(out.x_hat, sae.decode_standardized(out.latents))
     out.x_hat.pow(2).sum().backward()
     sparse_grad = sae.W_dec.grad.clone()
     sae.zero_grad()
-    sae.decode(sae.encode(a)).pow(2).sum().backward()
+    sae.decode_standardized(sae.encode(a)).pow(2).sum().backward()
     torch.testing.assert_close(sparse_grad, sae.W_dec.grad)
 
 

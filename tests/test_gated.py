@@ -45,7 +45,7 @@ def test_a_latent_fires_exactly_where_the_gate_is_positive(seed):
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(seed))
     h = (x - sae.b_dec) @ sae.W_enc.T
     pi_gate, pi_mag = h + sae.b_gate, h * sae.r_mag.exp() + sae.b_mag
-    z = sae.encode(x)
+    z = sae.encode_standardized(x)
     assert (z >= 0).all()
     assert (z[pi_gate <= 0] == 0).all()
     torch.testing.assert_close(z[pi_gate > 0], pi_mag[pi_gate > 0].relu())
@@ -59,8 +59,8 @@ def test_forward_is_encode_then_decode_of_the_standardized_input():
     out = sae(acts)
     x = standardize(acts, "token")[0][:, 0]
     torch.testing.assert_close(out.pre, (x - sae.b_dec) @ sae.W_enc.T)  # h, shared by the gate and magnitude paths
-    torch.testing.assert_close(out.latents, sae.encode(x))
-    torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
+    torch.testing.assert_close(out.latents, sae.encode_standardized(x))
+    torch.testing.assert_close(out.x_hat, sae.decode_standardized(out.latents))
 
 
 def test_published_loss_terms():
@@ -69,7 +69,7 @@ def test_published_loss_terms():
     loss, terms = sae.loss(out)
     gate = sae.gate(out.pre).relu()
     torch.testing.assert_close(terms["l1"], 2.0 / F * gate.sum(-1).mean())
-    torch.testing.assert_close(terms["aux"], normalized_mse(sae.decode(gate), out.target))
+    torch.testing.assert_close(terms["aux"], normalized_mse(sae.decode_standardized(gate), out.target))
     torch.testing.assert_close(loss, terms["nmse"] + terms["l1"] + terms["aux"])
 
 

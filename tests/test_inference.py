@@ -37,7 +37,7 @@ def run(sae, override, n, seed):
         out = sae(activations(sae, n, seed))
         pre = preactivations(sae, out.target)
         torch.testing.assert_close(out.pre, pre)  # an override reads them all, so every path gives them
-        return out, pre, sae.encode(out.target)
+        return out, pre, sae.encode_standardized(out.target)
 
 
 def test_gated_is_the_only_builtin_without_overrides():
@@ -56,7 +56,7 @@ def test_infer_k_keeps_exactly_the_top_k_signed_preactivations(name, k, n, seed)
     expected = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
     torch.testing.assert_close(out.latents, expected, rtol=0, atol=0)
     torch.testing.assert_close(encoded, out.latents)  # the crosscoder's encode re-standardises: not bit-exact
-    torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
+    torch.testing.assert_close(sae.decode_standardized(out.latents), out.x_hat)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
@@ -68,7 +68,7 @@ def test_theta_keeps_exactly_the_preactivations_above_it(name, theta, n, seed):
     assert torch.equal(out.latents == 0, pre <= theta)
     assert torch.equal(out.latents, torch.where(pre > theta, pre, 0.0))
     torch.testing.assert_close(encoded, out.latents)
-    torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
+    torch.testing.assert_close(sae.decode_standardized(out.latents), out.x_hat)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -166,7 +166,7 @@ def test_an_architecture_without_its_required_methods_is_refused_when_it_loads()
     assert "no-activation" not in pm.names("architecture") and "topk" in pm.names("architecture")
     assert "architecture 'no-activation': NoActivation does not define activation" in pm.infos[
         "no-activation"].error
-    assert "does not define reconstruction, encode, decode" in pm.infos["no-reconstruction"].error
+    assert "does not define reconstruction, encode_standardized, decode_standardized" in pm.infos["no-reconstruction"].error
 
 
 # -- list-valued settings ---------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def reference_splice(sae, a):
     x = (a - mean) / (std + STANDARDIZE_EPS)
     chosen = sae.router(x.sum(1)).softmax(-1).argmax(-1)  # the reference aggregates by sum
     rows = torch.arange(a.shape[0])
-    x_hat = sae.sae.decode(sae.sae.encode(x[rows, chosen]))
+    x_hat = sae.sae.decode_standardized(sae.sae.encode_standardized(x[rows, chosen]))
     return chosen, x_hat * (std[rows, chosen] + STANDARDIZE_EPS) + mean[rows, chosen]
 
 
@@ -243,7 +243,7 @@ def test_reconstruction_without_normalisation_is_the_inner_reconstruction_as_is(
     with torch.no_grad():
         recon = sae.reconstruction(sae(a))
         chosen = sae.router(a.sum(1)).argmax(-1)
-        expected = sae.sae.decode(sae.sae.encode(a[torch.arange(30), chosen]))
+        expected = sae.sae.decode_standardized(sae.sae.encode_standardized(a[torch.arange(30), chosen]))
     for i, block in enumerate((1, 2, 3)):
         torch.testing.assert_close(recon[block][0][recon[block][1]], expected[chosen == i])
 
@@ -298,8 +298,8 @@ def test_encode_and_decode_work_in_the_routed_space():
     sae = make(k=4).eval()
     a = acts(10)
     out = sae(a)
-    torch.testing.assert_close(sae.encode(out.target), out.latents)
-    torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
+    torch.testing.assert_close(sae.encode_standardized(out.target), out.latents)
+    torch.testing.assert_close(sae.decode_standardized(out.latents), out.x_hat)
     assert out.target.shape == (10, a.shape[-1]), "the SAE's input space is the routed vector"
 
 

@@ -63,8 +63,8 @@ def test_every_architecture_honours_latent_edits(name):
         with sae.edit_latents(clamp_edit([Clamp(j, "set", v)])):
             edited = sae(acts)
             edited_recon = sae.reconstruction(edited)
-            encoded = sae.encode(plain.target)
-        direction = sae.decode(torch.eye(LATENTS)[j : j + 1]) - sae.decode(torch.zeros(1, LATENTS))
+            encoded = sae.encode_standardized(plain.target)
+        direction = sae.decode_standardized(torch.eye(LATENTS)[j : j + 1]) - sae.decode_standardized(torch.zeros(1, LATENTS))
     assert (edited.latents[:, j] == v).all() and (encoded[:, j] == v).all()
     others = torch.arange(LATENTS) != j
     assert torch.equal(edited.latents[:, others], plain.latents[:, others])

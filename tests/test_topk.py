@@ -38,12 +38,12 @@ def test_both_decode_paths_match_the_dense_reference_and_its_gradients(path):
     sae.decode_path = path
     x = torch.randn(20, 1, 16)
     out = sae(x)
-    dense = sae.decode(out.latents)
+    dense = sae.decode_standardized(out.latents)
     torch.testing.assert_close(out.x_hat, dense)
     out.x_hat.pow(2).sum().backward()
     grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.zero_grad()
-    sae.decode(sae.encode(out.target)).pow(2).sum().backward()
+    sae.decode_standardized(sae.encode_standardized(out.target)).pow(2).sum().backward()
     for name, p in sae.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
 

@@ -30,7 +30,7 @@ def test_latents_are_relu_of_preactivations(seed, bias):
     with torch.no_grad():
         sae.b_enc.fill_(bias)
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(seed))
-    pre, z = sae.preactivations(x), sae.encode(x)
+    pre, z = sae.preactivations(x), sae.encode_standardized(x)
     assert (z >= 0).all()
     assert (z[pre <= 0] == 0).all()
     assert torch.equal(z[pre > 0], pre[pre > 0])
@@ -43,8 +43,8 @@ def test_forward_is_encode_then_decode_of_the_standardized_input():
     x = standardize(acts, "token")[0][:, 0]
     torch.testing.assert_close(out.target, x)
     torch.testing.assert_close(out.pre, sae.preactivations(x))
-    torch.testing.assert_close(out.latents, sae.encode(x))
-    torch.testing.assert_close(out.x_hat, sae.decode(out.latents))
+    torch.testing.assert_close(out.latents, sae.encode_standardized(x))
+    torch.testing.assert_close(out.x_hat, sae.decode_standardized(out.latents))
 
 
 def test_l1_is_a_mean_over_all_token_latent_entries():

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from routesae.architectures.codes import SparseCodes
 from routesae.config import Config, SettingInfo, config_settings, setting
-from routesae.errors import ConfigError, PluginError
+from routesae.errors import ConfigError, PluginError, RouteSAEError
 
 STANDARDIZE_EPS = 1e-6  # the reference's epsilon in (h - mu) / (sigma + eps)
 LAYER_NORM_EPS = 1e-5  # SAELens's layer_norm: (h - mu) / (sigma + 1e-5) in, x * sigma + mu out
@@ -448,7 +448,7 @@ class SAE(nn.Module):
         if issubclass(cls, SingleLayerSAE):  # the template's forward sparsifies through activation
             required = ("activation",) if cls.forward is SingleLayerSAE.forward else ()
         else:
-            required = ("forward", "reconstruction", "encode", "decode")
+            required = ("forward", "reconstruction", "encode_standardized", "decode_standardized")
         missing = [m for m in required if getattr(cls, m) is getattr(SAE, m)]
         if missing:
             raise PluginError(f"{cls.__name__} does not define {', '.join(missing)}, which it must")
@@ -558,13 +558,52 @@ class SAE(nn.Module):
             if W_FD.grad is not None:
                 W_FD.grad -= (W_FD.grad * W_FD).sum(-1, keepdim=True) * W_FD
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Latents of ``x`` in the SAE's input space (shaped like ``SAEOutput.target``), without side effects."""
+    def encode_standardized(self, x: Tensor) -> Tensor:
+        """Latents of ``x`` in the SAE's input space — standardised (and, for RouteSAE, routed) as ``SAEOutput.target``."""
         raise NotImplementedError
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Reconstruction in the SAE's input space (shaped like ``SAEOutput.x_hat``)."""
+    def decode_standardized(self, latents: Tensor) -> Tensor:
+        """Reconstruction in the SAE's input space (shaped like ``SAEOutput.x_hat``, standardised)."""
         raise NotImplementedError
+
+    def encode(self, acts: Tensor) -> Tensor:
+        """Latents of raw residual-stream activations, exactly as :meth:`forward` makes them.
+
+        ``acts`` is what the hooks give: ``[N, D]`` for an SAE on one block (or ``[N, 1, D]``), ``[N, L, D]`` for one
+        reading several. This is what a SAELens user passes to ``sae.encode``; the standardised-space version is
+        :meth:`encode_standardized`.
+        """
+        return self.forward(self._as_NLD(acts)).latents
+
+    def decode(self, latents: Tensor, acts: Tensor) -> Tensor:
+        """``latents`` decoded into residual-stream units: ``[N, D]`` (a RouteSAE's at each token's routed block) or
+        ``[N, L, D]`` (a crosscoder's).
+
+        Per-token standardisation is undone with the mean and std of ``acts``, the raw activations the latents
+        were read from, and a router routes as it did on them; a decode without them can only give the
+        standardised reconstruction, :meth:`decode_standardized`.
+        """
+        acts_NLD = self._as_NLD(acts)
+        with self.edit_latents(lambda _: latents):  # every path that makes latents makes these (RouteSAE's reconstruction too)
+            out = self.forward(acts_NLD)
+            reconstruction = self.reconstruction(out)
+        if self.routed_blocks(out) is not None:  # one block per token: the same rows under each block's mask
+            x_hat_ND = torch.zeros_like(acts_NLD[:, 0])
+            for x_hat, mask in reconstruction.values():
+                x_hat_ND = torch.where(mask[:, None], x_hat, x_hat_ND)
+            return x_hat_ND
+        return torch.stack([x_hat for x_hat, _ in reconstruction.values()], dim=1)
+
+    def _as_NLD(self, acts: Tensor) -> Tensor:
+        if acts.ndim == 2 and len(self.layers) == 1:
+            return acts[:, None]
+        if acts.ndim != 3 or acts.shape[1] != len(self.layers) or acts.shape[2] != self.d_model:
+            raise RouteSAEError(
+                f"{self.name} reads {len(self.layers)} block(s) {list(self.layers)} of width {self.d_model}: give "
+                f"activations [N, {len(self.layers)}, {self.d_model}]"
+                + (f" or [N, {self.d_model}]" if len(self.layers) == 1 else "") + f", not {list(acts.shape)}"
+            )
+        return acts
 
 
 def l0(latents_NF: Tensor) -> Tensor:
@@ -605,10 +644,10 @@ class SingleLayerSAE(SAE):
         """``[N, F]``, what :meth:`activation` sparsifies (and ``SAEOutput.pre``): W_enc(x − b_dec) + b_enc."""
         return (x_ND - self.b_dec) @ self.W_enc.T + self.b_enc
 
-    def encode(self, x_ND: Tensor) -> Tensor:
+    def encode_standardized(self, x_ND: Tensor) -> Tensor:
         return self.sparsify(self.preactivations(x_ND))
 
-    def decode(self, latents_NF: Tensor) -> Tensor:
+    def decode_standardized(self, latents_NF: Tensor) -> Tensor:
         return latents_NF @ self.W_dec + self.b_dec
 
     def encode_decode(self, x_ND: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -626,13 +665,13 @@ class SingleLayerSAE(SAE):
         decoded, else :meth:`activate_decode` (which may decode sparsely)."""
         if self.inference_override.active or self.latent_edit is not None:
             z = self.sparsify(pre_NF)
-            return z, self.decode(z)
+            return z, self.decode_standardized(z)
         return self.activate_decode(pre_NF)
 
     def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         """(latents, x_hat) through the trained activation; an architecture with a faster sparse decode overrides this."""
         z = self.activation(pre_NF)
-        return z, self.decode(z)
+        return z, self.decode_standardized(z)
 
     def forward(self, acts_NLD: Tensor) -> SAEOutput:
         x_NLD, norm = standardize(acts_NLD, self.cfg.normalize)

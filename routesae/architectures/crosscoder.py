@@ -102,11 +102,11 @@ class Crosscoder(SAE):
         values, indices = self.select(pre_NF)
         return torch.zeros_like(pre_NF).scatter(-1, indices, values)
 
-    def encode(self, acts_NLD: Tensor) -> Tensor:
-        """Latents of raw activations ``[N, L, D]`` (standardised here, as in ``forward``)."""
-        return self.sparsify(self.preactivations(standardize(acts_NLD, self.cfg.normalize)[0]))
+    def encode_standardized(self, x_NLD: Tensor) -> Tensor:
+        """Latents of standardised activations ``[N, L, D]`` (``out.target``)."""
+        return self.sparsify(self.preactivations(x_NLD))
 
-    def decode(self, latents_NF: Tensor) -> Tensor:
+    def decode_standardized(self, latents_NF: Tensor) -> Tensor:
         """x̂ ``[N, L, D]`` in the standardised space."""
         x_hat = (latents_NF @ self.W_dec.view(self.W_dec.shape[0], -1)).view(-1, self.n_routed, self.d_model)
         return x_hat if self.b_dec is None else x_hat + self.b_dec
@@ -120,7 +120,7 @@ class Crosscoder(SAE):
         pre_NF = self.preactivations(x_NLD)
         if not self.cfg.k or self.inference_override.active or self.latent_edit is not None:
             z_NF = self.sparsify(pre_NF)
-            return SAEOutput(latents=z_NF, x_hat=self.decode(z_NF), target=x_NLD, pre=pre_NF, norm=norm)
+            return SAEOutput(latents=z_NF, x_hat=self.decode_standardized(z_NF), target=x_NLD, pre=pre_NF, norm=norm)
         values, indices = self.select(pre_NF)  # sparse decode: gather only the k kept [L·D] rows
         x_hat = F.embedding_bag(indices, self.W_dec.view(self.W_dec.shape[0], -1), per_sample_weights=values, mode="sum")
         x_hat_NLD = x_hat.view(-1, self.n_routed, self.d_model)

@@ -408,7 +408,7 @@ class RouteSAE(SAE):
         """
         x_chosen_ND, chosen_N = out.extras["x_chosen"], out.extras["chosen"]
         rows = torch.arange(x_chosen_ND.shape[0], device=x_chosen_ND.device)
-        x_hat_ND = self.sae.decode(self.sae.encode(x_chosen_ND))
+        x_hat_ND = self.sae.decode_standardized(self.sae.encode_standardized(x_chosen_ND))
         if out.norm is not None:
             at_chosen = dataclasses.replace(
                 out.norm, mean=out.norm.mean[rows, chosen_N][:, None], std=out.norm.std[rows, chosen_N][:, None]
@@ -438,13 +438,13 @@ class RouteSAE(SAE):
             "single block holds what a clamp changes"
         )
 
-    def encode(self, x_route_ND: Tensor) -> Tensor:
-        """Latents of a routed input (the SAE's input space, like ``out.target``); ``forward`` routes raw activations."""
-        return self.sae.encode(x_route_ND)
+    def encode_standardized(self, x_route_ND: Tensor) -> Tensor:
+        """Latents of a routed input (the SAE's input space, like ``out.target``); ``encode`` routes raw activations."""
+        return self.sae.encode_standardized(x_route_ND)
 
-    def decode(self, latents_NF: Tensor) -> Tensor:
+    def decode_standardized(self, latents_NF: Tensor) -> Tensor:
         """x̂ in the routed, standardised space."""
-        return self.sae.decode(latents_NF)
+        return self.sae.decode_standardized(latents_NF)
 
     def decoder_directions(self) -> list[nn.Parameter]:
         return self.sae.decoder_directions()

@@ -230,7 +230,7 @@ class TopKSAE(SingleLayerSAE):
         codes = SparseCodes(values, indices)
         z_NF = codes.dense(self.cfg.latent_size)
         if not self.uses_sparse_decode():
-            return z_NF, self.decode(z_NF)
+            return z_NF, self.decode_standardized(z_NF)
         return z_NF, codes.decode(self.W_dec, self.b_dec)
 
     # -- AuxK ---------------------------------------------------------------------------------------

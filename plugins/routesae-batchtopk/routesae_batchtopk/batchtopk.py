@@ -103,7 +103,7 @@ class BatchTopKSAE(SingleLayerSAE):
     def activate_decode(self, pre_NF: Tensor) -> tuple[Tensor, Tensor]:
         if self._use_threshold():
             z_NF = self.jumprelu(pre_NF)
-            return z_NF, self.decode(z_NF)
+            return z_NF, self.decode_standardized(z_NF)
         values, flat_idx = self.batch_topk(pre_NF)
         if self.training:
             self._note_batch_threshold(values)
