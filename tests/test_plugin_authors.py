@@ -50,6 +50,11 @@ def invoke(pm, *args):
     return CliRunner().invoke(make_cli(pm), [str(a) for a in args])
 
 
+def help_of(pm, command):
+    """``routesae COMMAND --help`` as plain text: the panels' frames gone and wrapped help cells joined again."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", invoke(pm, command, "--help").output).split())
+
+
 def manager(plugin, name, distribution="(registered in code)", version=""):
     pm = PluginManager()
     pm.register(plugin, name=name, distribution=distribution, version=version)
@@ -85,7 +90,7 @@ class FixedRouterPlugin:
 
 def test_a_router_setting_is_an_option_sweeps_and_is_recorded_with_its_provenance(train_args, tmp_path):
     pm = manager(FixedRouterPlugin(), "fixed-router", "routesae-fixed-router", "0.2")
-    help_text = " ".join(invoke(pm, "train", "--help").output.split())
+    help_text = help_of(pm, "train")
     assert "--route-layer INTEGER[,...] With --router fixed: Index in the routed range" in help_text
     assert "Installed: fixed, hard, soft" in help_text  # --router lists what is installed
     out = tmp_path / "run"
@@ -193,7 +198,7 @@ class WidthsPlugin:
 
 def test_a_list_valued_setting_from_the_command_line_and_a_run_file(train_args, tmp_path):
     pm = manager(WidthsPlugin(), "widths")
-    assert "--widths [INTEGER,...][,...]" in invoke(pm, "train", "--help").output
+    assert "--widths [INTEGER,...][,...]" in help_of(pm, "train")
     out = tmp_path / "cli"
     result = invoke(pm, *train_args, "--arch", "widths", "--k", "4", "--widths", "[4,8],[16]", "--tokens", "128", "--out", out)
     assert result.exit_code == 0, result.output
@@ -233,7 +238,7 @@ def test_a_setting_only_one_architecture_takes_goes_to_it_alone_with_a_note(trai
 
 
 def test_help_gives_each_architectures_own_text_for_a_shared_setting():
-    help_text = " ".join(invoke(None, "train", "--help").output.split())
+    help_text = help_of(None, "train")
     assert re.search(r"[\w, ]*\btopk\b[\w, ]*: Latents kept per token \(0 < k < latent size\)", help_text)
     assert "crosscoder: Latents kept per token by TopK" in help_text
     assert "Installed: batchtopk" in help_text  # --inner lists what is installed

@@ -295,3 +295,24 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_
         assert all(torch.isfinite(p).all() for p in sae.parameters())
     finally:
         pm.unregister("diverging")
+
+
+def test_train_help_starts_with_an_example_and_groups_its_options_into_panels():
+    help_text = run_cli("train", "--help").output
+    lines = [line.strip() for line in help_text.splitlines() if line.strip()]
+    assert lines[0].startswith("Usage: ") and lines[0].endswith(" train [OPTIONS]")
+    example = lines.index("Example:")
+    assert example < 6 and lines[example + 1].startswith("routesae train --arch routesae --arch topk")
+    panels = [line.split("─")[1].strip() for line in lines if line.startswith("╭─")]
+    assert panels[:3] == ["What to train", "SAE settings (several architectures)", "crosscoder settings"]
+    for title in ("routesae settings", "Data", "Optimisation", "Run directory", "Speed"):
+        assert title in panels, title
+    assert panels.index("Data") < panels.index("Optimisation") < panels.index("Run directory") < panels.index("Speed")
+    panel_of = {}
+    for line in help_text.splitlines():
+        if line.startswith("╭─"):
+            current = line.split("─")[1].strip()
+        elif line.startswith("│ --"):
+            panel_of[line[2:].split()[0].split("/")[0]] = current
+    assert panel_of["--lr"] == "Optimisation" and panel_of["--model"] == "Data" and panel_of["--out"] == "Run directory"
+    assert panel_of["--router"] == "routesae settings" and panel_of["--k"].startswith("SAE settings")

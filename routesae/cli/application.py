@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routesae.cli.options import (
+    command,
     config_options,
     config_values,
     device_option,
@@ -42,12 +43,13 @@ def make_contexts_command(pm: PluginManager) -> click.Command:
         device_option(),
         json_option("Print a summary per SAE as JSON on stdout."),
     ]
-    return click.Command(
+    return command(
         "contexts",
         callback=callback,
         params=params,
-        help="Find each latent's top-activating contexts on the apply split (one pass for several SAEs of one model); "
+        help_text="Find each latent's top-activating contexts on the apply split (one pass for several SAEs of one model); "
         "writes contexts.json next to each checkpoint.",
+        example='routesae contexts runs/demo --threshold p75',
     )
 
 
@@ -88,12 +90,13 @@ def make_steer_command(pm: PluginManager) -> click.Command:
         device_option(),
         json_option("Print the record (texts, token ids, settings) as JSON (a list for a sweep)."),
     ]
-    return click.Command(
+    return command(
         "steer",
         callback=callback,
         params=params,
-        help="Continue a prompt twice from one seed, without and with latents clamped at every generated token, "
+        help_text="Continue a prompt twice from one seed, without and with latents clamped at every generated token, "
         "and show both continuations side by side, with how each clamped latent fires on held-out text.",
+        example='routesae steer runs/demo/topk-L21-k32-F4096 --clamp 1234=x2max --prompt "Tell me about Paris."',
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from routesae.cli.options import (
+    command,
     config_options,
     config_values,
     device_option,
@@ -46,10 +47,11 @@ def make_evaluate_command(pm: PluginManager) -> click.Command:
         json_option("Print the results as JSON on stdout (the table goes to stderr)."),
         report_option(pm),
     ]
-    return click.Command(
+    return command(
         "evaluate",
         callback=callback,
         params=params,
-        help="Evaluate SAE or run directories on the eval split by splicing reconstructions into the model; "
+        help_text="Evaluate SAE or run directories on the eval split by splicing reconstructions into the model; "
         "writes eval.json next to each checkpoint.",
+        example='routesae evaluate runs/demo --tokens 16384',
     )

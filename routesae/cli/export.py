@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from routesae.cli.options import json_option, print_json, print_written
+from routesae.cli.options import command, json_option, print_json, print_written
 from routesae.plugins import PluginManager
 
 
@@ -32,10 +32,11 @@ def make_export_command(pm: PluginManager) -> click.Command:
         ),
         json_option("Print what was written as JSON."),
     ]
-    return click.Command(
+    return command(
         "export",
         callback=callback,
         params=params,
-        help="Write an SAE checkpoint (or a SAELens directory) in another format, exactly or not at all: an SAE the "
+        help_text="Write an SAE checkpoint (or a SAELens directory) in another format, exactly or not at all: an SAE the "
         "format cannot hold exactly is refused with the reason.",
+        example='routesae export runs/relu/topk-L21-k32-F4096 --format saelens --out exported/topk',
     )

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from routesae.cli.options import (
     cli_settable,
+    command,
     config_options,
     config_values,
     field_default,
@@ -120,13 +121,14 @@ def make_interpret_command(pm: PluginManager) -> click.Command:
         json_option("Print the summary and usage as JSON on stdout."),
         *interpreter_options(pm, reserved),
     ]
-    return click.Command(
+    return command(
         "interpret",
         callback=callback,
         params=params,
-        help="Explain and score a sample of an SAE's latents from its contexts.json with an interpreter backend; "
+        help_text="Explain and score a sample of an SAE's latents from its contexts.json with an interpreter backend; "
         "writes interpretations.json after every latent and continues an interrupted run. API keys are read from the "
         "environment only (OPENAI_API_KEY, AZURE_OPENAI_API_KEY). Exit code 3: --max-cost reached (re-run to continue).",
+        example='routesae interpret runs/demo/topk-L21-k32-F4096 --interpreter openai --sample 100',
     )
 
 

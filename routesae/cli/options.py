@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
 import click
+from rich_click import RichCommand
+from rich_click.rich_panel import RichOptionPanel
 
 from routesae.config import Config, SettingInfo, field_types, list_item_type
 from routesae.errors import PluginError
@@ -222,8 +224,11 @@ def architecture_options(pm: PluginManager, reserved: Iterable[str]) -> list[cli
     for name, taken in sorted(entries.items()):
         first = taken[0][1]
         merged = dataclasses.replace(first, help=shared_help(taken, owners[name], everyone))
-        options.append(setting_option(merged, sweepable=True, default_text=shared_default(taken)))
-    return options
+        option = setting_option(merged, sweepable=True, default_text=shared_default(taken))
+        only = owners[name][0] if len(owners[name]) == 1 else None
+        options += in_panel(f"{only} settings" if only else "SAE settings (several architectures)", [option])
+    shared = [o for o in options if o.panel.startswith("SAE settings")]  # type: ignore[attr-defined]
+    return shared + sorted((o for o in options if o not in shared), key=lambda o: o.panel)  # type: ignore[attr-defined]
 
 
 def _skip(pm: PluginManager, arch_name: str, setting: str, why: str) -> None:
@@ -294,3 +299,24 @@ def device_option() -> click.Option:
 def json_option(help_text: str) -> click.Option:
     """``--json``: machine-readable output on stdout (tables and progress stay on stderr)."""
     return click.Option(["--json", "as_json"], is_flag=True, help=help_text)
+
+
+def in_panel(title: str, params: Iterable[click.Parameter]) -> list[click.Parameter]:
+    """``params``, shown under ``title`` in their command's help (see :func:`command`)."""
+    params = list(params)
+    for param in params:
+        param.panel = title  # type: ignore[attr-defined]  # read by command() only
+    return params
+
+
+def command(name: str, callback: Any, params: list[click.Parameter], help_text: str,
+            example: str | None = None) -> click.Command:
+    """A command whose help starts with a usage ``example`` and groups its options into panels (rich-click): each
+    option set :func:`in_panel` appears under its panel, in the order the panels first occur; the rest under Options."""
+    panels: dict[str, list[str]] = {}
+    for param in params:
+        if title := getattr(param, "panel", None):
+            panels.setdefault(title, []).append(param.name)
+    text = help_text + (f"\n\n\b\nExample:\n  {example}" if example else "")
+    return RichCommand(name, callback=callback, params=params, help=text,
+                       panels=[RichOptionPanel(title, options=names) for title, names in panels.items()])

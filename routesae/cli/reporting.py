@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routesae.cli.options import (
+    command,
     json_option,
     print_json,
 )
@@ -37,12 +38,13 @@ def make_report_command(pm: PluginManager) -> click.Command:
             help="Cards per SAE for latents that have contexts but no interpretation (interpreted ones are always shown).",
         ),
     ]
-    return click.Command(
+    return command(
         "report",
         callback=callback,
         params=params,
-        help="Write a self-contained HTML report of run or SAE directories (routesae's or SAELens's), side by side: "
+        help_text="Write a self-contained HTML report of run or SAE directories (routesae's or SAELens's), side by side: "
         "metrics, routing histogram, contexts and interpretations of each SAE.",
+        example='routesae report runs/demo',
     )
 
 
@@ -61,9 +63,9 @@ def make_plugins_command(pm: PluginManager) -> click.Command:
             table.add_row(i.name, i.distribution, i.version, registered or "-", status)
         Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
-    return click.Command(
+    return command(
         "plugins",
         callback=callback,
         params=[json_option("Machine-readable output.")],
-        help="List installed plugins, what each registered, and load errors.",
+        help_text="List installed plugins, what each registered, and load errors.",
     )

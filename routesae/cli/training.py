@@ -11,8 +11,10 @@ import click
 from routesae.cli.options import (
     CommaList,
     architecture_options,
+    command,
     config_options,
     config_values,
+    in_panel,
     json_option,
     option_name,
     print_json,
@@ -30,24 +32,43 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 INTERPRETER_PREFIX = "interpreter_"
 
 
+# Training settings by what a user is deciding; a field not listed here shows under "Other training settings".
+TRAIN_PANELS = {
+    "Data": ("model", "dataset", "text_field", "context_length", "batch_size", "tokens", "epochs", "keep_bos", "seed",
+             "from_cache"),
+    "Optimisation": ("sae_batch_tokens", "buffer_tokens", "lr", "schedule", "warmup", "decay", "renorm_every",
+                     "remove_parallel_grad", "dead_after_tokens"),
+    "Run directory": ("checkpoint_every", "log_every"),
+    "Speed": ("device", "compile", "autocast", "overlap_harvest"),
+}
+EXAMPLE = "routesae train --arch routesae --arch topk --k 32 --latent-size 4096 --tokens 200000 --out runs/demo"
+
+
 def training_params(pm: PluginManager) -> list[click.Parameter]:
     """What to train, where, and how: shared by ``train`` and ``pipeline``."""
+    settings = {option.name: option for option in config_options(TrainConfig)}
+    panelled = {name for names in TRAIN_PANELS.values() for name in names}
     return [
-        click.Option(
-            ["--arch", "arch"],
-            multiple=True,
-            help=f"Architecture(s) to train from one harvest; repeat for several (default: topk). "
-            f"Installed: {', '.join(pm.names('architecture'))}.",
-        ),
-        click.Option(
-            ["--config"],
-            type=click.Path(dir_okay=False),
-            help="TOML run file: a [train] table and one [sae.NAME] table per SAE.",
-        ),
-        click.Option(["--out"], type=click.Path(file_okay=False), help="Run directory (one sub-directory per SAE)."),
-        report_option(pm),
-        *config_options(TrainConfig),
+        *in_panel("What to train", [
+            click.Option(
+                ["--arch", "arch"],
+                multiple=True,
+                help=f"Architecture(s) to train from one harvest; repeat for several (default: topk). "
+                f"Installed: {', '.join(pm.names('architecture'))}.",
+            ),
+            click.Option(
+                ["--config"],
+                type=click.Path(dir_okay=False),
+                help="TOML run file: a [train] table and one [sae.NAME] table per SAE.",
+            ),
+        ]),
         *architecture_options(pm, reserved=TRAIN_FIELDS),
+        *(option for title, names in TRAIN_PANELS.items() for option in in_panel(title, [settings[n] for n in names])),
+        *in_panel("Run directory", [
+            click.Option(["--out"], type=click.Path(file_okay=False), help="Run directory (one sub-directory per SAE)."),
+            report_option(pm),
+        ]),
+        *in_panel("Other training settings", [o for name, o in settings.items() if name not in panelled]),
     ]
 
 
@@ -101,17 +122,20 @@ def make_train_command(pm: PluginManager) -> click.Command:
             print_written(f"{len(summary['saes'])} SAE checkpoint(s), run.json and metrics.jsonl", [summary["run"]])
 
     params: list[click.Parameter] = [
-        click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
-        click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
-        json_option("Print a machine-readable summary on stdout at the end."),
         *training_params(pm),
+        *in_panel("Run directory", [
+            click.Option(["--overwrite"], is_flag=True, help="Replace the checkpoints of a run already in --out."),
+            click.Option(["--resume"], is_flag=True, help="Continue the unfinished run in --out from its last checkpoint."),
+            json_option("Print a machine-readable summary on stdout at the end."),
+        ]),
     ]
-    return click.Command(
+    return command(
         "train",
-        callback=callback,
-        params=params,
-        help="Train one or more SAEs on one model's residual stream, all from one activation harvest. "
+        callback,
+        params,
+        "Train one or more SAEs on one model's residual stream, all from one activation harvest. "
         "Comma-separated architecture settings (--k 32,64,128) train one SAE per value.",
+        example=EXAMPLE,
     )
 
 
@@ -160,20 +184,28 @@ def make_pipeline_command(pm: PluginManager) -> click.Command:
         if report_file:
             click.echo(f"report: {report_file}", err=True)
 
+    stages = config_options(PipelineConfig)
     params: list[click.Parameter] = [
-        click.Option(["--overwrite"], is_flag=True, help="Start the run in --out over instead of continuing it."),
-        json_option("Print the pipeline record (stages, timings, versions) as JSON."),
         *training_params(pm),
-        *config_options(PipelineConfig),
-        *interpreter_options(pm, reserved=INTERPRET_SETTINGS, prefix=INTERPRETER_PREFIX),
+        *in_panel("Run directory", [
+            click.Option(["--overwrite"], is_flag=True, help="Start the run in --out over instead of continuing it."),
+            json_option("Print the pipeline record (stages, timings, versions) as JSON."),
+        ]),
+        *(option for stage in ("evaluate", "contexts", "interpret")
+          for option in in_panel(f"The {stage} stage", [o for o in stages if o.name.startswith(f"{stage}_")])),
+        *in_panel("The interpreter", [
+            *(o for o in stages if not o.name.startswith(("evaluate_", "contexts_", "interpret_"))),
+            *interpreter_options(pm, reserved=INTERPRET_SETTINGS, prefix=INTERPRETER_PREFIX),
+        ]),
     ]
-    return click.Command(
+    return command(
         "pipeline",
-        callback=callback,
-        params=params,
-        help="Train -> evaluate -> contexts -> interpret -> report into one run directory, recording every stage in "
+        callback,
+        params,
+        "Train -> evaluate -> contexts -> interpret -> report into one run directory, recording every stage in "
         "run.json. Each stage's options are its command's, prefixed with its name (--contexts-threshold). Re-running "
         "the same command continues where it stopped. Exit code 3: --interpret-max-cost reached.",
+        example=EXAMPLE.replace("train", "pipeline", 1) + " --interpreter local --interpret-sample 5",
     )
 
 
@@ -251,10 +283,11 @@ def make_cache_command(pm: PluginManager) -> click.Command:
         *config_options(CacheConfig),
         *arch_options,
     ]
-    return click.Command(
+    return command(
         "cache",
         callback=callback,
         params=params,
-        help="Harvest residual-stream activations once into sharded safetensors, for `routesae train --from-cache`. "
+        help_text="Harvest residual-stream activations once into sharded safetensors, for `routesae train --from-cache`. "
         "Prints the size first and refuses when the disk cannot hold it; a killed run continues where it stopped.",
+        example='routesae cache --arch routesae --tokens 1000000 --out caches/smollm2-6-21',
     )
