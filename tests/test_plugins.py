@@ -333,6 +333,7 @@ def test_cli_lists_builtins_and_the_installed_example_plugin():
     assert "saelens:topk" in by_dist[("routesae", "architectures")]["registered"]["exporter"]
     assert {"topk", "routesae", "crosscoder"} <= set(by_dist[("routesae", "architectures")]["registered"]["architecture"])
     assert by_dist[("routesae", "reporters")]["registered"]["reporter"] == ["console", "jsonl", "wandb"]
-    assert by_dist[("routesae", "routers")]["registered"] == {"router": ["hard", "soft"], "aggregation": ["mean", "sum"]}
+    assert by_dist[("routesae", "routers")]["registered"] == {"router": ["fixed", "hard", "random", "soft", "uniform"],
+                                                             "aggregation": ["mean", "sum"]}
     table = CliRunner().invoke(make_cli(), ["plugins"]).output
     assert "routesae-batchtopk" in table and "architecture: batchtopk" in table

@@ -129,13 +129,14 @@ def test_builtins_register_through_the_routers_entry_point():
     builtin = {
         kind: [n for n in pm.names(kind) if pm.provider(kind, n).distribution == "routesae"] for kind in ("router", "aggregation")
     }
-    assert builtin == {"router": ["hard", "soft"], "aggregation": ["mean", "sum"]}  # installed plugins may add more
+    assert builtin == {"router": ["fixed", "hard", "random", "soft", "uniform"], "aggregation": ["mean", "sum"]}
     assert isinstance(pm.get("router", "hard"), HardRouter) and isinstance(pm.get("router", "soft"), SoftRouter)
     assert isinstance(pm.get("aggregation", "sum"), SumAggregation)
     assert isinstance(pm.get("aggregation", "mean"), MeanAggregation)
     provider = pm.provider("router", "hard")
     assert (provider.distribution, provider.name) == ("routesae", "routers")
-    assert pm.infos["routers"].registered == {"router": ["hard", "soft"], "aggregation": ["mean", "sum"]}
+    assert pm.infos["routers"].registered == {"router": ["fixed", "hard", "random", "soft", "uniform"],
+                                              "aggregation": ["mean", "sum"]}
 
 
 class FirstLayerRouter(Router):
@@ -181,7 +182,7 @@ def test_a_third_party_router_and_aggregation_plug_into_routesae():
         assert recon[0][1].all() and not recon[1][1].any() and not recon[2][1].any()
     finally:
         pm.unregister("extra-routing")
-    with pytest.raises(ConfigError, match="router='first' is not registered; installed routers: hard, soft"):
+    with pytest.raises(ConfigError, match="router='first' is not registered; installed routers: fixed, hard, random, soft"):
         RouteSAEConfig(router="first")
     with pytest.raises(ConfigError, match="aggregation='max' is not registered; installed aggregations: mean, sum"):
         RouteSAEConfig(aggregate="max")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -205,8 +205,10 @@ class StandardizedLayers:
     routers that need arbitrary operations.
     """
 
-    def __init__(self, acts_NLD: Tensor, mode: str) -> None:
+    def __init__(self, acts_NLD: Tensor, mode: str, blocks: Sequence[int] | None = None) -> None:
+        """``blocks``: the model blocks the L layers are (what a router that names a block reads); default 0..L-1."""
         self.raw_NLD = acts_NLD
+        self.blocks = tuple(blocks) if blocks is not None else tuple(range(acts_NLD.shape[1]))
         self.norm = None
         if mode != "none":
             stats = token_statistics(acts_NLD)

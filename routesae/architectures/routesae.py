@@ -354,7 +354,7 @@ class RouteSAE(SAE):
             raise ValueError(
                 f"routesae reads {self.routing_counts.shape[0]} layers {list(self.layers)}; got input of shape {tuple(acts_NLD.shape)}"
             )
-        layers = StandardizedLayers(acts_NLD, self.cfg.normalize)
+        layers = StandardizedLayers(acts_NLD, self.cfg.normalize, self.layers)
         probs_NL = self.router(self.aggregation(layers)).softmax(-1)
         return layers, probs_NL, self.routing_rule.route(layers, probs_NL)
 

@@ -2,12 +2,16 @@
 
 from routesae.hookspecs import hookimpl
 from routesae.routers.base import HardRouter, MeanAggregation, SoftRouter, SumAggregation
+from routesae.routers.controls import FixedRouter, RandomRouter, UniformRouter
 
 
 @hookimpl
 def register_routers(register):
     register(HardRouter())
     register(SoftRouter())
+    register(FixedRouter())
+    register(RandomRouter())
+    register(UniformRouter())
 
 
 @hookimpl
