@@ -17,18 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 from routesae.activations import too_few_tokens_advice
-from routesae.checkpoint import plugin_provenance
 from routesae.distributed import SINGLE, Ranks
 from routesae.errors import RouteSAEError
 from routesae.faults import PluginFault, as_fault
 from routesae.files import write_safetensors
 from routesae.interrupt import Interrupt
 from routesae.reporters import Reporter, StepReport
+from routesae.run_records import RunRecords
 from routesae.rundir import Generation, RunDirectory
 from routesae.train_config import CHECKPOINT_SECONDS, TrainConfig, lr_factor
 from routesae.trained_sae import TrainedSAE
 from routesae.training_data import TrainingData
-from routesae.version import __version__
 
 START = {"step": 0, "tokens": 0, "epoch": 0, "group": 0, "batch": 0}
 """Where a fresh run's stream and counters begin."""
@@ -62,53 +61,7 @@ class Trainer:
         self.changes = changes or {}
         self.device = saes[0].layer_index.device
         self.stepping: str | None = None  # the SAE taking its step, for a fault's message
-
-    # -- records --------------------------------------------------------------------------------
-    def _manifest(self, status: str) -> dict[str, Any]:
-        """The training sections of ``run.json``."""
-        return {
-            "routesae_version": __version__,
-            "request": self.request,
-            "status": status,
-            "progress": self.progress,
-            "model": self.data.model.describe(),
-            "data": {k: v for k, v in self.data.description.items() if k not in ("split", "keep_bos")},
-            "layers": self.layers,
-            "saes": [
-                {
-                    "name": t.name,
-                    "architecture": t.sae.name,
-                    "config": t.sae.cfg.to_dict(),
-                    "path": t.name,
-                    "plugins": plugin_provenance(t.sae),
-                }
-                for t in self.saes
-            ],
-            "train": self.cfg.to_dict(),
-            "world_size": self.ranks.world_size,
-        }
-
-    def _sae_meta(self, t: TrainedSAE, finished: bool) -> dict[str, Any]:
-        """What an SAE's ``config.json`` records beyond its architecture: model, hooks, data, training."""
-        model = self.data.model
-        return {
-            "name": t.name,
-            "model": model.describe(),
-            "hooks": [model.hook_name(layer) for layer in t.sae.layers],
-            "hf_hidden_states_index": [layer + 1 for layer in t.sae.layers],
-            "data": self.data.description,
-            "training": {
-                **self.cfg.to_dict(),
-                "finished": finished,
-                "steps_done": self.progress["step"],
-                "tokens_done": self.progress["tokens"],
-                "epoch_tokens": self.data.stream.pass_tokens,
-                "epochs_done": round(self.progress["tokens"] / max(1, self.data.stream.pass_tokens), 4),
-                "final": t.final_terms(),
-                "dead_fraction": t.dead_fraction(),
-                "statistics": t.sae.statistics(),
-            },
-        }
+        self.records = RunRecords(cfg, saes, layers, data, run_dir, request, ranks)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self, finished: bool = False) -> None:
@@ -119,13 +72,13 @@ class Trainer:
         self._check_finite()
         for t in self.saes:
             t.sync_sums()
-        metas = {t.name: self._sae_meta(t, finished) for t in self.saes}
+        metas = {t.name: self.records.sae_meta(t, finished, self.progress) for t in self.saes}
         if self.ranks.writes:
             generation = self.run_dir.begin_generation(self.progress["step"])
             for t in self.saes:
                 t.save(generation, metas[t.name], self.progress["step"])
             write_safetensors(generation.rng, {"cpu": torch.get_rng_state()})
-            self.run_dir.commit(generation, self._manifest("finished" if finished else "running"))
+            self.run_dir.commit(generation, self.records.manifest("finished" if finished else "running", self.progress))
         self.ranks.barrier()
 
     def _check_finite(self) -> None:
@@ -163,12 +116,13 @@ class Trainer:
                 self.run_dir.rewind_metrics(self.progress["step"])
                 resumes = self.run_dir.read_manifest().get("resumes", [])
                 resume = {"step": self.progress["step"], "changes": self.changes}
-                self.run_dir.update_manifest({**self._manifest("running"), "resumes": [*resumes, resume]})
+                manifest = self.records.manifest("running", self.progress)
+                self.run_dir.update_manifest({**manifest, "resumes": [*resumes, resume]})
         elif self.ranks.writes:
-            self.run_dir.start(self._manifest("running"))  # a fresh (or overwritten) run: fresh manifest and log
+            self.run_dir.start(self.records.manifest("running", self.progress))  # a fresh (or overwritten) run: fresh manifest and log
         try:
             for r in self.reporters:
-                r.start(self._manifest("running"))
+                r.start(self.records.manifest("running", self.progress))
             summary = self._loop(total_steps)
             for r in self.reporters:
                 r.finish(summary)
@@ -283,7 +237,7 @@ class Trainer:
         for t in self.saes:
             t.sae.normalize_decoder()
         self.checkpoint(finished=True)
-        return self._summary(seconds, self.progress["tokens"] - start_tokens)
+        return self.records.summary(seconds, self.progress["tokens"] - start_tokens, self.progress)
 
     def _report(self, lr: float, seconds: float, start_tokens: int, total_steps: int) -> None:
         self._check_finite()
@@ -300,38 +254,3 @@ class Trainer:
         )
         for r in self.reporters:
             r.step(report)
-
-    def _summary(self, seconds: float, session_tokens: int) -> dict[str, Any]:
-        """The run's outcome and timings.
-
-        ``seconds`` is the training loop's wall time in this session (model loading and tokenisation
-        excluded); ``tokens_per_s`` is ``session_tokens / seconds``, which equals ``tokens / seconds``
-        unless the run was resumed. ``harvest_seconds`` is the part spent obtaining and shuffling
-        activations (LM forwards, or cache reads), ``sae_step_seconds`` each SAE's own steps.
-        """
-        rate = session_tokens / seconds if seconds > 0 else 0.0
-        timing = {"tokens": self.progress["tokens"], "session_tokens": session_tokens, "seconds": seconds, "tokens_per_s": rate}
-        return {
-            "run": str(self.run_dir.path),
-            "model": self.cfg.model,
-            "source": self.data.source,
-            "layers": self.layers,
-            **timing,
-            "steps": self.progress["step"],
-            "harvest_seconds": self.data.stream.harvest_seconds,
-            "sae_step_seconds": sum(t.step_seconds for t in self.saes),
-            "saes": [
-                {
-                    "name": t.name,
-                    "architecture": t.sae.name,
-                    "layers": list(t.sae.layers),
-                    **timing,
-                    "sae_step_seconds": t.step_seconds,
-                    "final": t.final_terms(),
-                    "dead_fraction": t.dead_fraction(),
-                    "statistics": t.sae.statistics(),
-                    "path": str(self.run_dir.sae_dir(t.name)),
-                }
-                for t in self.saes
-            ],
-        }
