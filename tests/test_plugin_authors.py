@@ -72,7 +72,7 @@ class FixedLayerConfig(RouterConfig):
 class FixedLayerRouter(Router):
     """Every token to one layer of the routed range, chosen by a setting."""
 
-    name = "fixed"
+    name = "at-layer"
     single_block = True
     Config: ClassVar[type[RouterConfig]] = FixedLayerConfig
 
@@ -91,13 +91,13 @@ class FixedRouterPlugin:
 def test_a_router_setting_is_an_option_sweeps_and_is_recorded_with_its_provenance(train_args, tmp_path):
     pm = manager(FixedRouterPlugin(), "fixed-router", "routesae-fixed-router", "0.2")
     help_text = help_of(pm, "train")
-    assert "--route-layer INTEGER[,...] With --router fixed: Index in the routed range" in help_text
-    assert "Installed: fixed, hard, soft" in help_text  # --router lists what is installed
+    assert "--route-layer INTEGER[,...] With --router at-layer: Index in the routed range" in help_text
+    assert "Installed: at-layer, fixed, hard" in help_text  # --router lists what is installed
     out = tmp_path / "run"
-    result = invoke(pm, *train_args, "--arch", "routesae", "--layers", "1:3", "--k", "4", "--router", "fixed",
+    result = invoke(pm, *train_args, "--arch", "routesae", "--layers", "1:3", "--k", "4", "--router", "at-layer",
                     "--route-layer", "0,2", "--tokens", "256", "--out", out)
     assert result.exit_code == 0, result.output
-    names = ["routesae-L1-3-fixed-sum-k4-F64", "routesae-L1-3-fixed-layer2-sum-k4-F64"]
+    names = ["routesae-L1-3-at-layer-sum-k4-F64", "routesae-L1-3-at-layer-layer2-sum-k4-F64"]
     for name, block in zip(names, ("1", "3")):
         sae, config = load_sae(out / name, plugins=pm)
         assert config["config"]["router_settings"] == {"layer": int(block) - 1}
@@ -105,7 +105,7 @@ def test_a_router_setting_is_an_option_sweeps_and_is_recorded_with_its_provenanc
         counts = config["training"]["statistics"]["routing_counts"]
         assert counts[block] == 256.0 and sum(counts.values()) == 256.0
         provenance = {p["kind"]: p for p in config["plugins"]}
-        assert provenance["router"] == {"kind": "router", "name": "fixed", "distribution": "routesae-fixed-router",
+        assert provenance["router"] == {"kind": "router", "name": "at-layer", "distribution": "routesae-fixed-router",
                                         "version": "0.2"}
         assert provenance["architecture"]["distribution"] == "routesae"
         assert provenance["aggregation"]["name"] == "sum"
@@ -113,7 +113,7 @@ def test_a_router_setting_is_an_option_sweeps_and_is_recorded_with_its_provenanc
     assert all(s["plugins"][1]["distribution"] == "routesae-fixed-router" for s in manifest["saes"])
     with pytest.raises(PluginError) as missing:  # the process-wide manager has no such router
         load_sae(out / names[0])
-    assert "unknown router 'fixed'" in str(missing.value)
+    assert "unknown router 'at-layer'" in str(missing.value)
     assert "pip install 'routesae-fixed-router==0.2'" in str(missing.value)
 
 
@@ -124,7 +124,7 @@ def test_a_router_setting_is_refused_with_the_routers_own_settings():
     with pytest.raises(ConfigError, match=r"router 'hard' does not take the setting 'route_layer'.*another router"):
         SAESpec.build("routesae", route_layer=1, plugins=pm)
     with pytest.raises(ConfigError, match=r"FixedLayerConfig: layer must be int"):
-        SAESpec.build("routesae", router="fixed", route_layer="x", plugins=pm)
+        SAESpec.build("routesae", router="at-layer", route_layer="x", plugins=pm)
 
 
 def test_a_router_registered_as_a_class_is_refused_when_it_loads_and_the_rest_keeps_working():
@@ -136,12 +136,12 @@ def test_a_router_registered_as_a_class_is_refused_when_it_loads_and_the_rest_ke
     pm = manager(ClassRegistered(), "class-router", "routesae-class-router", "1.0")
     assert pm.names("router") == sorted(["hard", "soft", *(n for n in PluginManager().names("router") if n not in ("hard", "soft"))])
     error = pm.infos["class-router"].error
-    assert "router 'fixed' must be registered as an instance: register(FixedLayerRouter()), not the class" in error
+    assert "router 'at-layer' must be registered as an instance: register(FixedLayerRouter()), not the class" in error
     result = invoke(pm, "plugins", "--json")
     assert result.exit_code == 0
-    with pytest.raises(PluginError, match=r"unknown router 'fixed'.*plugin 'class-router' \(routesae-class-router 1\.0\) "
-                                          r"failed to load and may provide it \(PluginError: router 'fixed' must be"):
-        pm.get("router", "fixed")
+    with pytest.raises(PluginError, match=r"unknown router 'at-layer'.*plugin 'class-router' \(routesae-class-router 1\.0\) "
+                                          r"failed to load and may provide it \(PluginError: router 'at-layer' must be"):
+        pm.get("router", "at-layer")
 
 
 def test_an_architecture_without_its_required_methods_is_refused_when_it_loads():

@@ -28,7 +28,7 @@ from routesae.config import Config, SettingInfo, config_settings, setting
 from routesae.errors import ConfigError, PluginError, RouteSAEError
 
 STANDARDIZE_EPS = 1e-6  # the reference's epsilon in (h - mu) / (sigma + eps)
-STATISTICS_ROWS = 256  # tokens per chunk of the standardisation statistics: their centred copy stays in cache
+STATISTICS_ROWS = 256  # (token, layer) vectors per chunk of the standardisation statistics: a small centred copy
 LAYER_NORM_EPS = 1e-5  # SAELens's layer_norm: (h - mu) / (sigma + 1e-5) in, x * sigma + mu out
 
 #: Per normalisation mode, (eps added to σ on the way in, eps added to σ on the way out).
@@ -165,18 +165,19 @@ class Standardization:
 def token_statistics(acts_NLD: Tensor) -> Standardization:
     """Per-token, per-layer mean and Bessel-corrected std over the model width, as the reference standardises.
 
-    Two passes, the norm of h − μ, as ``Tensor.std`` computes it and as exactly, but over chunks of
-    ``STATISTICS_ROWS`` tokens: ``Tensor.std``'s CPU kernel over the last dimension is 5x slower, and
-    the centred copy of a whole 16-layer batch would not stay in cache (docs/speed.md). One pass over
-    Σh² − D·μ² would be faster still but loses precision where the mean dwarfs the spread.
+    Two passes, the norm of h − μ, as ``Tensor.std`` computes it and as exactly, but over
+    ``STATISTICS_ROWS`` (token, layer) vectors at a time: ``Tensor.std``'s CPU kernel over the last
+    dimension is 5x slower, and the centred copy of a whole 16-layer batch would neither stay in cache
+    nor be small (docs/speed.md). One pass over Σh² − D·μ² would be faster still but loses precision
+    where the mean dwarfs the spread.
     """
     width = acts_NLD.shape[-1]
     mean = acts_NLD.mean(-1, keepdim=True)
-    if not len(acts_NLD):
-        return Standardization(mean, mean.clone())
-    norms = [torch.linalg.vector_norm(rows - rows_mean, dim=-1, keepdim=True)
-             for rows, rows_mean in zip(acts_NLD.split(STATISTICS_ROWS), mean.split(STATISTICS_ROWS))]
-    return Standardization(mean, torch.cat(norms) / math.sqrt(width - 1))
+    vectors_R1D, means_R11 = acts_NLD.reshape(-1, 1, width), mean.reshape(-1, 1, 1)  # [R, 1, D]: the fast kernel's shape
+    norms = [torch.linalg.vector_norm(rows - row_means, dim=-1, keepdim=True)
+             for rows, row_means in zip(vectors_R1D.split(STATISTICS_ROWS), means_R11.split(STATISTICS_ROWS))]
+    std = torch.cat(norms).view_as(mean) / math.sqrt(width - 1) if norms else mean.clone()
+    return Standardization(mean, std)
 
 
 def standardize(acts_NLD: Tensor, mode: str) -> tuple[Tensor, Standardization | None]:
