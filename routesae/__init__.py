@@ -27,7 +27,7 @@ from routesae.architectures.base import (
     normalized_mse,
 )
 from routesae.architectures.codes import SparseCodes
-from routesae.architectures.topk import TopKConfig, TopKSAE
+from routesae.architectures.topk import TopKConfig, TopKSAE, TopKSettings
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
 from routesae.checkpoint import load, load_sae
 from routesae.config import Config, setting
@@ -112,6 +112,7 @@ __all__ = [
     "TokenLatents",
     "TopKConfig",
     "TopKSAE",
+    "TopKSettings",
     "TrainConfig",
     "TrainingState",
     "__version__",

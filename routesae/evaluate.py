@@ -180,6 +180,8 @@ class Evaluated:
     config: dict[str, Any]
     sae: SAE
     metrics: list[Metric]
+    architecture: str  # the checkpoint's (a splice view of an MLSAE is a TopK SAE, but the record is the MLSAE's)
+    block: int | None = None  # the block this view splices, for an SAE evaluated one block at a time
     seconds: float = 0.0  # this SAE's own work: its forward and its spliced forwards (the clean forwards are shared)
 
     @property
@@ -276,6 +278,20 @@ def evaluate(
                     reporter.close()
 
 
+def view_metrics(views: list[Evaluated]) -> dict[str, Any]:
+    """``{"metrics": ..., "details": ...}`` of one SAE; for one evaluated a block at a time, the mean over its
+    blocks, and each block's metrics and details under ``"per_block"`` (the MLSAE's per-layer and mean metrics, as
+    the paper reports them)."""
+    results = [{k: v for m in view.metrics for k, v in m.result().items()} for view in views]
+    details = [{k: v for m in view.metrics for k, v in m.details().items()} for view in views]
+    if views[0].block is None:
+        return {"metrics": results[0], **({"details": details[0]} if details[0] else {})}
+    return {
+        "metrics": {k: sum(r[k] for r in results) / len(results) for k in results[0]},
+        "per_block": {str(view.block): {**r, **({"details": d} if d else {})} for view, r, d in zip(views, results, details)},
+    }
+
+
 def wanted_tokens(tokens: int | str, counted_BT: Tensor) -> int | None:
     """The ``tokens`` setting as :func:`~routesae.data.leading_blocks` takes it: a count, or None for the whole split."""
     if tokens == ALL_TOKENS:
@@ -297,7 +313,10 @@ def _evaluate(
     configs = [read_sae_config(d) for d in dirs]
     classes = metric_classes(metrics, ranks)
     lm = model_for(dirs, configs, lm, device)
-    saes = [Evaluated(d, c, load_sae(d, lm.device)[0], [cls() for cls in classes]) for d, c in zip(dirs, configs)]
+    saes = [Evaluated(d, c, part, [cls() for cls in classes], sae.name, block)
+            for d, c in zip(dirs, configs)
+            for sae in [load_sae(d, lm.device)[0]]
+            for block, part in (sae.splice_views() or {None: sae}).items()]
 
     data = configs[0].get("data", {})
     seed = training_seed(configs[0])
@@ -354,20 +373,22 @@ def _evaluate(
         },
     }
     results: dict[str, dict[str, Any]] = {}
-    for s in saes:
+    for directory in dict.fromkeys(s.directory for s in saes):
+        views = [s for s in saes if s.directory == directory]
+        s = views[0]
         record = {
             "routesae_version": __version__,
             "sae": s.config.get("name", s.directory.name),
-            "architecture": s.sae.name,
+            "architecture": s.architecture,
             "model": s.config["model"]["spec"],
             "split": SPLIT,
             "tokens": n_tokens,
             "seconds": seconds,
             "tokens_per_s": rate,
-            "sae_seconds": s.seconds,
+            "sae_seconds": sum(v.seconds for v in views),
             "pass": timing,
             "settings": settings,
-            "metrics": {k: v for m in s.metrics for k, v in m.result().items()},
+            **view_metrics(views),
             "better": {k: m.better for m in s.metrics for k in m.result()},  # which way each value improves
         }
         if ranks.writes:

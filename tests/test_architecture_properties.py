@@ -40,8 +40,9 @@ def test_shapes_and_encode_decode_agree_with_forward(name, n, seed):
     sae = build(name).eval()
     with torch.no_grad():
         out = sae(activations(sae, n, seed))
-        assert out.latents.shape == (n, sae.cfg.latent_size)
-        assert out.x_hat.shape == out.target.shape and out.target.shape[0] == n and out.target.shape[-1] == D_MODEL
+        rows = n * sae.vectors_per_token  # one per token, or per token and block (the MLSAE)
+        assert out.latents.shape == (rows, sae.cfg.latent_size)
+        assert out.x_hat.shape == out.target.shape and out.target.shape[0] == rows and out.target.shape[-1] == D_MODEL
         assert out.pre is None or out.pre.shape == out.latents.shape
         torch.testing.assert_close(sae.encode_standardized(out.target), out.latents)
         torch.testing.assert_close(sae.decode_standardized(out.latents), out.x_hat)
@@ -67,8 +68,8 @@ def test_encode_and_decode_take_and_give_raw_residuals(name, n, seed):
         elif routed is not None:  # a routed SAE: x̂ at each token's block, in that block's units
             x_hat = torch.zeros_like(raw).scatter(1, torch.searchsorted(torch.tensor(sae.layers), routed)[:, None, None]
                                                   .expand(-1, 1, D_MODEL), out.x_hat[:, None])
-        else:
-            x_hat = out.x_hat
+        else:  # every block: a crosscoder's [N, L, D], an MLSAE's [N·L, D] token-major
+            x_hat = out.x_hat.view(n, len(sae.layers), D_MODEL)
         in_units = x_hat if out.norm is None else out.norm.undo(x_hat)
         if routed is not None and len(sae.layers) > 1:
             in_units = in_units[torch.arange(n), torch.searchsorted(torch.tensor(sae.layers), routed)]

@@ -1,13 +1,18 @@
 """Metric plugins on hand-made batches: each definition, its position conventions, and that
 accumulating over batches gives the same number as one batch."""
 
+import bisect
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routesae.architectures.base import SAEOutput
 from routesae.metrics.base import EvalBatch, cross_entropy_BT, kl_BT
 from routesae.metrics.downstream import DeltaCE, KLDiv, Recovered
-from routesae.metrics.reconstruction import FVU, L0, Cosine, Dead, NormMSE
+from routesae.metrics.reconstruction import FVU, L0, Cosine, Dead, NormMSE, density_histogram
 from routesae.plugins import get_plugin_manager
 
 B, T, D, F_, V = 2, 5, 4, 6, 7
@@ -89,6 +94,31 @@ def test_dead_counts_latents_that_never_fire():
     batch.out.latents[:, :2] = 0
     batch.out.latents[:, 2:] = 1
     assert run(Dead, batch)["dead_eval"] == pytest.approx(2 / F_)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=40), st.integers(1, 1000))
+def test_the_density_histogram_puts_each_latent_in_the_bin_of_its_log_frequency(fired, extra_tokens):
+    tokens = max(fired) + extra_tokens
+    histogram = density_histogram(torch.tensor(fired), tokens)
+    edges, counts = histogram["log10_edges"], histogram["latents"]
+    assert edges[0] <= math.log10(1 / tokens) and edges[-1] == 0 and len(counts) == len(edges) - 1
+    assert histogram["never_fired"] == fired.count(0) and sum(counts) + fired.count(0) == len(fired)
+    for f in {f for f in fired if f}:
+        position = bisect.bisect_right(edges, math.log10(f / tokens)) - 1
+        assert counts[min(position, len(counts) - 1)] >= fired.count(f)
+
+
+def test_dead_eval_gives_the_density_histogram_of_the_counted_tokens():
+    batch = make_batch()
+    batch.out.latents[:, :2] = 0
+    batch.out.latents[:, 2:] = 1
+    batch.out.latents[:5, 2] = 0  # latent 2 fires on 5 of the 10 tokens
+    metric = Dead()
+    metric.update(batch)
+    density = metric.details()["latent_density"]
+    assert density["tokens"] == B * T and density["never_fired"] == 2
+    assert density["latents"][-1] == 3 and density["latents"][-2] == 1  # log10(1/2) = -0.3: the bin [-0.5, -0.25)
 
 
 def test_recovered_and_deltace_from_cross_entropies():

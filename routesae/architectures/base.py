@@ -260,7 +260,7 @@ class SAEOutput:
     pre-activations as well made its training steps slower and larger.
     """
 
-    latents: Tensor  # [N, F] (dense; zeros where inactive)
+    latents: Tensor  # [N, F] (dense; zeros where inactive); [N·L, F] for an SAE with L vectors per token (MLSAE)
     x_hat: Tensor  # same shape as target
     target: Tensor  # what x_hat reconstructs (the normalised input; the routed input for RouteSAE)
     pre: Tensor | None = None  # [N, F], see above
@@ -426,6 +426,16 @@ class SAE(nn.Module):
         if len(self.layers) != 1:
             return None
         return torch.full((out.latents.shape[0],), self.layers[0], dtype=torch.long, device=out.latents.device)
+
+    @property
+    def vectors_per_token(self) -> int:
+        """Rows of ``SAEOutput.latents``, ``x_hat`` and ``target`` per token: 1, or the MLSAE's one per block it reads."""
+        return 1
+
+    def splice_views(self) -> dict[int, SAE] | None:
+        """Per block, an SAE that splices this one at that block alone, for an SAE evaluated one block at a time (the
+        MLSAE reads every block of its range but is spliced into one at a time); None: it is spliced as a whole."""
+        return None
 
     def steering_caveat(self) -> str | None:
         """Why a clamp on this SAE's latents has no single block to act on, or None when it has.

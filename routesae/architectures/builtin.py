@@ -7,6 +7,7 @@ the SAELens format for the single-layer ones, the parts format for RouteSAE.
 from routesae.architectures.crosscoder import Crosscoder
 from routesae.architectures.gated import GatedSAE
 from routesae.architectures.jumprelu import JumpReLUSAE
+from routesae.architectures.mlsae import MLSAE
 from routesae.architectures.routesae import RouteSAE
 from routesae.architectures.topk import TopKSAE
 from routesae.architectures.vanilla import VanillaSAE
@@ -23,6 +24,7 @@ def register_architectures(register):
     register(VanillaSAE)
     register(GatedSAE)
     register(JumpReLUSAE)
+    register(MLSAE)
 
 
 @hookimpl

@@ -132,7 +132,10 @@ class TopKEncode(torch.autograd.Function):
 
 
 @dataclass
-class TopKConfig(SingleLayerConfig):
+class TopKSettings(SAEConfig):
+    """The settings of TopK's activation, on whatever layers the SAE reads (one block: :class:`TopKConfig`; a range:
+    the MLSAE's)."""
+
     k: int = setting(32, "Latents kept per token (0 < k < latent size).")
     relu: bool = setting(False, "Apply ReLU to the kept values (Gao et al.); the reference keeps them signed.")
     auxk: float = setting(
@@ -155,14 +158,19 @@ class TopKConfig(SingleLayerConfig):
         return name_parts_with_k(super().name_parts(), self.k)
 
 
+@dataclass
+class TopKConfig(TopKSettings, SingleLayerConfig):
+    """TopK on one block."""
+
+
 class TopKSAE(SingleLayerSAE):
     name = "topk"
     Config: ClassVar[type[SAEConfig]] = TopKConfig
-    cfg: TopKConfig
+    cfg: TopKSettings
     decode_path: ComputePath = "auto"  # tests force a path to compare the two
     encoder_path: ComputePath = "auto"  # likewise for the encoder's backward
 
-    def __init__(self, cfg: TopKConfig, d_model: int) -> None:
+    def __init__(self, cfg: TopKSettings, d_model: int) -> None:
         super().__init__(cfg, d_model)
         if cfg.auxk > 0:
             self.aux_latents = min(cfg.auxk_k or max(1, d_model // 2), cfg.latent_size)

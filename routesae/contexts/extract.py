@@ -317,6 +317,11 @@ def _extract(
         extractions = []
         for directory, config in zip(dirs, configs):
             sae = load_sae(directory, lm.device)[0]
+            if sae.splice_views() is not None:
+                raise ConfigError(
+                    f"{directory.name}: a {sae.name} SAE has one activation per token and block, and contexts rank one "
+                    "per token; evaluate it (per block), or extract contexts from a single-block SAE"
+                )
             overrides.enter_context(sae.inference(Inference(k=cfg.infer_k, theta=cfg.theta)))
             extractions.append(Extraction(directory, config, sae, cfg, len(vocab.class_names), len(pool_windows)))
         resolve_thresholds(lm, extractions, ids_BT, mask_BT, tables, cfg.batch_size)

@@ -14,7 +14,7 @@ A metric without it still evaluates in one process and is refused under ``torchr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -63,6 +63,10 @@ class Metric:
     def result(self) -> dict[str, float]:
         """``{name: value}``; a metric may report companions (``recovered_mean_ablation``)."""
         raise NotImplementedError
+
+    def details(self) -> dict[str, Any]:
+        """JSON-able data beside the numbers (a histogram), kept under ``eval.json``'s ``"details"``. Default: none."""
+        return {}
 
     def reduce(self, ranks: Ranks) -> None:
         """Combine every rank's accumulators into this instance's, in place; called on every rank alike.

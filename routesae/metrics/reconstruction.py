@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -99,23 +100,54 @@ class L0(RunningMean):
 
 
 class Dead(Metric):
-    """Fraction of latents that are never non-zero on any counted token of the evaluated data."""
+    """Fraction of latents that are never non-zero on any counted token of the evaluated data.
+
+    It counts every latent's firings, so its details are the latent density histogram that SAELens and
+    Neuronpedia show: how many latents fire on a given log10 fraction of the tokens.
+    """
 
     name: ClassVar[str] = "dead_eval"
     better: ClassVar[Better | None] = "lower"
 
     def __init__(self) -> None:
-        self.fired_F: Tensor | None = None
+        self.fired_F: Tensor | None = None  # firings per latent
+        self.tokens = 0
 
     def update(self, batch: EvalBatch) -> None:
-        fired_F = (batch.out.latents[batch.counted_N] != 0).any(0)
-        self.fired_F = fired_F if self.fired_F is None else self.fired_F | fired_F
+        latents = batch.out.latents[batch.counted_N]
+        fired_F = torch.count_nonzero(latents, dim=0)
+        self.fired_F = fired_F if self.fired_F is None else self.fired_F + fired_F
+        self.tokens += latents.shape[0]
 
     def reduce(self, ranks: Ranks) -> None:
         if self.fired_F is not None:  # every rank has seen a batch (the evaluator checks)
-            ranks.max_(self.fired_F)
+            ranks.sum_([self.fired_F])
+            self.tokens = int(ranks.sum_numbers(self.tokens)[0])
 
     def result(self) -> dict[str, float]:
         if self.fired_F is None:
             return {self.name: float("nan")}
-        return {self.name: 1 - float(self.fired_F.float().mean())}
+        return {self.name: float((self.fired_F == 0).float().mean())}
+
+    def details(self) -> dict[str, Any]:
+        if self.fired_F is None or not self.tokens:
+            return {}
+        return {"latent_density": density_histogram(self.fired_F, self.tokens)}
+
+
+DENSITY_BINS_PER_DECADE = 4
+
+
+def density_histogram(fired_F: Tensor, tokens: int) -> dict[str, Any]:
+    """Latents per bin of log10(firings / tokens), quarter decades from the rarest possible firing to every token;
+    the latents that never fired are counted apart (their log is -inf)."""
+    bins = max(1, math.ceil(math.log10(tokens) * DENSITY_BINS_PER_DECADE))
+    edges = torch.arange(-bins, 1, dtype=torch.float64) / DENSITY_BINS_PER_DECADE
+    fired = fired_F[fired_F > 0].double().cpu()
+    counts = torch.histogram(torch.log10(fired / tokens), bins=edges).hist if len(fired) else torch.zeros(len(edges) - 1)
+    return {
+        "tokens": tokens,
+        "log10_edges": [round(float(e), 4) for e in edges],
+        "latents": [int(c) for c in counts],
+        "never_fired": int((fired_F == 0).sum()),
+    }
