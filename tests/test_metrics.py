@@ -121,6 +121,28 @@ def test_dead_eval_gives_the_density_histogram_of_the_counted_tokens():
     assert density["latents"][-1] == 3 and density["latents"][-2] == 1  # log10(1/2) = -0.3: the bin [-0.5, -0.25)
 
 
+def test_a_routed_sae_gets_each_blocks_mean_beside_the_whole():
+    batch = make_batch()
+    x_hat_ND, _ = batch.reconstruction[3]
+    to_3 = torch.arange(B * T) % 3 == 0
+    batch.reconstruction = {3: (x_hat_ND, to_3), 7: (x_hat_ND, ~to_3)}
+    batch.clean = {3: batch.clean[3], 7: batch.clean[3]}
+    metric = NormMSE()
+    metric.update(batch)
+    nmse = ((batch.out.x_hat - batch.out.target) ** 2).sum(-1) / (batch.out.target**2).sum(-1)
+    by_block = metric.details()["normmse_by_routed_block"]
+    assert by_block["3"] == {"tokens": int(to_3.sum()), "mean": pytest.approx(float(nmse[to_3].mean()))}
+    assert by_block["7"] == {"tokens": int((~to_3).sum()), "mean": pytest.approx(float(nmse[~to_3].mean()))}
+    assert metric.result()["normmse"] == pytest.approx(float(nmse.mean()))
+    batch.reconstruction = {3: (x_hat_ND, to_3), 7: (x_hat_ND, torch.ones_like(to_3))}  # both blocks at some tokens
+    overlapping = NormMSE()
+    overlapping.update(batch)
+    assert overlapping.details() == {}, "a crosscoder's tokens belong to no single block"
+    single = NormMSE()
+    single.update(make_batch())
+    assert single.details() == {}
+
+
 def test_recovered_and_deltace_from_cross_entropies():
     batch = make_batch()
     ce = {k: float(cross_entropy_BT(v, batch.input_ids_BT)[batch.ce_mask_BT].mean()) for k, v in batch.logits.items()}

@@ -83,17 +83,59 @@ class Metric:
 
 
 class RunningMean(Metric):
-    """A metric that is a mean: a running ``total`` and ``count`` that ``update`` adds to."""
+    """A metric that is a mean: a running ``total`` and ``count`` that ``update`` adds to.
+
+    A metric with a value per position adds them through :meth:`add`, which also keeps the mean per routed
+    block for an SAE that splices each token at one block of several (RouteSAE): its details say how well
+    the tokens routed to each block are reconstructed, to set beside a TopK SAE trained at that block.
+    """
 
     def __init__(self) -> None:
         self.total = 0.0
         self.count = 0
+        self.by_block: dict[int, list[float]] = {}  # routed block -> [total, count]
+
+    def add(self, batch: EvalBatch, values_N: Tensor) -> None:
+        """Add the values at the counted positions (``values_N``: one per position, all N)."""
+        counted_N = batch.counted_N
+        self.total += float(values_N[counted_N].sum())
+        self.count += int(counted_N.sum())
+        block_N = routed_block_N(batch)
+        if block_N is None:
+            return
+        for block in batch.reconstruction:  # every block, so all ranks hold the same keys
+            keep_N = (block_N == block) & counted_N
+            sums = self.by_block.setdefault(block, [0.0, 0])
+            sums[0] += float(values_N[keep_N].sum())
+            sums[1] += int(keep_N.sum())
 
     def reduce(self, ranks: Ranks) -> None:
-        self.total, self.count = ranks.sum_numbers(self.total, self.count)
+        blocks = sorted(self.by_block)
+        self.total, self.count, *sums = ranks.sum_numbers(self.total, self.count, *(v for b in blocks for v in self.by_block[b]))
+        for i, block in enumerate(blocks):
+            self.by_block[block] = [sums[2 * i], sums[2 * i + 1]]
 
     def result(self) -> dict[str, float]:
         return {self.name: ratio(self.total, self.count)}
+
+    def details(self) -> dict[str, Any]:
+        if not self.by_block:
+            return {}
+        return {f"{self.name}_by_routed_block": {
+            str(block): {"tokens": int(count), "mean": ratio(total, count)} for block, (total, count) in sorted(self.by_block.items())
+        }}
+
+
+def routed_block_N(batch: EvalBatch) -> Tensor | None:
+    """Per position, the block a routed SAE spliced it at (-1 for none); None for an SAE that splices one block, or
+    several at each position (a crosscoder)."""
+    if len(batch.reconstruction) < 2:
+        return None
+    masks = torch.stack([mask_N for _, mask_N in batch.reconstruction.values()])  # [blocks, N]
+    if (masks.sum(0) > 1).any():
+        return None
+    blocks = torch.tensor(list(batch.reconstruction), device=masks.device)
+    return torch.where(masks.any(0), blocks[masks.int().argmax(0)], -1)
 
 
 def ratio(total: float, count: float) -> float:

@@ -43,8 +43,11 @@ class KLDiv(RunningMean):
 
     def update(self, batch: EvalBatch) -> None:
         kl_BT_ = kl_BT(batch.logits["clean"], batch.logits["spliced"])
+        if not batch.reference:
+            self.add(batch, kl_BT_.reshape(-1))
+            return
         self.total += float(kl_BT_[batch.counted_BT].sum())
-        self.count += batch.input_ids_BT.shape[0] if batch.reference else int(batch.counted_BT.sum())
+        self.count += batch.input_ids_BT.shape[0]
 
 
 class DeltaCE(Metric):

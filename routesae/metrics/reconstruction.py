@@ -19,11 +19,9 @@ class NormMSE(RunningMean):
     better: ClassVar[Better | None] = "lower"
 
     def update(self, batch: EvalBatch) -> None:
-        target, x_hat = batch.out.target[batch.counted_N], batch.out.x_hat[batch.counted_N]
+        target, x_hat = batch.out.target, batch.out.x_hat
         err = (x_hat - target).pow(2).sum(-1)
-        nmse = err / target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)
-        self.total += float(nmse.sum())
-        self.count += nmse.numel()
+        self.add(batch, err / target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny))
 
 
 def spliced_pairs(batch: EvalBatch) -> list[tuple[int, Tensor, Tensor]]:
