@@ -123,9 +123,15 @@ class Config:
     def __post_init__(self) -> None:
         owner = type(self).__name__
         for name, (tp, optional) in field_types(type(self)).items():
-            setattr(self, name, _check_value(owner, name, getattr(self, name), tp, optional))
+            value = getattr(self, name)
+            if isinstance(tp, type) and issubclass(tp, Config) and not isinstance(value, tp):  # a nested stage's settings
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{owner}: {name} must be a {tp.__name__} or a dict, got {value!r}")
+                value = tp.from_dict(value)  # given as JSON or a TOML table
+            setattr(self, name, _check_value(owner, name, value, tp, optional))
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values; a nested config's as a nested dict (``{"contexts": {"threshold": 4.0}}``)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
@@ -146,4 +152,6 @@ class Config:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
     return list(value) if isinstance(value, tuple) else value

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routesae.config import Config, field_types, setting
+from routesae.config import Config, setting
 from routesae.contexts import ContextsConfig, extract_contexts
 from routesae.errors import ConfigError, RouteSAEError
 from routesae.evaluate import EvaluateConfig, evaluate
@@ -59,20 +59,6 @@ class PipelineConfig(Config):
         default_factory=InterpretConfig,
         metadata={"help": "Interpretation of every SAE (`routesae interpret`); its max_cost caps the whole run."},
     )
-
-    def __post_init__(self) -> None:
-        for name, (config_cls, _) in field_types(type(self)).items():
-            value = getattr(self, name)
-            if not (isinstance(config_cls, type) and issubclass(config_cls, Config)) or isinstance(value, config_cls):
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"PipelineConfig: {name} must be a {config_cls.__name__} or a dict, got {value!r}")
-            setattr(self, name, config_cls.from_dict(value))  # a stage given as JSON or a TOML table
-        super().__post_init__()
-
-    def to_dict(self) -> dict[str, Any]:
-        nested = {name: value.to_dict() for name, value in vars(self).items() if isinstance(value, Config)}
-        return {**super().to_dict(), **nested}
 
 
 def versions() -> dict[str, str | None]:
@@ -188,17 +174,7 @@ class Pipeline:
         }[stage]
 
     def _train(self, fresh: bool) -> dict[str, Any]:
-        """Reuse a finished identical run, resume an unfinished one, else train (``train`` refuses to replace another run)."""
-        manifest = self.out / MANIFEST_FILE
-        existing = None if self.overwrite or not manifest.is_file() else read_json(manifest)
-        changes = compare_requests(existing.get("request", {}), self.requests()["train"]) if existing else None
-        if changes is not None and changes.same and existing.get("status") == "finished":
-            return {"tokens": existing["progress"]["tokens"], "reused": True}
-        resume = changes is not None and changes.resumable and existing.get("status") in ("running", "failed")
-        summary = train(
-            self.specs, self.out, self.train_cfg, overwrite=self.overwrite, resume=resume, reporters=self.reporters
-        )
-        return {"tokens": summary.get("tokens"), "seconds": summary.get("seconds"), "resumed": resume}
+        return train_or_continue(self.specs, self.out, self.train_cfg, overwrite=self.overwrite, reporters=self.reporters)
 
     def _evaluate(self, fresh: bool) -> None:
         evaluate([self.out], cfg=self.cfg.evaluate, reporters=self.reporters)
@@ -243,6 +219,21 @@ class Pipeline:
         from routesae.report import write_report
 
         return {"report": str(write_report(self.out))}
+
+
+def train_or_continue(
+    specs: Sequence[SAESpec], out: Path, cfg: TrainConfig, *, overwrite: bool = False, reporters: Sequence[str] = ("console",)
+) -> dict[str, Any]:
+    """Reuse a finished identical run in ``out``, resume an unfinished one, else train (``train`` refuses to replace
+    another run): what a command that trains as one of its stages does, so re-running it continues it."""
+    manifest = out / MANIFEST_FILE
+    existing = None if overwrite or not manifest.is_file() else read_json(manifest)
+    changes = compare_requests(existing.get("request", {}), run_request(specs, cfg)) if existing else None
+    if changes is not None and changes.same and existing.get("status") == "finished":
+        return {"tokens": existing["progress"]["tokens"], "reused": True}
+    resume = changes is not None and changes.resumable and existing.get("status") in ("running", "failed")
+    summary = train(specs, out, cfg, overwrite=overwrite, resume=resume, reporters=list(reporters))
+    return {"tokens": summary.get("tokens"), "seconds": summary.get("seconds"), "resumed": resume}
 
 
 def pipeline(

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from routesae.cli.application import make_contexts_command, make_steer_command
+from routesae.cli.comparison import make_compare_command
 from routesae.cli.evaluation import make_evaluate_command
 from routesae.cli.export import make_export_command
 from routesae.cli.interpretation import make_interpret_command
@@ -93,6 +94,7 @@ def make_cli(pm: PluginManager | None = None) -> click.Group:
         make_interpret_command,
         make_report_command,
         make_pipeline_command,
+        make_compare_command,
         make_plugins_command,
         make_export_command,
     ]

@@ -29,14 +29,15 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def click_type(tp: Any) -> Any:
+def click_type(tp: Any, sweepable: bool = False) -> Any:
+    """The click type of a setting's value; a list-valued one of a sweepable setting needs its brackets."""
     if get_origin(tp) is Literal:
         return click.Choice([str(c) for c in get_args(tp)])
     if tp in (int, float, str):
         return tp
     item = list_item_type(tp)
     if item is not None:
-        return ListValue(click.BOOL if item is bool else click_type(item))
+        return ListValue(click.BOOL if item is bool else click_type(item), brackets=sweepable)
     if get_origin(tp) in (typing.Union, types.UnionType):
         if str in get_args(tp):  # a number or a word the config reads (a threshold rule): text, checked there
             return str
@@ -48,16 +49,20 @@ def click_type(tp: Any) -> Any:
 
 
 class ListValue(click.ParamType):
-    """``[64,256,1024]`` -> (64, 256, 1024): a list-valued setting, in brackets so that its commas are not a sweep."""
+    """``[64,256,1024]`` -> (64, 256, 1024): a list-valued setting, in brackets where its option sweeps (so that its
+    commas are not a sweep's); a stage's list (``--seeds 0,1,2``) may leave them out."""
 
-    def __init__(self, item: Any) -> None:
+    def __init__(self, item: Any, brackets: bool = True) -> None:
         self.item = click.types.convert_type(item)
-        self.name = f"[{self.item.name},...]"
+        self.brackets = brackets
+        self.name = f"[{self.item.name},...]" if brackets else f"{self.item.name}[,...]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
         if isinstance(value, tuple):
             return value
         text = str(value).strip()
+        if not self.brackets and not text.startswith("["):
+            text = f"[{text}]"
         if not (text.startswith("[") and text.endswith("]")):
             self.fail(
                 f"{text!r} is not a list: write it in brackets, [a,b,c] (quoted in zsh: '[a,b,c]'); "
@@ -152,7 +157,7 @@ def setting_option(
     if setting.type is bool:
         flag = name.replace("_", "-")
         return click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_text)
-    item_type = click_type(setting.type)
+    item_type = click_type(setting.type, sweepable)
     return click.Option(
         [option_name(name), name], type=CommaList(item_type) if sweepable else item_type, default=None, help=help_text
     )

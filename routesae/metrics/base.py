@@ -119,10 +119,11 @@ class RunningMean(Metric):
         return {self.name: ratio(self.total, self.count)}
 
     def details(self) -> dict[str, Any]:
-        if not self.by_block:
+        routed = {block: sums for block, sums in sorted(self.by_block.items()) if sums[1]}  # blocks no token went to: none
+        if not routed:
             return {}
         return {f"{self.name}_by_routed_block": {
-            str(block): {"tokens": int(count), "mean": ratio(total, count)} for block, (total, count) in sorted(self.by_block.items())
+            str(block): {"tokens": int(count), "mean": total / count} for block, (total, count) in routed.items()
         }}
 
 
