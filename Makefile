@@ -72,8 +72,9 @@ bench: setup
 	$(PY) -m pytest benchmarks/test_architectures.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-architectures.json
 	$(PY) -m pytest benchmarks/test_scale.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-scale.json
 	$(PY) -m pytest benchmarks/test_plugin_speed.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-plugins.json
+	$(PY) -m pytest benchmarks/test_compare.py --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results-compare.json
 	$(PY) benchmarks/results_table.py benchmarks/results-throughput.json benchmarks/results-architectures.json benchmarks/results-scale.json \
-	  benchmarks/results-plugins.json
+	  benchmarks/results-plugins.json benchmarks/results-compare.json
 
 # The 1B readiness check on one GPU (benchmarks/gpu_check.py); on a lent GPU machine, which has no network,
 # run `make gpu-wheels` here first: .whl/ then travels with the working tree (it is git-ignored).

@@ -30,6 +30,7 @@ from routesae.architectures.codes import SparseCodes
 from routesae.architectures.topk import TopKConfig, TopKSAE, TopKSettings
 from routesae.cache import ActivationCache, CacheConfig, cache_activations
 from routesae.checkpoint import load, load_sae
+from routesae.compare import CompareConfig, compare
 from routesae.config import Config, setting
 from routesae.contexts import ContextsConfig, extract_contexts, read_contexts, render_context
 from routesae.data import Corpus, load_corpus
@@ -72,6 +73,7 @@ __all__ = [
     "Completion",
     "Config",
     "ConfigError",
+    "CompareConfig",
     "ContextsConfig",
     "Corpus",
     "Encoded",
@@ -117,6 +119,7 @@ __all__ = [
     "TrainingState",
     "__version__",
     "cache_activations",
+    "compare",
     "evaluate",
     "export_sae",
     "extract_contexts",

@@ -81,6 +81,10 @@ class CompareConfig(Config):
     min_share: float = setting(
         0.05, "Train TopK and fixed-router RouteSAEs at every block that gets at least this share of the hard router's tokens."
     )
+    metrics: tuple[str, ...] = setting(
+        ("kldiv", "normmse", "deltace", "l0", "dead_eval", "fvu", "cosine"),
+        "Metrics to evaluate (see `routesae plugins`); 'recovered' costs two more forwards per SAE and batch.",
+    )
     cache_dtype: CacheDtype = setting("bfloat16", "Storage dtype of the one activation cache the grid trains from (see `routesae cache`).")
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": "Evaluation of every SAE of the grid."})
     contexts: ContextsConfig = field(default_factory=ContextsConfig, metadata={"help": "Contexts of every SAE of the grid."})
@@ -234,17 +238,18 @@ def compare(
     *,
     overwrite: bool = False,
     reporters: Sequence[str] = ("console",),
+    lm: LanguageModel | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and compare the grid of :class:`CompareConfig` into ``out``; returns ``comparison.json``'s record.
 
     ``train_cfg`` gives the model, data and optimisation (its ``from_cache`` names an existing cache
-    to use instead of harvesting one into ``out/activations``).
+    to use instead of harvesting one into ``out/activations``); ``lm``: that model, already loaded.
 
     >>> compare("runs/controls", CompareConfig(k=(32,), seeds=(0, 1)), TrainConfig(tokens=650_000))
     """
     cfg, train_cfg, out = cfg or CompareConfig(), train_cfg or TrainConfig(), Path(out)
     with writing(out, "compare"):
-        return _Comparison(out, cfg, train_cfg, overwrite, list(reporters)).run()
+        return _Comparison(out, cfg, train_cfg, overwrite, list(reporters)).run(lm)
 
 
 class _Comparison:
@@ -259,15 +264,14 @@ class _Comparison:
         self.step += 1
         self.console.rule(f"compare {self.step}/{len(STEPS)}: {text}", align="left", style="bold")
 
-    def run(self) -> dict[str, Any]:
+    def run(self, lm: LanguageModel | None) -> dict[str, Any]:
         train_cfg = self.train_cfg
-        lm = None
         self.header(STEPS[0])
         if train_cfg.from_cache:
             cache = Path(train_cfg.from_cache)
             self.console.print(f"training from the cache {cache}", highlight=False)
         else:
-            lm = LanguageModel.load(train_cfg.model, device=train_cfg.resolved_device())
+            lm = lm or LanguageModel.load(train_cfg.model, device=train_cfg.resolved_device())
             first, last = self._range(lm.n_layers)
             cache = cache_activations(self.out / CACHE_DIR, self._cache_config(), range(first, last + 1), lm=lm,
                                       overwrite=self.overwrite)
@@ -294,8 +298,8 @@ class _Comparison:
 
         self.header(STEPS[3])
         lm = lm or LanguageModel.load(cached.model, device=cached.resolved_device())
-        evaluations = evaluate([self.out / ROUTED_RUN, self.out / BLOCKS_RUN], cfg=self.cfg.evaluate, lm=lm,
-                               reporters=self.reporters)
+        evaluations = evaluate([self.out / ROUTED_RUN, self.out / BLOCKS_RUN], list(self.cfg.metrics),
+                               cfg=self.cfg.evaluate, lm=lm, reporters=self.reporters)
 
         self.header(STEPS[4])
         features: dict[str, dict[str, int]] = {s.spec.name: {} for s in grid}

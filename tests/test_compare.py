@@ -1,7 +1,7 @@
 """``routesae compare`` (issue 14): one harvest feeds the whole grid, whose numbers are separate evaluations', with figures."""
 
-import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -113,6 +113,9 @@ def test_a_run_file_gives_the_grid(tiny_model_dir, text_corpus_dir, tmp_path):
     cfg = CompareConfig.from_dict(grid)
     assert train == {"tokens": 640} and cfg.k == (4,) and cfg.contexts.threshold == "p90"
     assert cfg.threshold_rules() == ["scaled", "p90"]
+    repo_file = Path(__file__).resolve().parents[1] / "experiments" / "routing-controls.toml"
+    train, grid = read_run_file(str(repo_file))
+    assert train["tokens"] == 650_000 and CompareConfig.from_dict(grid).k == (16, 32, 64)
     bad = tmp_path / "bad.toml"
     bad.write_text("[sae.x]\narch = 'topk'\n")
     result = CliRunner().invoke(make_cli(), ["compare", "--config", str(bad), "--out", str(tmp_path / "o")])
