@@ -93,3 +93,15 @@ def test_contexts_refuse_it_with_what_to_do_instead(trained):
     assert result.exit_code == 2
     assert "one activation per token and block" in result.output and "evaluate it (per block)" in result.output
     assert not (trained / "contexts.json").exists()
+
+
+def test_steering_clamps_the_latent_at_every_block(trained):
+    result = CliRunner().invoke(make_cli(), ["steer", str(trained), "--clamp", "3=+5", "--prompt", "The fox",
+                                             "--max-new-tokens", "2", "--no-chat", "--scale-tokens", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    sae, _ = load_sae(trained)
+    raw = torch.randn(5, 3, 16 * 4)
+    with torch.no_grad(), sae.edit_latents(lambda z: z.index_fill(1, torch.tensor([3]), 5.0)):
+        out = sae(raw)
+        reconstruction = sae.reconstruction(out)
+    assert (out.latents[:, 3] == 5.0).all() and sorted(reconstruction) == [0, 1, 2], "clamped in every (token, block) row"

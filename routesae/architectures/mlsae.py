@@ -13,8 +13,9 @@ asks whether one shared dictionary over the range is enough without routing.
 
 Evaluation splices it at one block at a time, as the paper does: :meth:`MLSAE.splice_views` gives, per
 block of the range, a TopK SAE on that block that shares these weights, and ``routesae evaluate``
-reports each block's metrics and their mean. Contexts and steering need one block per latent
-activation, so they take a view's block through ``evaluate`` only (they refuse the MLSAE as a whole).
+reports each block's metrics and their mean. Steering clamps a latent at every block of the range at
+once, as for a crosscoder (the decode of all blocks is :meth:`MLSAE.reconstruction`). Contexts rank one
+activation per token, and the MLSAE has one per token and block, so ``routesae contexts`` refuses it.
 """
 
 from __future__ import annotations
