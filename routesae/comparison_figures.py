@@ -20,16 +20,16 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from routesae.errors import RouteSAEError
 from routesae.files import atomic_write, read_json
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: `import routesae` (every CLI start) skips its 0.5 s
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 COMPARISON_FILE = "comparison.json"
 FIGURES_DIR = "figures"
@@ -137,6 +137,8 @@ def _ks(comparison: dict[str, Any]) -> list[int]:
 # -- the figures ----------------------------------------------------------------------------------------------
 def _new_figure(width: float, height: float) -> Figure:
     """A figure outside pyplot (no global state, no display; savefig renders with Agg or the SVG backend)."""
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -337,6 +339,8 @@ def _summed_density(histograms: list[Any]) -> tuple[np.ndarray, np.ndarray, floa
 
 def _log2_axis(ax: Axes) -> None:
     """A log2 x axis labelled 16, 32, 64 (k and L0 double along the grid), not 2^4 (math text is off)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -388,6 +392,8 @@ def figure_paths(out_dir: Path, name: str) -> list[Path]:
 
 def build_figures(comparison: dict[str, Any]) -> dict[str, Figure]:
     """Every figure that has data, by name, in FIGURES order (not yet saved)."""
+    import matplotlib
+
     figures = {}
     for spec in FIGURES:
         with matplotlib.rc_context(RC):
@@ -403,6 +409,8 @@ def write_figures(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     Returns the paths written. The SVG's ids are salted with the figure's name (the same each time, and
     different between figures, so several can sit inline in one page without clashing ids).
     """
+    import matplotlib
+
     out_dir = Path(out_dir)
     written: list[Path] = []
     figures = build_figures(comparison)

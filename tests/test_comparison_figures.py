@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -255,6 +257,13 @@ def test_inline_svg_keeps_the_drawing_and_drops_everything_that_runs_or_fetches(
         inline_svg("<html/>")
     with pytest.raises(Exception, match="not an SVG file"):
         inline_svg("<svg")
+
+
+def test_importing_routesae_does_not_import_matplotlib():
+    """Every CLI start imports routesae (and the report); matplotlib costs half a second and is needed only to draw."""
+    code = "import sys, routesae, routesae.report, routesae.comparison_figures; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # -- the report of a compare directory ------------------------------------------------------------------------------
