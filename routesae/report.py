@@ -29,6 +29,15 @@ from typing import Any
 import jinja2
 
 from routesae.checkpoint import read_sae_config
+from routesae.comparison_figures import (
+    COMPARISON_FILE,
+    FIGURES_DIR,
+    comparison_figures_for_report,
+    family_key,
+    mapping,
+    read_comparison,
+    threshold_rules,
+)
 from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
 from routesae.files import read_json, write_text
@@ -487,16 +496,80 @@ def _check_reportable(path: Path) -> bool:
     return is_run
 
 
+# -- a `routesae compare` directory: its runs side by side, then its figures and summary ---------------------------
+COMPARISON_COLUMNS = (("metrics", "kldiv", "KL"), ("metrics", "normmse", "NormMSE"), ("metrics", "l0", "L0"))
+
+
+def is_comparison(path: Path) -> bool:
+    """Whether ``path`` is what ``routesae compare`` writes: a ``comparison.json`` beside the runs it trained."""
+    return (path / COMPARISON_FILE).is_file() and not (path / MANIFEST_FILE).is_file() and not (path / CONFIG_FILE).is_file()
+
+
+def comparison_runs(directory: Path) -> list[Path]:
+    """The run directories inside a compare directory, in the order ``comparison.json`` names them (others after)."""
+    try:
+        named = [s.get("run") for s in read_comparison(directory / COMPARISON_FILE)["saes"] if isinstance(s, dict)]
+    except (RouteSAEError, OSError):
+        named = []  # the section says what is wrong with the file; the runs are still worth showing
+    order = {name: i for i, name in enumerate(dict.fromkeys(n for n in named if isinstance(n, str)))}
+    runs = [p for p in directory.iterdir() if (p / MANIFEST_FILE).is_file() and not (p / CONFIG_FILE).is_file()]
+    return sorted(runs, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+def _mean_std_text(entry: Any) -> str:
+    mean, std = mapping(entry).get("mean"), mapping(entry).get("std")
+    if not _finite(mean):
+        return "–"
+    return f"{mean:.4g} ± {std:.2g}" if _finite(std) else f"{mean:.4g}"
+
+
+def comparison_table(comparison: dict[str, Any]) -> dict[str, Any]:
+    """The summary as family × k rows of mean ± std over seeds: the metrics, then features per threshold rule."""
+    rules = threshold_rules(comparison)
+    columns = [*COMPARISON_COLUMNS, *(("features", rule, f"features ({rule})") for rule in rules)]
+    rows = []
+    summary = [r for r in comparison["summary"] if isinstance(r, dict) and isinstance(r.get("family"), str)]
+    for row in sorted(summary, key=lambda r: (family_key(r["family"]), r.get("k") if _finite(r.get("k")) else math.inf)):
+        cells = [{"column": name, "text": _mean_std_text(mapping(row.get(section)).get(name))} for section, name, _ in columns]
+        rows.append({"family": row["family"], "k": row.get("k"), "n": row.get("n"), "cells": cells})
+    return {"columns": [{"name": name, "label": label} for _, name, label in columns], "rows": rows}
+
+
+def comparison_section(directory: Path) -> dict[str, Any]:
+    """The Comparison section of a compare directory's report: its grid, summary table and figures, or notes that
+    say what is missing and which command makes it."""
+    stage = read_stage(directory / COMPARISON_FILE, read_comparison, _command("routesae", "compare"))
+    section: dict[str, Any] = {"directory": str(directory), "problem": stage if stage.data is None else None,
+                               "grid": mapping((stage.data or {}).get("grid")), "figures": [], "figures_problem": None}
+    if stage.data is None:
+        return section
+    section["table"] = comparison_table(stage.data)
+    redraw = _command("python", "-m", "routesae.comparison_figures", directory)
+    try:
+        section["figures"] = comparison_figures_for_report(directory)
+    except (RouteSAEError, OSError, UnicodeDecodeError) as e:
+        section["figures_problem"] = Stage(None, f"the figures cannot be shown ({e})", redraw)
+    else:
+        if not section["figures"]:
+            section["figures_problem"] = Stage(None, f"no figures in {directory / FIGURES_DIR}", redraw)
+    return section
+
+
 def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = DEFAULT_MAX_CARDS) -> str:
     """The report's HTML for run directories (all their SAEs) and SAE checkpoint directories, side by side.
 
-    The header describes the first one; the SAEs of all of them share the metric table and the curves.
+    The header describes the first one; the SAEs of all of them share the metric table and the curves. A compare
+    directory stands for the runs it holds, and when it comes first the page adds its Comparison section.
     """
     paths = _paths(paths)
     if max_cards < 0:
         raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
     if not paths:
         raise RouteSAEError("nothing to report: give at least one run or SAE directory")
+    comparison = comparison_section(paths[0]) if is_comparison(paths[0]) else None
+    paths = [run for path in paths for run in (comparison_runs(path) if is_comparison(path) else [path])]
+    if not paths:
+        raise RouteSAEError(f"{comparison['directory']} holds {COMPARISON_FILE} but no run directory to report")
     runs = [_check_reportable(path) for path in paths]
     saes: list[SAEFiles] = []
     steps: list[dict[str, Any]] = []
@@ -508,9 +581,13 @@ def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = 
         steps.extend(_training_steps(found, is_run))
     template = _environment().get_template("report.html.j2")
     first = paths[0]
+    head = header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:])
+    if comparison:  # the page is about the comparison; its runs' SAEs are listed below as usual
+        head |= {"name": Path(comparison["directory"]).resolve().name, "path": comparison["directory"]}
     return template.render(
-        header=header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:]),
+        header=head,
         metrics=metric_table(saes),
+        comparison=comparison,
         curves=training_curves(steps),
         saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
         script=FILTER_SCRIPT,
