@@ -119,9 +119,10 @@ def _stat(row: dict[str, Any], section: str, name: str) -> tuple[float, float] |
 
 
 def _mean_std(values: Iterable[Any]) -> tuple[float, float] | None:
-    """Mean and population std (ddof 0) of the finite values: per-SAE breakdowns have no summary row of their own."""
+    """Mean and sample std over seeds of the finite values (0 for one), as comparison.json's summary has them: for the
+    per-SAE breakdowns, which have no summary row of their own."""
     kept = [float(v) for v in values if finite(v)]
-    return (float(np.mean(kept)), float(np.std(kept))) if kept else None
+    return (float(np.mean(kept)), float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0) if kept else None
 
 
 def _saes(comparison: dict[str, Any], family: str, k: Any) -> list[dict[str, Any]]:

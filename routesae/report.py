@@ -538,7 +538,7 @@ def comparison_table(comparison: dict[str, Any]) -> dict[str, Any]:
 def comparison_section(directory: Path) -> dict[str, Any]:
     """The Comparison section of a compare directory's report: its grid, summary table and figures, or notes that
     say what is missing and which command makes it."""
-    stage = read_stage(directory / COMPARISON_FILE, read_comparison, _command("routesae", "compare"))
+    stage = read_stage(directory / COMPARISON_FILE, read_comparison, _command("routesae", "compare", "--out", directory))
     section: dict[str, Any] = {"directory": str(directory), "problem": stage if stage.data is None else None,
                                "grid": mapping((stage.data or {}).get("grid")), "figures": [], "figures_problem": None}
     if stage.data is None:

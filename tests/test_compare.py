@@ -59,7 +59,7 @@ def test_its_numbers_are_those_of_a_separate_evaluation(compared):
     out, _, _ = compared
     comparison = read_json(out / COMPARISON_FILE)
     chosen = [next(r for r in comparison["saes"] if r["family"] == family) for family in ("routesae", "mlsae", "topk@2")]
-    alone = evaluate([out / r["run"] / r["name"] for r in chosen], tokens=128, reporters=())
+    alone = evaluate([out / r["run"] / r["name"] for r in chosen], list(CompareConfig().metrics), tokens=128, reporters=())
     for r in chosen:
         separate = alone[str(out / r["run"] / r["name"])]["metrics"]
         assert r["metrics"].keys() == separate.keys()
@@ -129,3 +129,13 @@ def test_bad_grids_are_refused_before_anything_runs():
         CompareConfig(min_share=0)
     with pytest.raises(ConfigError, match="A:B"):
         CompareConfig(layers="5")
+
+
+def test_its_report_shows_the_figures_beside_every_sae(compared):
+    out, _, _ = compared
+    result = CliRunner().invoke(make_cli(), ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert "Comparison" in page and page.count("<svg") >= 6
+    comparison = read_json(out / COMPARISON_FILE)
+    assert all(r["name"] in page for r in comparison["saes"])

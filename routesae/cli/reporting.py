@@ -43,7 +43,8 @@ def make_report_command(pm: PluginManager) -> click.Command:
         callback=callback,
         params=params,
         help_text="Write a self-contained HTML report of run or SAE directories (routesae's or SAELens's), side by side: "
-        "metrics, routing histogram, contexts and interpretations of each SAE.",
+        "metrics, routing histogram, contexts and interpretations of each SAE; a `routesae compare` directory adds its "
+        "figures and summary.",
         example='routesae report runs/demo',
     )
 
