@@ -208,7 +208,7 @@ def test_routing_histogram_has_one_bar_per_routed_block(run, report):
     for bar, count in zip(bars, counts.values()):
         assert float(bar.attrs["data-share"]) == pytest.approx(count / total)
         assert f"{count / total:.1%}" in bar.find("title").text()
-    assert not sae_section(dom, XSS_NAME).find_all("svg")  # a TopK has no routing
+    assert not sae_section(dom, XSS_NAME).find_all("svg", "histogram")  # a TopK has no routing
 
 
 def test_cards_show_interpreted_latents_by_score_then_others_with_marked_tokens(run, report):
@@ -344,7 +344,8 @@ def test_write_is_atomic_and_errors_are_clear(run, tmp_path):
     with pytest.raises(RouteSAEError, match="max-cards"):
         write_report(run["dir"], out, max_cards=-1)
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "r.html"]  # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "r-latents", "r.html"]  # no temporary files left behind
+    assert all(p.name.startswith("sae-") and p.suffix == ".html" for p in (tmp_path / "r-latents").iterdir())
 
 
 def test_cli_writes_the_report_and_says_where(run, tmp_path):
