@@ -36,6 +36,7 @@ Edit = Callable[[Tensor], Tensor]
 """Maps a block's output ``[B, T, D]`` to the tensor the rest of the forward uses instead."""
 
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
+GAIN_OFFSET_MODELS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})  # RMSNorm scales by 1 + weight
 LAYER_CONVENTION = (
     "0-based block index; block i's output = HF hidden_states[i+1] "
     "(the last block's HF hidden state is after the final norm and differs)"
@@ -272,6 +273,23 @@ class LanguageModel:
     def _forward_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.no_grad():
             return self.bridge(input_ids, attention_mask=attention_mask, return_type="logits")
+
+    def unembedding(self) -> Tensor:
+        """``W_U`` ``[D, V]``, the unembedding from the (final-normed) residual stream to logits, a view of the model's
+        weight. A bias, where a model has one, is left out: it is the same whatever the residual stream holds."""
+        return self.bridge.unembed.original_component.weight.T
+
+    def final_norm_gain(self) -> Tensor | None:
+        """The final norm's elementwise gain ``[D]`` (RMSNorm's or LayerNorm's weight), or None for a norm without one.
+
+        Gemma's RMSNorm multiplies by ``1 + weight``; that offset is applied here, so callers get the gain itself.
+        """
+        norm = self.bridge.ln_final.original_component
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, Tensor):
+            return None
+        offset = self.bridge.original_model.config.model_type in GAIN_OFFSET_MODELS
+        return weight + 1 if offset else weight
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool):

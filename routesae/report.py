@@ -7,6 +7,17 @@ resource) so it can be mailed, archived with the run or opened from disk anywher
 Content-Security-Policy allows only the one inline script it ships (a filter over the latent cards,
 by its hash), so even an escaping bug could not run script.
 
+Latent cards show, beside the contexts, each latent's dashboard from ``contexts.json`` (format 2):
+its firing frequency, a small inline SVG histogram of its positive activations and its logit lens
+(the tokens its direction promotes and suppresses); a card from an older file simply lacks them.
+Scale: the report keeps at most ``max_cards`` uninterpreted cards per SAE inline and links to
+per-SAE latent pages beside it (``report-latents/sae-<i>-<page>.html``, ``CARDS_PER_PAGE`` cards
+each, every kept or interpreted latent in id order) rather than putting 4,096 cards in one page:
+pages of a few hundred cards load at once where one 20 MB page does not, and no page needs script
+to show them (``<details>`` sections would still ship every card in one file). Measured on a
+synthetic 4,096-latent SAE (full contexts, lens and histogram per latent): the report is 117 kB, each of
+its 16 latent pages 1.15 MB, where one page of every card would be 18 MB.
+
 Everything taken from the data (SAE names, token texts, explanations, model answers) reaches the
 page only through jinja2 with autoescaping on. A stage that has not run, or whose file cannot be
 read, becomes a note telling which command produces it: a report is most useful while a run is
@@ -20,6 +31,7 @@ import hashlib
 import json
 import math
 import shlex
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +52,7 @@ from routesae.comparison_figures import (
 )
 from routesae.contexts import contexts_fingerprint, read_contexts
 from routesae.errors import RouteSAEError
-from routesae.files import read_json, write_text
+from routesae.files import read_json, remove_orphans, write_text
 from routesae.interop.saelens import SAELENS_CONFIG
 from routesae.interop.saelens_read import is_saelens_dir
 from routesae.interpret import FORMAT as INTERPRETATIONS_FORMAT
@@ -64,6 +76,9 @@ from routesae.version import __version__
 
 DEFAULT_MAX_CARDS = 24
 CONTEXTS_PER_CARD = 5
+CARDS_PER_PAGE = 256  # latent cards per page of an SAE's latent pages
+PAGES_SUFFIX = "-latents"  # report.html's latent pages go in report-latents/
+HISTOGRAM_WIDTH, HISTOGRAM_HEIGHT, HISTOGRAM_LABELS = 128, 42, 10  # a card's activation histogram, px
 WEAK_JUDGE = 0.5  # an interpreter whose answers are unreadable this often is called out, not shown as scores
 # The page's one script: a filter over the latent cards. The Content-Security-Policy allows exactly this text (its
 # hash), so nothing else can run; it only reads text and toggles visibility, never writes markup.
@@ -291,6 +306,35 @@ def _context_meta(context: dict[str, Any]) -> dict[str, Any]:
     return {"activation": context.get("activation"), "layer": context.get("layer")}
 
 
+def activation_histogram(histogram: Any) -> dict[str, Any] | None:
+    """Bar geometry of a latent's activation histogram (``contexts.json``'s ``{bin_width, counts}``) as one SVG path."""
+    if not isinstance(histogram, dict):
+        return None
+    counts, width = histogram.get("counts"), histogram.get("bin_width")
+    if not (isinstance(counts, list) and counts and all(_finite(c) and c >= 0 for c in counts) and _finite(width)):
+        return None
+    peak = max(counts)
+    if peak <= 0:
+        return None
+    bar, plot = HISTOGRAM_WIDTH / len(counts), HISTOGRAM_HEIGHT - HISTOGRAM_LABELS
+    path = "".join(
+        f"M{i * bar:.4g} {plot}v-{max(plot * c / peak, 0.5):.3g}h{bar:.4g}V{plot}z" for i, c in enumerate(counts) if c
+    )
+    return {"width": HISTOGRAM_WIDTH, "height": HISTOGRAM_HEIGHT, "path": path, "bins": len(counts),
+            "total": sum(counts), "bin_width": width, "top": width * len(counts)}
+
+
+def _lens_tokens(entries: Any) -> list[dict[str, Any]]:
+    """A logit-lens list (``[{token, id, logit}]``) as the card shows it; anything malformed is left out."""
+    if not isinstance(entries, list):
+        return []
+    return [{"token": str(e.get("token", "")), "logit": e.get("logit")} for e in entries if isinstance(e, dict)]
+
+
+def _frequency_text(frequency: Any) -> str | None:
+    return f"{100 * frequency:.3g}%" if _finite(frequency) else None
+
+
 def _card(latent_id: str, kept: dict[str, Any] | None, interpretation: dict[str, Any] | None) -> dict[str, Any]:
     contexts = []
     for token_class, items in (kept or {}).get("classes", {}).items():
@@ -316,6 +360,12 @@ def _card(latent_id: str, kept: dict[str, Any] | None, interpretation: dict[str,
         "classes": len((kept or {}).get("classes", {})),
         "contexts": contexts[:CONTEXTS_PER_CARD],
         "kept": kept is not None,
+        "firings": (kept or {}).get("firings"),
+        "frequency": (kept or {}).get("frequency") if _finite((kept or {}).get("frequency")) else None,
+        "frequency_text": _frequency_text((kept or {}).get("frequency")),
+        "histogram": activation_histogram((kept or {}).get("histogram")),
+        "promoted": _lens_tokens(((kept or {}).get("logit_lens") or {}).get("promoted")),
+        "suppressed": _lens_tokens(((kept or {}).get("logit_lens") or {}).get("suppressed")),
     }
 
 
@@ -339,6 +389,16 @@ def latent_cards(contexts: dict[str, Any] | None, interpretations: dict[str, Any
     return cards + [_card(i, kept[i], None) for i in others[:max_cards]]
 
 
+def page_latents(contexts: dict[str, Any] | None, interpretations: dict[str, Any] | None) -> list[str]:
+    """Every latent with a card on the latent pages: kept or interpreted, in id order."""
+    ids = {*(contexts or {}).get("latents", {}), *(interpretations or {}).get("latents", {})}
+    return sorted(ids, key=lambda i: (_latent_order(i), i))
+
+
+def _page_href(pages_dir: str, index: int, page: int) -> str:
+    return f"{urllib.parse.quote(pages_dir)}/sae-{index}-{page}.html"
+
+
 def _number(value: Any) -> float:
     return value if _finite(value) else -math.inf
 
@@ -357,11 +417,18 @@ def _interpretation_notes(files: SAEFiles) -> list[Stage]:
     return []
 
 
-def sae_section(files: SAEFiles, index: int, max_cards: int) -> dict[str, Any]:
+def sae_section(files: SAEFiles, index: int, max_cards: int, pages_dir: str | None = None) -> dict[str, Any]:
+    """What the template shows of one SAE; with ``pages_dir`` (relative to the report) its cards link to latent pages."""
     config = files.config
     contexts, interpretations = files.contexts.data, files.interpretations.data
     layers = config.get("layers", [])
+    latents = page_latents(contexts, interpretations) if pages_dir is not None else []
+    chunks = [latents[i : i + CARDS_PER_PAGE] for i in range(0, len(latents), CARDS_PER_PAGE)]
     return {
+        "pages": [{"href": _page_href(pages_dir or "", index, p + 1), "label": f"{chunk[0]}–{chunk[-1]}", "latents": chunk}
+                  for p, chunk in enumerate(chunks)],
+        "page_cards": len(latents),
+        "cards_per_page": CARDS_PER_PAGE,
         "name": files.name,
         "anchor": f"sae-{index}",
         "directory": str(files.directory),
@@ -560,7 +627,14 @@ def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = 
 
     The header describes the first one; the SAEs of all of them share the metric table and the curves. A compare
     directory stands for the runs it holds, and when it comes first the page adds its Comparison section.
+    Its links to latent pages point where :func:`write_report` writes them beside ``report.html``.
     """
+    return _render(paths, max_cards, REPORT_FILE)[0]
+
+
+def _render(paths: Path | str | Sequence[Path | str], max_cards: int, report_name: str) -> tuple[str, dict[str, str]]:
+    """(the report's HTML, ``{path relative to the report: HTML}`` of its latent pages) for a report named
+    ``report_name``."""
     paths = _paths(paths)
     if max_cards < 0:
         raise RouteSAEError(f"max-cards must be 0 or more, got {max_cards}")
@@ -579,20 +653,35 @@ def render_report(paths: Path | str | Sequence[Path | str], *, max_cards: int = 
         seen.update(f.directory.resolve() for f in found)
         saes.extend(found)
         steps.extend(_training_steps(found, is_run))
-    template = _environment().get_template("report.html.j2")
+    env = _environment()
     first = paths[0]
+    pages_dir = Path(report_name).stem + PAGES_SUFFIX
+    sections = [sae_section(s, i, max_cards, pages_dir) for i, s in enumerate(saes)]
     head = header(first, saes, read_json(first / MANIFEST_FILE) if runs[0] else None, others=paths[1:])
     if comparison:  # the page is about the comparison; its runs' SAEs are listed below as usual
         head |= {"name": Path(comparison["directory"]).resolve().name, "path": comparison["directory"]}
-    return template.render(
+    script_hash = base64.b64encode(hashlib.sha256(FILTER_SCRIPT.encode()).digest()).decode()
+    html = env.get_template("report.html.j2").render(
         header=head,
         metrics=metric_table(saes),
         comparison=comparison,
         curves=training_curves(steps),
-        saes=[sae_section(s, i, max_cards) for i, s in enumerate(saes)],
+        saes=sections,
         script=FILTER_SCRIPT,
-        script_hash=base64.b64encode(hashlib.sha256(FILTER_SCRIPT.encode()).digest()).decode(),
+        script_hash=script_hash,
     )
+    pages = {}
+    page_template = env.get_template("latents.html.j2")
+    for files, section in zip(saes, sections):
+        kept = (files.contexts.data or {}).get("latents", {})
+        interpreted = (files.interpretations.data or {}).get("latents", {})
+        for number, page in enumerate(section["pages"], 1):
+            pages[page["href"].removeprefix(urllib.parse.quote(pages_dir) + "/")] = page_template.render(
+                header=head, sae=section, page=page, number=number, report=f"../{urllib.parse.quote(report_name)}",
+                cards=[_card(i, kept.get(i), interpreted.get(i)) for i in page["latents"]],
+                script=FILTER_SCRIPT, script_hash=script_hash,
+            )
+    return html, pages
 
 
 def write_report(
@@ -613,5 +702,14 @@ def write_report(
     if target.is_dir():
         raise RouteSAEError(f"--out {target} is a directory; give a file name such as {target / REPORT_FILE}")
     with writing_files([target.parent], "report", [target.name]):
-        write_text(target, render_report(paths, max_cards=max_cards))
+        html, pages = _render(paths, max_cards, target.name)
+        pages_dir = target.parent / (target.stem + PAGES_SUFFIX)
+        if pages_dir.is_dir():  # a page an earlier report wrote and this one does not is stale
+            remove_orphans(pages_dir, pages)
+            for old in pages_dir.glob("sae-*.html"):
+                if old.name not in pages:
+                    old.unlink()
+        for name, page in pages.items():
+            write_text(pages_dir / name, page)
+        write_text(target, html)
     return target

@@ -180,7 +180,7 @@ def test_window_tokens_join_to_the_decoded_text_even_when_characters_split(lm):
 def test_the_file_has_the_agreed_schema(extracted, run, lm, blocks):
     record = read_contexts(run / NAMES[0])
     assert record == json.loads((run / NAMES[0] / "contexts.json").read_text()) == extracted[str(run / NAMES[0])]
-    assert record["format"] == "routesae.contexts" and record["format_version"] == 1
+    assert record["format"] == "routesae.contexts" and record["format_version"] == 2
     assert record["sae"] == NAMES[0] and record["architecture"] == "topk" and record["latent_size"] == 64
     assert record["model"] == str(lm.spec)
     s = record["settings"]
@@ -196,6 +196,8 @@ def test_the_file_has_the_agreed_schema(extracted, run, lm, blocks):
         assert isinstance(r["activations"], int) and r["max_activation"] > THRESHOLD
         assert list(r["classes"]) == sorted(r["classes"])
         assert all(isinstance(p, int) for p in r["non_activating"])
+        assert isinstance(r["firings"], int) and r["firings"] >= r["activations"]
+        assert set(r["histogram"]) == {"bin_width", "counts"} and set(r["logit_lens"]) == {"promoted", "suppressed"}
     assert len(record["pool"]) == 20
     for latent, _, c in all_contexts(record):
         assert set(c) == {"tokens", "index", "activation", "layer", "document", "position"}

@@ -143,6 +143,8 @@ def make_hostile(contexts_path: Path) -> tuple[str, str]:
     context["tokens"] = [XSS_TEXT, " ", XSS_SCRIPT, XSS_ATTR, " end"]
     context["index"] = 2
     context["activation"] = latent["max_activation"] + 1.0  # shown first on its card
+    latent["logit_lens"]["promoted"][0]["token"] = XSS_ATTR
+    latent["logit_lens"]["suppressed"][0]["token"] = XSS_SCRIPT
     write_json(contexts_path, contexts)
     return latent_id, XSS_SCRIPT
 
@@ -208,7 +210,7 @@ def test_routing_histogram_has_one_bar_per_routed_block(run, report):
     for bar, count in zip(bars, counts.values()):
         assert float(bar.attrs["data-share"]) == pytest.approx(count / total)
         assert f"{count / total:.1%}" in bar.find("title").text()
-    assert not sae_section(dom, XSS_NAME).find_all("svg")  # a TopK has no routing
+    assert not sae_section(dom, XSS_NAME).find_all("svg", "histogram")  # a TopK has no routing
 
 
 def test_cards_show_interpreted_latents_by_score_then_others_with_marked_tokens(run, report):
@@ -344,7 +346,8 @@ def test_write_is_atomic_and_errors_are_clear(run, tmp_path):
     with pytest.raises(RouteSAEError, match="max-cards"):
         write_report(run["dir"], out, max_cards=-1)
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "r.html"]  # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "r-latents", "r.html"]  # no temporary files left behind
+    assert all(p.name.startswith("sae-") and p.suffix == ".html" for p in (tmp_path / "r-latents").iterdir())
 
 
 def test_cli_writes_the_report_and_says_where(run, tmp_path):
@@ -485,3 +488,109 @@ def test_training_curves_steering_and_a_weak_judge(tmp_path, tiny_model_dir, tex
     row = section.find("table", "steering").find("tbody").find("tr")
     assert "3=+5" in row.text() and "The fox" in row.text()
     assert all("block" not in act.text() for act in section.find_all("span", "act")), "one block: not repeated per context"
+
+
+# -- latent dashboards: frequency, activation histogram, logit lens; the per-SAE latent pages -------------------------
+def test_cards_show_frequency_histogram_and_logit_lens(run, report):
+    _, dom = report
+    contexts = read_json(run["routesae"] / "contexts.json")
+    cards = [c for c in sae_section(dom, run["routesae"].name).find_all("article", "card")
+             if c.attrs["data-latent"] in contexts["latents"]]
+    assert cards
+    for card in cards:
+        latent = contexts["latents"][card.attrs["data-latent"]]
+        frequency = card.find("span", "frequency")
+        assert frequency.text() == f"fires on {100 * latent['frequency']:.3g}% of tokens"
+        assert int(frequency.attrs["data-firings"]) == latent["firings"] == sum(latent["histogram"]["counts"])
+        svg = card.find("svg", "act-hist")
+        assert int(svg.attrs["data-total"]) == latent["firings"] and int(svg.attrs["data-bins"]) == len(latent["histogram"]["counts"])
+        assert svg.find("path").attrs["d"].count("M") == sum(1 for c in latent["histogram"]["counts"] if c)
+        for kind in ("promoted", "suppressed"):
+            shown = [t.text() for t in card.find("div", kind).find_all("code", "tok")]
+            assert shown == [t["token"] for t in latent["logit_lens"][kind]]
+
+
+def test_an_older_contexts_file_without_dashboards_still_renders(run, tmp_path):
+    lone = tmp_path / "lone"
+    shutil.copytree(run["topk"], lone)
+    contexts = read_json(lone / "contexts.json")
+    contexts["format_version"] = 1
+    for key in ("counted_tokens", "logit_lens"):
+        del contexts[key]
+    for latent in contexts["latents"].values():
+        for key in ("firings", "frequency", "histogram", "logit_lens"):
+            del latent[key]
+    write_json(lone / "contexts.json", contexts)
+    dom = parse(write_report(lone).read_text(encoding="utf-8"))
+    cards = dom.find_all("article", "card")
+    assert cards and all(card.find_all("li", "context") for card in cards)
+    assert not dom.find_all("div", "dash") and not dom.find_all("svg", "act-hist")
+    assert dom.find("p", "latent-pages"), "the latent pages exist for an older file too"
+
+
+def test_dashboards_and_latent_pages_in_chromium(run, report, browser):
+    path, _ = report
+    contexts = read_json(run["routesae"] / "contexts.json")
+    page = browser.open(path)
+    latent = next(i for i in contexts["latents"] if page.evaluate(f"!!document.querySelector('#sae-0-latent-{i}')"))
+    card = f"document.querySelector('#sae-0-latent-{latent}')"
+    record = contexts["latents"][latent]
+    for kind in ("promoted", "suppressed"):
+        tokens = page.evaluate(f"[...{card}.querySelectorAll('.lens.{kind} code.tok')].map(t => t.textContent)")
+        assert tokens == [t["token"] for t in record["logit_lens"][kind]]
+    assert page.evaluate(f"{card}.querySelector('.frequency').textContent") == f"fires on {100 * record['frequency']:.3g}% of tokens"
+    box = page.evaluate(f"(b => [b.width, b.height])({card}.querySelector('svg.act-hist path').getBBox())")
+    assert box[0] > 0 and box[1] > 0, "the histogram's bars are drawn"
+    assert page.evaluate("document.querySelectorAll('img, iframe, object, embed').length") == 0
+    links = page.evaluate("[...document.querySelectorAll('#sae-0 p.latent-pages a')].map(a => a.href)")
+    assert links, "the report links to the SAE's latent pages"
+    latent_page = browser.open(links[0])
+    assert latent_page.errors == [], latent_page.console
+    assert latent_page.requests == [links[0]], "a latent page fetches nothing but itself"
+    assert latent_page.evaluate("window.__xss === undefined")
+    assert latent_page.evaluate("[...document.scripts].map(s => s.textContent.trim())") == [FILTER_SCRIPT.strip()]
+    ids = latent_page.evaluate("[...document.querySelectorAll('article.card')].map(c => c.dataset.latent)")
+    every = sorted({*contexts["latents"], *read_json(run["routesae"] / "interpretations.json")["latents"]}, key=int)
+    assert ids == every[: len(ids)] and len(ids) == min(len(every), 256)
+    tokens = latent_page.evaluate(f"[...document.querySelectorAll('#sae-0-latent-{latent} .lens.promoted code.tok')].map(t => t.textContent)")
+    assert tokens == [t["token"] for t in record["logit_lens"]["promoted"]]
+    back = latent_page.evaluate("document.querySelector('a.back').href")
+    assert back == path.resolve().as_uri() + "#sae-0"
+    hostile, _ = run["hostile"]
+    text = latent_page.evaluate(f"document.querySelector('#sae-0-latent-{hostile}').textContent")
+    assert XSS_ATTR in text and XSS_SCRIPT in text
+
+
+def synthetic_contexts(template: dict, latents: int) -> dict:
+    """A contexts.json holding ``latents`` kept latents, each as full as the defaults make them: 10 shown contexts of
+    64 tokens, 5 held out, 5 negatives, a 32-bin histogram and 10 promoted and suppressed tokens."""
+    context = {"tokens": [" word"] * 64, "index": 32, "activation": 3.0, "layer": 2, "document": 7, "position": 40}
+    lens = [{"token": f" token{i}", "id": i, "logit": 0.5} for i in range(10)]
+    records = {}
+    for latent in range(latents):
+        records[str(latent)] = {
+            "activations": 100, "max_activation": 3.0 + latent / latents,
+            "classes": {f"class{c}": [context, context] for c in range(5)}, "held_out": [context] * 5,
+            "non_activating": [0, 1, 2, 3, 4], "firings": 400, "frequency": 0.004,
+            "histogram": {"bin_width": 0.125, "counts": list(range(1, 33))},
+            "logit_lens": {"promoted": lens, "suppressed": lens},
+        }
+    return {**template, "latent_size": latents, "interpretable_latents": latents, "latents": records}
+
+
+def test_a_4096_latent_sae_keeps_every_page_small(run, tmp_path):
+    lone = tmp_path / "wide"
+    shutil.copytree(run["topk"], lone, ignore=shutil.ignore_patterns("interpretations.json", "report*"))
+    write_json(lone / "contexts.json", synthetic_contexts(read_json(run["topk"] / "contexts.json"), 4096))
+    path = write_report(lone)
+    pages = sorted((lone / "report-latents").iterdir())
+    sizes = {p.name: p.stat().st_size for p in [path, *pages]}
+    assert path.stat().st_size < 300_000, sizes  # 117 kB measured: the inline cards only
+    assert len(pages) == 4096 // 256 and max(sizes.values()) < 1_500_000, sizes  # 1.15 MB each (all 4,096: 18 MB)
+    cards = sum(len(parse(p.read_text(encoding="utf-8")).find_all("article", "card")) for p in pages)
+    assert cards == 4096
+    dom = parse(path.read_text(encoding="utf-8"))
+    assert len(dom.find_all("article", "card")) == 24 and len(dom.find("p", "latent-pages").find_all("a")) == 16
+    write_json(lone / "contexts.json", synthetic_contexts(read_json(run["topk"] / "contexts.json"), 300))
+    write_report(lone)
+    assert len(list((lone / "report-latents").iterdir())) == 2, "pages an earlier report wrote and this one does not go"

@@ -502,6 +502,25 @@ class SAE(nn.Module):
         """Parameters ``[F, D]`` whose rows are latents' output directions (kept at unit norm)."""
         return []
 
+    def latent_directions(self) -> Tensor | None:
+        """``[F, D]``: each latent's output direction in the residual stream, for the logit lens; None when it has none.
+
+        Directions live in the SAE's (per-token standardised) input space, so in the residual stream they hold up to
+        each token's scale: a direction, not a vector. Default: the first of :meth:`decoder_directions` — its rows as
+        they are when it is ``[F, D]`` (single-layer SAEs, RouteSAE's inner SAE), the last block it reads when it is
+        ``[F, L, D]`` (a crosscoder: the block nearest the unembedding); None for any other shape.
+        """
+        directions = self.decoder_directions()
+        if not directions:
+            return None
+        W = directions[0]
+        F, D = self.cfg.latent_size, self.d_model
+        if W.shape == (F, D):
+            return W
+        if W.ndim == 3 and W.shape[0] == F and W.shape[2] == D:
+            return W[:, -1]
+        return None
+
     def statistics(self) -> dict[str, Any]:
         """JSON-able training statistics for the checkpoint and reporters.
 

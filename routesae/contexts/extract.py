@@ -11,7 +11,9 @@ with tensor ops and merged into running top-N tables (:mod:`routesae.contexts.to
 - per pool window (random sentences of the split, chosen before the pass), the maximum activation
   of every latent, so ``non_activating`` can list windows where a latent never fires.
 
-Text is built only at the end, for the contexts written out. Latents are those of the SAE's own
+Text is built only at the end, for the contexts written out. Each latent's dashboard — its firing
+frequency, a histogram of its positive activations, and its logit lens — is gathered in the same pass
+(:mod:`routesae.contexts.dashboard`). Latents are those of the SAE's own
 input, as in training (``sae(acts).latents``): for RouteSAE the routed (p-scaled) vector, whose
 block — the router's argmax — is recorded with each context.
 
@@ -52,6 +54,7 @@ from routesae.activations import training_positions
 from routesae.architectures.base import SAE, Inference, SAEOutput
 from routesae.checkpoint import load_sae, read_sae_config
 from routesae.config import setting
+from routesae.contexts.dashboard import FiringHistogram, LogitLens
 from routesae.contexts.schema import FORMAT, FORMAT_VERSION
 from routesae.contexts.topn import TopN
 from routesae.contexts.windows import Vocabulary, crop, sentence_bounds, window_tokens
@@ -128,6 +131,10 @@ class ContextsConfig(StageConfig):
     infer_k: int | None = infer_k_setting("every SAE")
     theta: float | None = theta_setting("every SAE")
     seed: int = setting(0, "Seed of the held-out sample and the pool.")
+    logit_lens: int = setting(
+        10, "Tokens each kept latent's direction promotes (and suppresses) most through the final norm's gain and the "
+        "unembedding, for the report's logit lens (0: none).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,7 +145,7 @@ class ContextsConfig(StageConfig):
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
-        for name in ("max_classes", "min_contexts", "held_out", "pool"):
+        for name in ("max_classes", "min_contexts", "held_out", "pool", "logit_lens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens <= 0:
@@ -187,10 +194,12 @@ class Extraction:
         self.max_activation = torch.full((self.F,), -math.inf, device=device)
         self.overflow = torch.zeros(self.F, dtype=torch.bool, device=device)
         self.pool_max = torch.full((n_pool, self.F), -math.inf, device=device)
+        self.histogram = FiringHistogram(self.F, device)
 
     def reduce(self, ranks: Ranks, T: int) -> None:
         """Combine every rank's tables into this one's (under ``torchrun``): what one process reading all batches holds."""
         ranks.sum_([self.hits])
+        self.histogram.reduce(ranks)
         for maxima in (self.max_activation, self.overflow, self.pool_max):
             ranks.max_(maxima)
         for table in (self.top, self.sample):
@@ -220,6 +229,7 @@ class Extraction:
             out = self.sae(acts_BTLD[:, :, slots].reshape(B * T, len(slots), -1))
         z_NF = out.latents
         counted_N = (training_positions(mask_BT, self.keep_bos) & ~tables.special[ids_BT]).reshape(-1)
+        self.histogram.update(z_NF, counted_N)
         n, f = ((z_NF > self.threshold) & counted_N[:, None]).nonzero(as_tuple=True)
         activation = z_NF[n, f]
         self.hits += torch.bincount(f, minlength=self.F)
@@ -334,8 +344,9 @@ def _extract(
     recorded = {**cfg.request(), "tokens": n_tokens, "data": data}
     results = {}
     console = Console(stderr=True)
+    lens = LogitLens(lm, vocab.texts, cfg.logit_lens)
     for e in extractions:
-        record = _record(e, recorded, ids_BT, start_BT, end_BT, pool_windows, lm.tokenizer, vocab)
+        record = _record(e, recorded, ids_BT, start_BT, end_BT, pool_windows, lm.tokenizer, vocab, lens)
         results[str(e.directory)] = record
         if ranks.writes:
             write_json(e.directory / CONTEXTS_FILE, record)
@@ -403,7 +414,7 @@ def _pass(lm: LanguageModel, extractions: list[Extraction], ids_BT: Tensor, mask
 
 
 def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: Tensor, end_BT: Tensor,
-            pool_windows: Tensor, tokenizer: Any, vocab: Vocabulary) -> dict[str, Any]:
+            pool_windows: Tensor, tokenizer: Any, vocab: Vocabulary, lens: LogitLens) -> dict[str, Any]:
     top = {k: v.cpu() for k, v in e.top.rows.items()}
     top_latent = e.top.group.cpu() // e.n_classes
     top_class = e.top.group.cpu() % e.n_classes
@@ -433,13 +444,19 @@ def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: T
         pool_windows.tolist())]
 
     latents: dict[str, Any] = {}
-    for latent in kept.nonzero().squeeze(1).tolist():
+    kept_ids = kept.nonzero().squeeze(1).tolist()
+    firing = e.histogram.records(kept_ids)
+    lens_setting, directions = lens.setting(e.sae)
+    logit_lens = lens.tokens(directions, kept_ids) if directions is not None else {}
+    for latent in kept_ids:
         latents[str(latent)] = {
             "activations": int(e.hits[latent]),
             "max_activation": float(e.max_activation[latent]),
             "classes": {},
             "held_out": [],
             "non_activating": _non_activating(e, latent),
+            **firing[latent],
+            "logit_lens": logit_lens.get(latent),
         }
     n_shown = int(in_kept.sum())
     for context, latent, cls in zip(contexts[:n_shown], top_latent[in_kept].tolist(), top_class[in_kept].tolist()):
@@ -459,6 +476,8 @@ def _record(e: Extraction, recorded: dict[str, Any], ids_BT: Tensor, start_BT: T
         "latent_size": e.F,
         "settings": {**recorded, "threshold": e.threshold, "threshold_rule": e.cfg.threshold},
         "hits": int(e.hits.sum()),
+        "counted_tokens": int(e.histogram.tokens.sum()),
+        "logit_lens": lens_setting,
         "interpretable_latents": len(latents),
         "latents": latents,
         "pool": pool,

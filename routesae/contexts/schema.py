@@ -15,7 +15,8 @@ from routesae.files import read_json
 from routesae.rundir import CONTEXTS_FILE
 
 FORMAT = "routesae.contexts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks the dashboard fields (firings, frequency, histogram, logit_lens)
 TOP_KEYS = ("sae", "architecture", "model", "latent_size", "settings", "interpretable_latents", "latents", "pool")
 LATENT_KEYS = ("activations", "max_activation", "classes", "held_out", "non_activating")
 CONTEXT_KEYS = ("tokens", "index", "activation", "layer", "document", "position")
@@ -45,10 +46,10 @@ def read_contexts(path: Path | str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise RouteSAEError(f"{path} is not a routesae contexts file (format {found!r}, expected {FORMAT!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS:
         raise RouteSAEError(
-            f"{path} has contexts format version {data.get('format_version')!r}; this routesae reads version "
-            f"{FORMAT_VERSION}. Re-run `routesae contexts {path.parent}`"
+            f"{path} has contexts format version {data.get('format_version')!r}; this routesae reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Re-run `routesae contexts {path.parent}`"
         )
     _require(data, TOP_KEYS, path, "the file")
     for latent, record in data["latents"].items():
