@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from browser import INSTALL_HINT, Browser, find_chromium
 from openai_server import FakeAzureOpenAI
 from tiny_models import TRAINING_TEXT, make_tiny_model_dir  # noqa: E402
 
@@ -67,3 +68,12 @@ def azure(monkeypatch):
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", server.key)
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the report tests (skipped, with how to install it, where there is none)."""
+    if find_chromium() is None:
+        pytest.skip(INSTALL_HINT)
+    with Browser.start() as b:
+        yield b

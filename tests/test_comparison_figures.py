@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import INSTALL_HINT, Browser, find_chromium
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_report import parse
@@ -342,14 +341,6 @@ def test_comparison_notes_say_what_is_missing_and_how_to_make_it(compare_dir, tm
     dom = parse(render_report(copy_dir))
     assert "not valid JSON" in dom.find("section", id="comparison").find("p", "stage-missing", data_stage="compare").text()
     assert len(dom.find_all("section", "sae")) == 2  # the runs are still reported
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if find_chromium() is None:
-        pytest.skip(INSTALL_HINT)
-    with Browser.start() as b:
-        yield b
 
 
 def test_comparison_in_chromium(compare_dir, browser):

@@ -12,7 +12,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from browser import INSTALL_HINT, Browser, find_chromium
 from click.testing import CliRunner
 
 from routesae import SAESpec, TrainConfig, train
@@ -361,14 +360,6 @@ def test_cli_writes_the_report_and_says_where(run, tmp_path):
 
 
 # -- in a real browser -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    if find_chromium() is None:
-        pytest.skip(INSTALL_HINT)
-    with Browser.start() as b:
-        yield b
-
-
 def test_browser_harness_sees_errors_requests_and_injections(browser, tmp_path):
     """The checks below mean something only if a broken page fails them."""
     bad = tmp_path / "bad.html"
