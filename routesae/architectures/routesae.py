@@ -80,10 +80,12 @@ PART_FIELDS = frozenset({"inner_settings", *(part.settings for part in PARTS.val
 
 
 def single_layer_architectures() -> dict[str, type[SingleLayerSAE]]:
-    """Registered architectures that can be RouteSAE's inner SAE."""
+    """Registered architectures that can be RouteSAE's inner SAE: those on one block (an MLSAE shares TopK's code but
+    reads a range)."""
     pm = get_plugin_manager()
     archs = {name: pm.get("architecture", name) for name in pm.names("architecture")}
-    return {name: cls for name, cls in archs.items() if issubclass(cls, SingleLayerSAE)}
+    return {name: cls for name, cls in archs.items()
+            if issubclass(cls, SingleLayerSAE) and issubclass(cls.Config, SingleLayerConfig)}
 
 
 def inner_architecture(name: str) -> type[SingleLayerSAE]:
