@@ -231,6 +231,7 @@ def test_jumprelu_gets_its_log_threshold_back_only_while_it_gives_the_threshold(
         ("vanilla", {}, "token", ["normalize='token'", "1e-6", "1e-5", "--normalize layer_norm"]),
         ("routesae", {"layers": "1:3", "k": 6}, "token", ["SAELens cannot host a routed", "routesae-parts"]),
         ("crosscoder", {"layers": "1:3"}, "none", ["SAELens cannot host", "blocks 1..3"]),
+        ("mlsae", {"layers": "1:3", "k": 6, "relu": True}, "none", ["SAELens cannot host", "blocks 1..3"]),
     ],
 )
 def test_what_saelens_cannot_hold_exactly_is_refused_and_nothing_is_written(arch, settings, normalize, named, tmp_path):
