@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routesae.architectures.base import default_layer_range, parse_layer_range
 from routesae.activations import HarvestConfig
+from routesae.architectures.base import default_layer_range, parse_layer_range
 from routesae.cache import ActivationCache, CacheConfig, CacheDtype, cache_activations
+from routesae.comparison_figures import COMPARISON_FILE, FIGURES_DIR, FORMAT, write_figures
 from routesae.config import Config, setting
 from routesae.contexts import ContextsConfig, extract_contexts
 from routesae.errors import ConfigError
@@ -47,15 +48,12 @@ from routesae.lm import LanguageModel
 from routesae.locks import writing
 from routesae.pipeline import train_or_continue
 from routesae.reporters.console import stderr_console
-from routesae.rundir import CONFIG_FILE, expand_dirs
+from routesae.rundir import CONFIG_FILE
 from routesae.specs import SAESpec
 from routesae.train_config import TrainConfig
 from routesae.version import __version__
 
-FORMAT = "routesae-comparison"
 FORMAT_VERSION = 1
-COMPARISON_FILE = "comparison.json"
-FIGURES_DIR = "figures"
 CACHE_DIR = "activations"
 ROUTED_RUN = "routed"
 BLOCKS_RUN = "at-blocks"
@@ -337,8 +335,6 @@ class _Comparison:
             "saes": records,
             "summary": summarize(records),
         }
-        from routesae.comparison_figures import write_figures
-
         figures = write_figures(comparison, self.out / FIGURES_DIR)
         comparison["figures"] = [str(path.relative_to(self.out)) for path in figures]
         write_json(self.out / COMPARISON_FILE, comparison)
@@ -356,8 +352,3 @@ class _Comparison:
         """The cache of what the training settings would harvest (so training from it reads the same batches)."""
         harvest = {f.name: getattr(self.train_cfg, f.name) for f in dataclasses.fields(HarvestConfig)}
         return CacheConfig.from_dict({**harvest, "dtype": self.cfg.cache_dtype})
-
-
-def grid_directories(out: Path | str) -> list[Path]:
-    """The SAE directories of a comparison in ``out`` (both runs), for commands that take them all."""
-    return expand_dirs([Path(out) / ROUTED_RUN, Path(out) / BLOCKS_RUN])

@@ -22,7 +22,7 @@ from typing import Any
 
 from routesae.config import Config, setting
 from routesae.contexts import ContextsConfig, extract_contexts
-from routesae.errors import ConfigError, RouteSAEError
+from routesae.errors import RouteSAEError
 from routesae.evaluate import EvaluateConfig, evaluate
 from routesae.files import read_json, write_json
 from routesae.interpret import BudgetReached, InterpretConfig, interpret

@@ -30,9 +30,8 @@ RUN_FILE_TABLES = ("train", "compare")
 
 def read_run_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``[train]`` and ``[compare]`` tables of a comparison's TOML run file (experiments/routing-controls.toml)."""
-    with reading(path, "the comparison run file"):
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+    with reading(path, "the comparison run file"), open(path, "rb") as f:
+        data = tomllib.load(f)
     unknown = sorted(set(data) - set(RUN_FILE_TABLES))
     if unknown or not all(isinstance(data.get(t, {}), dict) for t in RUN_FILE_TABLES):
         raise RouteSAEError(f"{path}: a comparison run file has a [train] and a [compare] table, nothing else"
