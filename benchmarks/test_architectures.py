@@ -67,17 +67,18 @@ def sae_and_batch(request, benchmark):
 
 
 def test_encode(benchmark, sae_and_batch):
+    """Encoding the SAE's input space (standardised; for RouteSAE routed): ``encode`` of raw activations adds the statistics."""
     sae, acts = sae_and_batch
     with torch.no_grad():
         target = sae(acts).target
-        benchmark(sae.encode, target)
+        benchmark(sae.encode_standardized, target)
 
 
 def test_decode(benchmark, sae_and_batch):
     sae, acts = sae_and_batch
     with torch.no_grad():
         latents = sae(acts).latents
-        benchmark(sae.decode, latents)
+        benchmark(sae.decode_standardized, latents)
 
 
 def test_forward(benchmark, sae_and_batch):
