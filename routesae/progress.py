@@ -96,6 +96,12 @@ class JobProgress:
             return self.measured_rate
         return (self.completed - self.initial) / self.seconds if self.seconds > 0 else 0.0
 
+    def rate_text(self) -> str:
+        """``1,305 tokens/s``; below one item a second, the seconds per item (``8.1 s per latent``), not ``0 latents/s``."""
+        if 0 < self.rate < 1:
+            return f"{1 / self.rate:,.1f} s per {self.unit.removesuffix('s')}"
+        return f"{self.rate:,.0f} {self.unit}/s"
+
     def advance(self, n: int = 1) -> None:
         self.update(self.completed + n)
 
@@ -111,7 +117,7 @@ class JobProgress:
             self.measured_rate = rate
         if not self.enabled:
             return
-        self.bar.update(self.task, completed=completed, rate=f"{self.rate:,.0f} {self.unit}/s", status=self.status)
+        self.bar.update(self.task, completed=completed, rate=self.rate_text(), status=self.status)
         if self.live:
             self.display.update(self._renderable())
         elif time.monotonic() - self.last_plain >= plain_every():
@@ -129,7 +135,7 @@ class JobProgress:
         self.last_plain = time.monotonic()
         left = (self.total - self.completed) / self.rate if self.rate > 0 else None
         when = f"done in {duration(self.seconds)}" if final else f"ETA {duration(left) if left is not None else '?'}"
-        parts = [f"{self.label} {self.completed:,}/{self.total:,} {self.unit}", f"{self.rate:,.0f} {self.unit}/s", when]
+        parts = [f"{self.label} {self.completed:,}/{self.total:,} {self.unit}", self.rate_text(), when]
         if self.status and not final:
             parts.append(self.status)
         self.console.print(" · ".join(parts), highlight=False, soft_wrap=True)

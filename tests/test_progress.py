@@ -147,3 +147,13 @@ def test_the_live_bar_shows_the_time_left_while_training_and_evaluating(tiny_mod
     assert "topk-L2-k4-F64  loss" in drawn, "and a line per SAE under it"
     drawn = on_a_terminal("evaluate", out, "--tokens", "all", home=tmp_path / "home")
     assert "evaluate" in drawn and elapsed_then_left.search(without_colours(drawn))
+
+
+def test_a_slow_job_shows_seconds_per_item_not_zero_per_second():
+    from routesae.progress import JobProgress
+
+    with JobProgress("interpret", 5, unit="latents", enabled=False) as bar:
+        bar.update(1, rate=0.125)
+        assert bar.rate_text() == "8.0 s per latent"
+        bar.update(2, rate=1_305.4)
+        assert bar.rate_text() == "1,305 latents/s"
