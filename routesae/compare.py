@@ -27,8 +27,6 @@ with the same settings is kept, an interrupted one continued.
 from __future__ import annotations
 
 import dataclasses
-import math
-import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from typing import Any
 from routesae.activations import HarvestConfig
 from routesae.architectures.base import default_layer_range, parse_layer_range
 from routesae.cache import ActivationCache, CacheConfig, CacheDtype, cache_activations
-from routesae.comparison_figures import COMPARISON_FILE, FIGURES_DIR, FORMAT, write_figures
+from routesae.comparison_figures import COMPARISON_FILE, FIGURES_DIR, FORMAT, seed_statistics, write_figures
 from routesae.config import Config, setting
 from routesae.contexts import ContextsConfig, extract_contexts
 from routesae.errors import ConfigError
@@ -155,23 +153,24 @@ def routing_shares(run_dir: Path, saes: Sequence[GridSAE]) -> dict[int, float]:
     totals: dict[int, float] = {}
     for s in saes:
         if s.router == METHOD_ROUTER:
-            counts = read_json(run_dir / s.spec.name / CONFIG_FILE)["training"]["statistics"]["routing_counts"]
-            for block, count in counts.items():
+            for block, count in _routing_counts(read_json(run_dir / s.spec.name / CONFIG_FILE)).items():
                 totals[int(block)] = totals.get(int(block), 0.0) + count
-    whole = sum(totals.values())
-    return {block: count / whole for block, count in sorted(totals.items())} if whole else {}
+    return {int(block): share for block, share in sorted((_shares(totals) or {}).items())}
 
 
-def _shares(config: dict[str, Any]) -> dict[str, float] | None:
-    counts = config.get("training", {}).get("statistics", {}).get("routing_counts")
-    if not counts or not sum(counts.values()):
-        return None
+def _routing_counts(config: dict[str, Any]) -> dict[str, float]:
+    """A routed SAE's training routing counts by block (``config.json``), empty for any other SAE."""
+    return config.get("training", {}).get("statistics", {}).get("routing_counts") or {}
+
+
+def _shares(counts: dict[Any, float]) -> dict[Any, float] | None:
+    """Counts as shares of their sum; None when nothing was counted."""
     whole = sum(counts.values())
-    return {block: count / whole for block, count in counts.items()}
+    return {block: count / whole for block, count in counts.items()} if whole else None
 
 
 def sae_record(s: GridSAE, directory: Path, evaluation: dict[str, Any], features: dict[str, int | None]) -> dict[str, Any]:
-    """One SAE's entry of ``comparison.json`` (the schema: docs/results.md)."""
+    """One SAE's entry of ``comparison.json`` (the schema: docs/compare.md)."""
     details = evaluation.get("details", {})
     by_block: dict[str, dict[str, float]] = {}
     for metric in ("normmse", "kldiv"):
@@ -194,7 +193,7 @@ def sae_record(s: GridSAE, directory: Path, evaluation: dict[str, Any], features
         "metrics": evaluation["metrics"],
         "per_block": {b: {k: v for k, v in m.items() if k != "details"} for b, m in per_block.items()} if per_block else None,
         "by_routed_block": by_block or None,
-        "routing_shares": _shares(read_json(directory / CONFIG_FILE)) if s.spec.architecture == "routesae" else None,
+        "routing_shares": _shares(_routing_counts(read_json(directory / CONFIG_FILE))),
         "features": features or None,
         "latent_density": density,
     }
@@ -210,21 +209,14 @@ def _summed_density(densities: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _mean_std(values: list[float]) -> dict[str, float] | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return None
-    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
-
-
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per family and k: the mean and (sample) standard deviation over seeds of every metric and feature count."""
     summary = []
     for family, k in dict.fromkeys((r["family"], r["k"]) for r in records):
         group = [r for r in records if r["family"] == family and r["k"] == k]
-        metrics = {name: _mean_std([r["metrics"].get(name) for r in group]) for name in group[0]["metrics"]}
+        metrics = {name: seed_statistics([r["metrics"].get(name) for r in group]) for name in group[0]["metrics"]}
         rules = {rule for r in group for rule in (r["features"] or {})}
-        features = {rule: _mean_std([(r["features"] or {}).get(rule) for r in group]) for rule in sorted(rules)}
+        features = {rule: seed_statistics([(r["features"] or {}).get(rule) for r in group]) for rule in sorted(rules)}
         summary.append({"family": family, "k": k, "n": len(group), "metrics": metrics, "features": features or None})
     return summary
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
@@ -118,11 +119,19 @@ def _stat(row: dict[str, Any], section: str, name: str) -> tuple[float, float] |
     return (float(mean), float(std) if finite(std) else 0.0) if finite(mean) else None
 
 
-def _mean_std(values: Iterable[Any]) -> tuple[float, float] | None:
-    """Mean and sample std over seeds of the finite values (0 for one), as comparison.json's summary has them: for the
-    per-SAE breakdowns, which have no summary row of their own."""
+def seed_statistics(values: Iterable[Any]) -> dict[str, float] | None:
+    """Mean, sample std (0 for one value) and count of the finite values, or None without any: comparison.json's
+    summary over seeds, and the figures' for the per-SAE breakdowns, which have no summary row of their own."""
     kept = [float(v) for v in values if finite(v)]
-    return (float(np.mean(kept)), float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0) if kept else None
+    if not kept:
+        return None
+    return {"mean": statistics.fmean(kept), "std": statistics.stdev(kept) if len(kept) > 1 else 0.0, "n": len(kept)}
+
+
+def _mean_std(values: Iterable[Any]) -> tuple[float, float] | None:
+    """(mean, std) of :func:`seed_statistics`, as the plots take them."""
+    stats = seed_statistics(values)
+    return None if stats is None else (stats["mean"], stats["std"])
 
 
 def _saes(comparison: dict[str, Any], family: str, k: Any) -> list[dict[str, Any]]:
