@@ -327,7 +327,7 @@ def _extract(
         extractions = []
         for directory, config in zip(dirs, configs):
             sae = load_sae(directory, lm.device)[0]
-            if sae.splice_views() is not None:
+            if sae.vectors_per_token > 1:
                 raise ConfigError(
                     f"{directory.name}: a {sae.name} SAE has one activation per token and block, and contexts rank one "
                     "per token; evaluate it (per block), or extract contexts from a single-block SAE"

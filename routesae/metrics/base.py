@@ -100,14 +100,17 @@ class RunningMean(Metric):
         counted_N = batch.counted_N
         self.total += float(values_N[counted_N].sum())
         self.count += int(counted_N.sum())
-        block_N = routed_block_N(batch)
-        if block_N is None:
+        slot_N = routed_slot_N(batch)
+        if slot_N is None:
             return
-        for block in batch.reconstruction:  # every block, so all ranks hold the same keys
-            keep_N = (block_N == block) & counted_N
+        keep_N = counted_N & (slot_N >= 0)
+        slots = len(batch.reconstruction)
+        totals = torch.bincount(slot_N[keep_N], weights=values_N[keep_N].double(), minlength=slots).tolist()
+        counts = torch.bincount(slot_N[keep_N], minlength=slots).tolist()
+        for block, total, count in zip(batch.reconstruction, totals, counts):  # every block: all ranks hold the same keys
             sums = self.by_block.setdefault(block, [0.0, 0])
-            sums[0] += float(values_N[keep_N].sum())
-            sums[1] += int(keep_N.sum())
+            sums[0] += total
+            sums[1] += count
 
     def reduce(self, ranks: Ranks) -> None:
         blocks = sorted(self.by_block)
@@ -127,16 +130,15 @@ class RunningMean(Metric):
         }}
 
 
-def routed_block_N(batch: EvalBatch) -> Tensor | None:
-    """Per position, the block a routed SAE spliced it at (-1 for none); None for an SAE that splices one block, or
-    several at each position (a crosscoder)."""
+def routed_slot_N(batch: EvalBatch) -> Tensor | None:
+    """Per position, which of ``batch.reconstruction``'s blocks (its index there) a routed SAE spliced it at, -1 for
+    none; None for an SAE that splices one block, or several at each position (a crosscoder)."""
     if len(batch.reconstruction) < 2:
         return None
     masks = torch.stack([mask_N for _, mask_N in batch.reconstruction.values()])  # [blocks, N]
     if (masks.sum(0) > 1).any():
         return None
-    blocks = torch.tensor(list(batch.reconstruction), device=masks.device)
-    return torch.where(masks.any(0), blocks[masks.int().argmax(0)], -1)
+    return torch.where(masks.any(0), masks.int().argmax(0), -1)
 
 
 def ratio(total: float, count: float) -> float:
