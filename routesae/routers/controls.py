@@ -94,9 +94,11 @@ class RandomRouter(Router):
 
 def token_keys(raw_NLD: Tensor, seed: int) -> Tensor:
     """A 31-bit hash per token of its activations' bits and ``seed``: the same token gives the same key in any batch."""
-    bits_NK = raw_NLD.reshape(raw_NLD.shape[0], -1).float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    values_NK = raw_NLD.reshape(raw_NLD.shape[0], -1)
+    values_NK = values_NK[:, :: max(1, values_NK.shape[1] // 64)]  # 64 values of the token are plenty
+    bits_NK = values_NK.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF  # only those converted: not [N, L*D]
     key = torch.full((raw_NLD.shape[0],), (seed * _MIX[2] + 1) & 0xFFFFFFFF, dtype=torch.long, device=raw_NLD.device)
-    for column in bits_NK.unbind(1)[:: max(1, bits_NK.shape[1] // 64)]:  # 64 values of the token are plenty
+    for column in bits_NK.unbind(1):
         key = ((key ^ column) * _MIX[0]) & 0xFFFFFFFF
         key = key ^ (key >> 15)
     key = (key * _MIX[1]) & 0xFFFFFFFF
