@@ -44,17 +44,20 @@ LAYER_CONVENTION = (
 
 
 class NativeForward:
-    """While active, the bridge's components inside the blocks delegate to the Hugging Face modules they wrap.
+    """While active, the Hugging Face model runs its own modules everywhere but in the blocks' output hooks.
 
-    A TransformerLens bridge wraps every module of the model (norms, linear maps, MLPs, attention)
-    in a component with hook points of its own: the norms compute their scale and normalised value
-    for ``hook_scale``/``hook_normalized`` even when nothing is hooked, and the attention component
-    re-implements attention eagerly, materialising ``[B, H, T, T]`` scores for ``hook_pattern``.
-    routesae reads and edits only the blocks' outputs (``blocks.L.hook_resid_post``), so while its
-    forwards run each such component calls the module it wraps instead, and attention runs on
-    Hugging Face's ``sdpa``: the block hooks fire as before, and the values are a plain Hugging Face
-    forward's, bit for bit. Leaving restores every component, so ``lm.bridge`` used directly keeps all
-    its hooks. :meth:`check` compares a short forward both ways before the native path is used.
+    Booting a TransformerLens bridge puts a component in place of every module of the Hugging Face
+    model (embedding, norms, linear maps, MLPs, attention, rotary embedding, unembedding), each with
+    hook points of its own: the norms compute their scale and normalised value for
+    ``hook_scale``/``hook_normalized`` even when nothing is hooked, the attention component
+    re-implements attention eagerly, materialising ``[B, H, T, T]`` scores for ``hook_pattern``, and
+    every component call pays Python of its own (offload checks, hook dispatch). routesae reads and
+    edits only the blocks' outputs (``blocks.L.hook_resid_post``), so while its forwards run each such
+    component's slot in its Hugging Face parent holds the module it wraps again, and attention runs on
+    Hugging Face's ``sdpa``: only the block components remain, their hooks fire as before, and the values
+    are a plain Hugging Face forward's, bit for bit. Leaving puts every component back, so ``lm.bridge``
+    used directly keeps all its hooks. :meth:`check` compares a short forward both ways before the native
+    path is used.
     """
 
     def __init__(self, bridge: Any) -> None:
@@ -62,14 +65,17 @@ class NativeForward:
         from transformer_lens.model_bridge.generalized_components.block import BlockBridge
 
         self.config = bridge.original_model.config
-        components = [
-            m
-            for block in bridge.modules() if isinstance(block, BlockBridge)
-            for m in block.modules() if isinstance(m, GeneralizedComponent) and m is not block and m.original_component is not None
+        # (Hugging Face parent, attribute, component): the parents that are components themselves are not
+        # what the Hugging Face forward calls, and the blocks stay bridged for their output hooks.
+        self.slots = [
+            (parent, name, child)
+            for parent in bridge.original_model.modules() if not isinstance(parent, GeneralizedComponent)
+            for name, child in parent._modules.items()
+            if isinstance(child, GeneralizedComponent) and not isinstance(child, BlockBridge)
+            and child.original_component is not None
         ]
         supports_sdpa = bool(getattr(bridge.original_model, "_supports_sdpa", False))
-        self.components = components if supports_sdpa and hasattr(self.config, "_attn_implementation") else []
-        self.enabled = bool(self.components)
+        self.enabled = bool(self.slots) and supports_sdpa and hasattr(self.config, "_attn_implementation")
         self.lock = threading.Lock()
         self.users = 0  # forwards inside active(), over all threads: the first swaps, the last restores
         self.previous: str | None = None
@@ -77,15 +83,15 @@ class NativeForward:
     @contextmanager
     def active(self) -> Iterator[None]:
         """The native path for the block; nests, and is shared by threads (``--overlap-harvest`` captures in one
-        while another evaluates): the first to enter swaps the components, the last to leave restores them."""
+        while another evaluates): the first to enter swaps the modules in, the last to leave puts the components back."""
         if not self.enabled:
             yield
             return
         with self.lock:
             if self.users == 0:
                 self.previous = self.config._attn_implementation
-                for component in self.components:  # object.__setattr__: components forward attribute writes to HF
-                    object.__setattr__(component, "forward", component.original_component)
+                for parent, name, component in self.slots:  # _modules: a component forwards setattr to what it wraps
+                    parent._modules[name] = component.original_component
                 self.config._attn_implementation = "sdpa"
             self.users += 1
         try:
@@ -95,8 +101,8 @@ class NativeForward:
                 self.users -= 1
                 if self.users == 0:
                     self.config._attn_implementation = self.previous
-                    for component in self.components:
-                        object.__delattr__(component, "forward")
+                    for parent, name, component in self.slots:
+                        parent._modules[name] = component
 
     def check(self, forward: Callable[[], Tensor]) -> None:
         """Keep the native path only if ``forward()`` gives, within float tolerance, what the bridge's own path gives."""
@@ -244,6 +250,7 @@ class LanguageModel:
                 # stop_at_layer == n_layers would not stop anyway; it would just return logits.
                 stop_at_layer=stop if stop < self.n_layers else None,
                 return_type=None,
+                use_cache=False,  # else Hugging Face grows a key/value cache, a concatenation per block, to throw away
             )
         return out
 
@@ -272,7 +279,7 @@ class LanguageModel:
 
     def _forward_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.bridge(input_ids, attention_mask=attention_mask, return_type="logits")
+            return self.bridge(input_ids, attention_mask=attention_mask, return_type="logits", use_cache=False)
 
     def unembedding(self) -> Tensor:
         """``W_U`` ``[D, V]``, the unembedding from the (final-normed) residual stream to logits, a view of the model's
