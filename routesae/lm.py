@@ -76,7 +76,7 @@ class NativeForward:
         ]
         supports_sdpa = bool(getattr(bridge.original_model, "_supports_sdpa", False))
         self.enabled = bool(self.slots) and supports_sdpa and hasattr(self.config, "_attn_implementation")
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()  # guards users; exclusive() waits on it until no forward runs
         self.users = 0  # forwards inside active(), over all threads: the first swaps, the last restores
         self.previous: str | None = None
 
@@ -89,10 +89,7 @@ class NativeForward:
             return
         with self.lock:
             if self.users == 0:
-                self.previous = self.config._attn_implementation
-                for parent, name, component in self.slots:  # _modules: a component forwards setattr to what it wraps
-                    parent._modules[name] = component.original_component
-                self.config._attn_implementation = "sdpa"
+                self._swap_in()
             self.users += 1
         try:
             yield
@@ -100,9 +97,31 @@ class NativeForward:
             with self.lock:
                 self.users -= 1
                 if self.users == 0:
-                    self.config._attn_implementation = self.previous
-                    for parent, name, component in self.slots:
-                        parent._modules[name] = component
+                    self._swap_out()
+                    self.lock.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The native path for a forward that changes the model's structure while it runs (:class:`ResumedForward`):
+        waits until no other forward is inside, and keeps others out until it is done."""
+        with self.lock:
+            self.lock.wait_for(lambda: self.users == 0)
+            self._swap_in()
+            try:
+                yield
+            finally:
+                self._swap_out()
+
+    def _swap_in(self) -> None:
+        self.previous = self.config._attn_implementation
+        for parent, name, component in self.slots:  # _modules: a component forwards setattr to what it wraps
+            parent._modules[name] = component.original_component
+        self.config._attn_implementation = "sdpa"
+
+    def _swap_out(self) -> None:
+        self.config._attn_implementation = self.previous
+        for parent, name, component in self.slots:
+            parent._modules[name] = component
 
     def check(self, forward: Callable[[], Tensor]) -> None:
         """Keep the native path only if ``forward()`` gives, within float tolerance, what the bridge's own path gives."""
@@ -113,6 +132,60 @@ class NativeForward:
             native = forward()
         scale = bridged.abs().max().clamp_min(1.0)
         self.enabled = bool(((native - bridged).abs().max() / scale) < 1e-3)
+
+
+class ResumedForward:
+    """Forwards that start at a block, from the residual stream a clean forward captured, instead of at the embedding.
+
+    Evaluation splices each SAE at its blocks in a forward of its own per batch, and the blocks below the first
+    edited one compute exactly what the clean forward of that batch computed. While a resumed forward runs, the
+    Hugging Face model's list of blocks holds only the blocks from ``start`` on and the residual stream after
+    block ``start - 1`` enters as ``inputs_embeds``: the same blocks, hooks, final norm and unembedding as a full
+    forward, without the first ``start`` blocks. A model whose forward transforms ``inputs_embeds`` (Gemma scales
+    them, GPT-2 adds position embeddings) would compute something else, so :meth:`check` compares a resumed
+    forward with a full one on a probe and keeps the shortcut only where they agree. It needs the native path
+    (:class:`NativeForward`), under which the rest of the model is Hugging Face's own.
+    """
+
+    def __init__(self, bridge: Any, native: NativeForward) -> None:
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+        from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+        self.model = bridge.original_model
+        self.native = native
+        self.slot = next(
+            (
+                (parent, name)
+                for parent in self.model.modules() if not isinstance(parent, GeneralizedComponent)
+                for name, child in parent._modules.items()
+                if isinstance(child, torch.nn.ModuleList) and len(child) > 1 and all(isinstance(m, BlockBridge) for m in child)
+            ),
+            None,
+        )
+        self.enabled = native.enabled and self.slot is not None
+
+    def logits(self, start: int, resid_BTD: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``[B, T, V]`` of the forward from block ``start`` on, ``resid_BTD`` being the stream after ``start - 1``."""
+        parent, name = self.slot
+        blocks = parent._modules[name]
+        with torch.no_grad(), self.native.exclusive():
+            parent._modules[name] = blocks[start:]
+            try:
+                return self.model(inputs_embeds=resid_BTD, attention_mask=attention_mask, use_cache=False).logits
+            finally:
+                parent._modules[name] = blocks
+
+    def check(self, lm: LanguageModel) -> None:
+        """Keep the shortcut only if a forward resumed half-way gives, within float tolerance, the full forward's logits."""
+        if not self.enabled:
+            return
+        probe = torch.arange(1, 9, device=lm.device).remainder(lm.vocab_size)[None]
+        mask = torch.ones_like(probe)
+        start = lm.n_layers // 2
+        full = lm.logits(probe, mask)
+        resumed = self.logits(start, lm.capture(probe, mask, [start - 1])[:, :, 0], mask)
+        scale = full.abs().max().clamp_min(1.0)
+        self.enabled = resumed.shape == full.shape and bool(((resumed - full).abs().max() / scale) < 1e-4)
 
 
 class LanguageModel:
@@ -133,6 +206,8 @@ class LanguageModel:
         self.dtype: torch.dtype = first.dtype
         probe = torch.arange(1, 9, device=self.device).remainder(self.vocab_size)[None]
         self.native.check(lambda: self._forward_logits(probe, torch.ones_like(probe)))
+        self.resumed = ResumedForward(bridge, self.native)
+        self.resumed.check(self)
 
     @classmethod
     def load(
@@ -191,6 +266,7 @@ class LanguageModel:
             "vocab_size": self.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": "sdpa" if self.native.enabled else "eager",
+            "resumed_splices": self.resumed.enabled,
             "hook": HOOK_TEMPLATE,
             "layer_convention": LAYER_CONVENTION,
         }
@@ -266,8 +342,20 @@ class LanguageModel:
         with self.bridge.hooks(fwd_hooks=hooks):
             yield self
 
-    def splice(self, input_ids: Tensor, attention_mask: Tensor, edits: Mapping[int, Edit]) -> Tensor:
-        """Logits ``[B, T, V]`` of a forward with ``edits`` applied (no gradients)."""
+    def splice(
+        self, input_ids: Tensor, attention_mask: Tensor, edits: Mapping[int, Edit], after: Mapping[int, Tensor] | None = None
+    ) -> Tensor:
+        """Logits ``[B, T, V]`` of a forward with ``edits`` applied (no gradients).
+
+        ``after`` may hold this batch's clean residual stream after some blocks (``[B, T, D]`` each, as
+        :meth:`capture` gives it): when it has the block before the first edited one, the forward starts there
+        (:class:`ResumedForward`) and skips the blocks whose outputs the clean forward already computed.
+        """
+        start = min(edits, default=None)
+        if after is not None and start is not None and start - 1 in after and self.resumed.enabled:
+            _, attention_mask = self._inputs(input_ids, attention_mask)
+            with self.edits(edits):
+                return self.resumed.logits(start, after[start - 1].to(self.device), attention_mask)
         with self.edits(edits):
             return self.logits(input_ids, attention_mask)
 

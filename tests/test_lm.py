@@ -113,6 +113,61 @@ def test_forwards_in_two_threads_share_the_native_path(lm):
     assert torch.equal(lm.capture(ids, mask, [1]), expected)
 
 
+def test_a_splice_resumed_from_the_clean_stream_equals_the_full_forward(lm):
+    """Evaluation passes the captured stream: the spliced forward starts at the first edited block, same logits."""
+    ids, mask = encode(lm, TEXTS)
+    acts = lm.capture(ids, mask, [0, 1, 2])
+    after = {block: acts[:, :, i] for i, block in enumerate([0, 1, 2])}
+    assert lm.resumed.enabled and lm.describe()["resumed_splices"]
+    for edits in ({1: lambda r: r * 0.5}, {2: lambda r: r + 1.0, 3: lambda r: -r}, {3: lambda r: r * 2}, {0: torch.tanh}):
+        torch.testing.assert_close(lm.splice(ids, mask, edits, after), lm.splice(ids, mask, edits), rtol=0, atol=1e-6)
+    ran: list[int] = []
+    watch = [(lm.hook_name(layer), lambda t, hook, layer=layer: ran.append(layer)) for layer in range(4)]
+    with lm.bridge.hooks(fwd_hooks=watch):
+        lm.splice(ids, mask, {2: lambda r: r}, after)
+        assert ran == [2, 3], "the blocks below the edit ran again"
+        lm.splice(ids, mask, {2: lambda r: r}, {0: after[0]})  # the stream after block 1 is not there: from the start
+    assert ran == [2, 3, 0, 1, 2, 3]
+
+
+def test_a_resumed_splice_waits_for_forwards_in_other_threads(lm):
+    """It changes the model's list of blocks while it runs: a capture in flight elsewhere finishes first."""
+    ids, mask = encode(lm, TEXTS)
+    expected = lm.splice(ids, mask, {2: torch.tanh})
+    after = {1: lm.capture(ids, mask, [1])[:, :, 0]}
+    done, results = threading.Event(), []
+
+    def resumed_splice():
+        results.append(lm.splice(ids, mask, {2: torch.tanh}, after))
+        done.set()
+
+    with lm.native.active():  # another forward is inside
+        worker = threading.Thread(target=resumed_splice)
+        worker.start()
+        assert not done.wait(timeout=0.5), "the resumed splice ran while another forward was inside"
+    worker.join(timeout=60)
+    assert done.is_set() and torch.equal(results[0], expected)
+    assert lm.native.users == 0
+
+
+def test_a_model_that_transforms_its_input_embeddings_splices_from_the_start(tmp_path):
+    """GPT-2 adds position embeddings to ``inputs_embeds``: resuming there would be wrong, so the probe refuses it."""
+    from tiny_models import make_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    gpt2 = LanguageModel.load(str(tmp_path))
+    assert not gpt2.resumed.enabled
+    ids, mask = encode(gpt2, TEXTS)
+    after = {0: gpt2.capture(ids, mask, [0])[:, :, 0]}
+    torch.testing.assert_close(gpt2.splice(ids, mask, {1: torch.tanh}, after), gpt2.splice(ids, mask, {1: torch.tanh}))
+
+
 def test_capture_stops_after_deepest_layer(lm):
     ids, mask = encode(lm, TEXTS[:1])
     fired: list[str] = []
