@@ -46,9 +46,9 @@ from routesae.lm import LanguageModel
 from routesae.locks import writing
 from routesae.pipeline import train_or_continue
 from routesae.reporters.console import stderr_console
-from routesae.rundir import CONFIG_FILE
+from routesae.rundir import CONFIG_FILE, MANIFEST_FILE
 from routesae.specs import SAESpec
-from routesae.train_config import TrainConfig
+from routesae.train_config import TrainConfig, compare_requests, run_request
 from routesae.version import __version__
 
 FORMAT_VERSION = 1
@@ -272,6 +272,7 @@ class _Comparison:
 
         self.header(STEPS[1])
         routed = routed_grid(self.cfg, layers, last)
+        self._refuse_another_grid(ROUTED_RUN, routed, cached, "its SAEs come from --k, --seeds, --routers and --mlsae")
         train_or_continue([s.spec for s in routed], self.out / ROUTED_RUN, cached, overwrite=self.overwrite,
                           reporters=self.reporters)
         shares = routing_shares(self.out / ROUTED_RUN, routed)
@@ -281,6 +282,8 @@ class _Comparison:
         self.console.print(f"blocks with at least {self.cfg.min_share:.0%} of the hard router's tokens: "
                            + ", ".join(f"{b} ({shares.get(b, 0):.0%})" for b in blocks), highlight=False)
         at_blocks = block_grid(self.cfg, layers, last, blocks)
+        self._refuse_another_grid(BLOCKS_RUN, at_blocks, cached, f"its blocks ({', '.join(map(str, blocks))} here) are "
+                                  f"those with at least --min-share ({self.cfg.min_share:g}) of the hard router's tokens")
         train_or_continue([s.spec for s in at_blocks], self.out / BLOCKS_RUN, cached, overwrite=self.overwrite,
                           reporters=self.reporters)
         grid = routed + at_blocks
@@ -333,6 +336,22 @@ class _Comparison:
         self.console.print(f"wrote {self.out / COMPARISON_FILE} and {len(figures)} figure file(s) in "
                            f"{self.out / FIGURES_DIR}", highlight=False)
         return comparison
+
+    def _refuse_another_grid(self, run: str, grid: list[GridSAE], cfg: TrainConfig, why: str) -> None:
+        """A run of another grid is refused with what to do: ``--overwrite`` would re-create the cache and both runs."""
+        manifest = self.out / run / MANIFEST_FILE
+        if self.overwrite or not manifest.is_file():
+            return
+        changes = compare_requests(read_json(manifest).get("request", {}), run_request([s.spec for s in grid], cfg))
+        if changes.resumable:  # the same grid (reused or resumed), or one train() explains itself
+            return
+        recorded = [sae.get("name") for sae in read_json(manifest).get("request", {}).get("saes", [])]
+        raise ConfigError(
+            f"{self.out / run} holds SAEs of another grid ({len(recorded)} SAEs: {', '.join(map(str, recorded[:4]))}"
+            f"{', ...' if len(recorded) > 4 else ''}); {why}. Remove {self.out / run} to train this grid's there "
+            f"(the activation cache and the other run are kept), give the settings that grid had, or choose another "
+            f"--out; --overwrite would re-create the activation cache too"
+        )
 
     def _range(self, n_layers: int) -> tuple[int, int]:
         first, last = default_layer_range(n_layers) if self.cfg.layers is None else parse_layer_range(self.cfg.layers)

@@ -104,6 +104,20 @@ def test_running_it_again_reuses_the_cache_and_the_runs(compared):
     assert {w: w.stat().st_mtime_ns for w in weights} == before, "nothing retrained"
 
 
+def test_another_grid_in_the_same_directory_is_refused_with_what_to_do(compared):
+    """A higher --min-share picks fewer blocks: at-blocks/ holds another grid, and nothing is lost or re-created."""
+    out, args, _ = compared
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    result = CliRunner().invoke(make_cli(), [*args, "--min-share", "0.99"])
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert f"{out / BLOCKS_RUN} holds SAEs of another grid" in message and "--min-share (0.99)" in message
+    assert f"Remove {out / BLOCKS_RUN}" in message and "--overwrite would re-create the activation cache too" in message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+    result = CliRunner().invoke(make_cli(), [*args[:args.index("--k") + 1], "4", *args[args.index("--k") + 2:]])
+    assert result.exit_code != 0 and "its SAEs come from --k, --seeds" in " ".join(result.output.split())
+
+
 def test_a_run_file_gives_the_grid(tiny_model_dir, text_corpus_dir, tmp_path):
     run_file = tmp_path / "grid.toml"
     run_file.write_text('[train]\ntokens = 640\n[compare]\nk = [4]\nseeds = [0]\n[compare.contexts]\nthreshold = "p90"\n')
