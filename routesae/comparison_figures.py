@@ -285,7 +285,10 @@ def per_block(comparison: dict[str, Any]) -> Figure | None:
                     drawn = True
                     ax.errorbar([int(family.partition("@")[2]) + NUDGE], [stat[0]], yerr=[stat[1]], marker="s", markersize=5,
                                 capsize=2, linestyle="none", color=colours[family], label=f"{family} (all tokens)")
-            ax.set_xticks(sorted({*blocks, *(int(f.partition("@")[2]) for f in topk)}))
+            ticks = sorted({*blocks, *(int(f.partition("@")[2]) for f in topk)})
+            ax.set_xticks(ticks)
+            if len(ticks) > 8:  # a routed range's every block: upright labels would run into each other
+                ax.tick_params(axis="x", labelsize=7, labelrotation=90)
             if row == 0:
                 ax.set_title(f"k={k:g}")
             if col == 0:
