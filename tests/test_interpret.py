@@ -2,10 +2,11 @@
 backend on a tiny model over a real ``extract_contexts`` output, budget stops, resume, refusals,
 the CLI, and a third-party interpreter registered through the plugin manager."""
 
-import _thread
 import json
 import re
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -380,7 +381,9 @@ class InterruptedOnSecondRequest(Canned):
     def complete(self, messages, *, max_tokens, temperature):
         self.calls += 1
         if self.calls == 2:  # Ctrl-C reaches the main thread while this request is in flight
-            _thread.interrupt_main()
+            # A real signal, which wakes the main thread where it waits: _thread.interrupt_main() only flags it, and
+            # Python drops the KeyboardInterrupt when the flag happens to be handled inside a finaliser (seen under load).
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.3)
         return super().complete(messages, max_tokens=max_tokens, temperature=temperature)
 
