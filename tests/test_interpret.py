@@ -388,7 +388,16 @@ class InterruptedOnSecondRequest(Canned):
         return super().complete(messages, max_tokens=max_tokens, temperature=temperature)
 
 
-def test_an_interrupt_starts_no_queued_request_and_keeps_finished_latents(sae_dir):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, whatever a library imported earlier left there (SIG_IGN or SIG_DFL
+    would swallow the simulated Ctrl-C, or end the test run)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_starts_no_queued_request_and_keeps_finished_latents(sae_dir, python_sigint):
     backend = InterruptedOnSecondRequest()
     with pytest.raises(KeyboardInterrupt):
         interpret(sae_dir, backend, sample=5, detection=False, concurrency=1, progress=False)
