@@ -342,10 +342,11 @@ class _Comparison:
         manifest = self.out / run / MANIFEST_FILE
         if self.overwrite or not manifest.is_file():
             return
-        changes = compare_requests(read_json(manifest).get("request", {}), run_request([s.spec for s in grid], cfg))
+        request = read_json(manifest).get("request", {})
+        changes = compare_requests(request, run_request([s.spec for s in grid], cfg))
         if changes.resumable:  # the same grid (reused or resumed), or one train() explains itself
             return
-        recorded = [sae.get("name") for sae in read_json(manifest).get("request", {}).get("saes", [])]
+        recorded = [sae.get("name") for sae in request.get("saes", [])]
         raise ConfigError(
             f"{self.out / run} holds SAEs of another grid ({len(recorded)} SAEs: {', '.join(map(str, recorded[:4]))}"
             f"{', ...' if len(recorded) > 4 else ''}); {why}. Remove {self.out / run} to train this grid's there "

@@ -175,11 +175,11 @@ class ResumedForward:
             finally:
                 parent._modules[name] = blocks
 
-    def check(self, lm: LanguageModel) -> None:
-        """Keep the shortcut only if a forward resumed half-way gives, within float tolerance, the full forward's logits."""
+    def check(self, lm: LanguageModel, probe: Tensor) -> None:
+        """Keep the shortcut only if a forward of ``probe`` (token ids ``[1, T]``) resumed half-way gives, within float
+        tolerance, the full forward's logits."""
         if not self.enabled:
             return
-        probe = torch.arange(1, 9, device=lm.device).remainder(lm.vocab_size)[None]
         mask = torch.ones_like(probe)
         start = lm.n_layers // 2
         full = lm.logits(probe, mask)
@@ -207,7 +207,7 @@ class LanguageModel:
         probe = torch.arange(1, 9, device=self.device).remainder(self.vocab_size)[None]
         self.native.check(lambda: self._forward_logits(probe, torch.ones_like(probe)))
         self.resumed = ResumedForward(bridge, self.native)
-        self.resumed.check(self)
+        self.resumed.check(self, probe)
 
     @classmethod
     def load(

@@ -381,8 +381,8 @@ class InterruptedOnSecondRequest(Canned):
     def complete(self, messages, *, max_tokens, temperature):
         self.calls += 1
         if self.calls == 2:  # Ctrl-C reaches the main thread while this request is in flight
-            # A real signal, which wakes the main thread where it waits: _thread.interrupt_main() only flags it, and
-            # Python drops the KeyboardInterrupt when the flag happens to be handled inside a finaliser (seen under load).
+            # A real signal, which wakes the main thread where it waits: _thread.interrupt_main() only flags it (and
+            # does nothing under SIG_IGN/SIG_DFL); with it, this test failed in full runs for a cause not pinned down.
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.3)
         return super().complete(messages, max_tokens=max_tokens, temperature=temperature)
@@ -390,8 +390,8 @@ class InterruptedOnSecondRequest(Canned):
 
 @pytest.fixture
 def python_sigint():
-    """Python's own SIGINT handler for the test, whatever a library imported earlier left there (SIG_IGN or SIG_DFL
-    would swallow the simulated Ctrl-C, or end the test run)."""
+    """Python's own SIGINT handler for the test, whatever an earlier test or library may have left there (under
+    SIG_IGN the simulated Ctrl-C would be lost, under SIG_DFL it would end the test run)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
